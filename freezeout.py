@@ -1,0 +1,220 @@
+"""FreezeOut (Brock et al. 2017) as a PyTorch learning-rate scheduler, for any model.
+
+Each unit i of a network (a module, or a list of modules, in forward order) gets its own
+learning rate, cosine-annealed to zero at its own fraction t_i of the run. Once a unit's
+learning rate has reached zero the unit is frozen for good: its parameters stop requiring
+gradients, its optimizer state is dropped and it stays in inference mode. Because the frozen
+units are always a prefix of the forward pass, autograd records nothing for them, which is
+where the wall-clock saving comes from.
+
+    units = model.freeze_units()
+    optimizer = torch.optim.SGD(param_groups(units), lr=0.1, momentum=0.9, nesterov=True)
+    scheduler = FreezeOut(optimizer, units, total_steps=T, t_0=0.8, how_scale="cubic")
+    for x, y in loader:                  # T iterations in all
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+t_0 = 1 gives every unit t_i = 1: plain per-step cosine annealing with no freezing, the
+baseline, through the same code.
+"""
+from __future__ import annotations
+
+import math
+import types
+from typing import Iterable, Sequence, Union
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+Unit = Union[nn.Module, Sequence[nn.Module]]
+
+SCALE_POWERS = {"linear": 1, "squared": 2, "cubic": 3}
+
+
+def check_t_0(t_0: float) -> float:
+    t_0 = float(t_0)
+    if not 0.0 < t_0 <= 1.0:  # also rejects NaN
+        raise ValueError(f"t_0 must be in (0, 1], got {t_0}")
+    return t_0
+
+
+def check_how_scale(how_scale: str) -> str:
+    if how_scale not in SCALE_POWERS:
+        raise ValueError(f"how_scale must be one of {', '.join(SCALE_POWERS)}, got {how_scale!r}")
+    return how_scale
+
+
+def unit_times(n_units: int, t_0: float, how_scale: str = "cubic") -> list[float]:
+    """t_i for units 0..N (N = n_units - 1): scale(t_0 + (1 - t_0) * i / N).
+
+    t_0 is given before scaling (cubic with t_0 = 0.8 freezes unit 0 at 0.512 of the run);
+    the output unit always gets t_N = 1.
+    """
+    t_0, power = check_t_0(t_0), SCALE_POWERS[check_how_scale(how_scale)]
+    if n_units < 1:
+        raise ValueError("FreezeOut needs at least one unit")
+    if n_units == 1:
+        return [1.0]
+    last = n_units - 1
+    return [(t_0 + (1 - t_0) * i / last) ** power for i in range(n_units)]
+
+
+def unit_lr(step: int, t_i: float, total_steps: int, alpha: float) -> float:
+    """Learning rate of a unit at optimizer step `step` (counted from 0): cosine from alpha
+    down to zero at step t_i * total_steps, zero from then on."""
+    end = t_i * total_steps
+    if step >= end:
+        return 0.0
+    return 0.5 * alpha * (1 + math.cos(math.pi * step / end))
+
+
+def unit_modules(unit: Unit) -> list[nn.Module]:
+    return [unit] if isinstance(unit, nn.Module) else list(unit)
+
+
+def unit_parameters(unit: Unit) -> list[nn.Parameter]:
+    return [p for m in unit_modules(unit) for p in m.parameters()]
+
+
+def param_groups(units: Iterable[Unit], **group_options) -> list[dict]:
+    """One optimizer param group per unit, in unit order (what FreezeOut expects).
+
+    Extra keyword arguments (say weight_decay=0) go into every group.
+    """
+    groups, seen = [], set()
+    for i, unit in enumerate(units):
+        params = unit_parameters(unit)
+        shared = [p for p in params if id(p) in seen]
+        if shared:
+            raise ValueError(f"unit {i} shares parameters with an earlier unit; "
+                             "every parameter must belong to exactly one unit")
+        seen.update(id(p) for p in params)
+        groups.append({"params": params, **group_options})
+    return groups
+
+
+def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    # Bound onto every submodule of a frozen unit: model.train() must not bring back
+    # batch statistics or dropout, or the frozen weights would no longer be what was learned.
+    return nn.Module.train(self, False)
+
+
+class FreezeOut(LRScheduler):
+    """Per-unit cosine annealing with progressive freezing.
+
+    Args:
+        optimizer: any torch.optim optimizer whose param groups are `param_groups(units)`.
+        units: modules (or lists of modules) in forward order; the last is the output unit.
+        total_steps: T, the number of scheduler steps (training iterations) of the whole run.
+        t_0: fraction of the run (before scaling) at which unit 0 freezes, in (0, 1].
+        how_scale: "linear", "squared" or "cubic": t_i = tau_i ** (1, 2, 3).
+        scale_lr: start unit i at base_lr / t_i, so that units that train for less time
+            cover about the same learning-rate area (the paper's default).
+
+    Step k (counted from 0) uses lr_i(k) = 0.5 * alpha_i * (1 + cos(pi * k / (t_i * T)))
+    while k < t_i * T. When preparing step k < T, every unit with k >= t_i * T is frozen.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, units: Sequence[Unit], total_steps: int,
+                 t_0: float = 0.8, how_scale: str = "cubic", scale_lr: bool = True,
+                 last_epoch: int = -1):
+        self.units = list(units)
+        if len(optimizer.param_groups) != len(self.units):
+            raise ValueError(f"the optimizer has {len(optimizer.param_groups)} param groups but "
+                             f"there are {len(self.units)} units; build it from param_groups(units)")
+        for i, (unit, group) in enumerate(zip(self.units, optimizer.param_groups)):
+            if {id(p) for p in unit_parameters(unit)} != {id(p) for p in group["params"]}:
+                raise ValueError(f"param group {i} does not hold exactly the parameters of unit {i}; "
+                                 "build the optimizer from param_groups(units)")
+        if int(total_steps) != total_steps or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps}")
+        self.total_steps = int(total_steps)
+        self.t_0 = check_t_0(t_0)
+        self.how_scale = check_how_scale(how_scale)
+        self.scale_lr = bool(scale_lr)
+        self.t_i = unit_times(len(self.units), self.t_0, self.how_scale)
+        self.frozen_at: list[int | None] = [None] * len(self.units)
+        self.num_frozen = 0
+        super().__init__(optimizer, last_epoch)
+
+    # -- the schedule -------------------------------------------------------------------
+    def alphas(self) -> list[float]:
+        """Initial learning rate alpha_i of every unit."""
+        if self.scale_lr:
+            return [base / t for base, t in zip(self.base_lrs, self.t_i)]
+        return [float(base) for base in self.base_lrs]
+
+    def get_lr(self) -> list[float]:
+        k = self.last_epoch
+        return [unit_lr(k, t, self.total_steps, alpha) for t, alpha in zip(self.t_i, self.alphas())]
+
+    def step(self, epoch: None = None) -> None:
+        if epoch is not None:
+            raise TypeError("FreezeOut.step() takes no epoch; call it once per optimizer step")
+        super().step()
+        self._freeze_due_units()
+
+    # -- freezing -----------------------------------------------------------------------
+    @property
+    def frozen(self) -> list[bool]:
+        return [i < self.num_frozen for i in range(len(self.units))]
+
+    def _freeze_due_units(self) -> None:
+        # Units freeze in index order (t_i never decreases with i), so only the next ones
+        # can be due: O(newly frozen units) per step, no loop over parameters.
+        k = self.last_epoch
+        if k >= self.total_steps:
+            return
+        while self.num_frozen < len(self.units) and k >= self.t_i[self.num_frozen] * self.total_steps:
+            self.frozen_at[self.num_frozen] = k
+            self._freeze(self.num_frozen)
+            self.num_frozen += 1
+
+    def _freeze(self, i: int) -> None:
+        group = self.optimizer.param_groups[i]
+        group["lr"] = 0.0
+        for p in group["params"]:
+            p.requires_grad_(False)
+            p.grad = None
+            self.optimizer.state.pop(p, None)  # momentum / Adam moments are dead weight now
+        for top in unit_modules(self.units[i]):
+            for module in top.modules():
+                module.train = types.MethodType(_stay_in_eval, module)
+                module.training = False
+
+    # -- checkpointing ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "last_epoch": self.last_epoch,
+            "_step_count": self._step_count,
+            "total_steps": self.total_steps,
+            "t_0": self.t_0,
+            "how_scale": self.how_scale,
+            "scale_lr": self.scale_lr,
+            "t_i": list(self.t_i),
+            "base_lrs": [float(b) for b in self.base_lrs],
+            "frozen_at": list(self.frozen_at),
+            "_last_lr": [float(lr) for lr in self._last_lr],
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the schedule and re-freeze the units that were frozen, so a resumed run
+        freezes exactly as an uninterrupted one. Call it after optimizer.load_state_dict."""
+        if len(state_dict["t_i"]) != len(self.units):
+            raise ValueError(f"scheduler state has {len(state_dict['t_i'])} units, "
+                             f"this model has {len(self.units)}")
+        for key in ("last_epoch", "_step_count", "total_steps", "t_0", "how_scale", "scale_lr"):
+            setattr(self, key, state_dict[key])
+        self.t_i = list(state_dict["t_i"])
+        self.base_lrs = list(state_dict["base_lrs"])
+        self.frozen_at = list(state_dict["frozen_at"])
+        self.num_frozen = sum(at is not None for at in self.frozen_at)
+        for i in range(self.num_frozen):
+            self._freeze(i)
+        self._last_lr = list(state_dict["_last_lr"])
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr

@@ -1,0 +1,212 @@
+"""The schedule and the freezing: learning rates, freezing times, frozen units left untouched."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from densenet import DenseNet
+from freezeout import FreezeOut, param_groups, unit_times
+
+STRATEGIES = [("linear", 1), ("squared", 2), ("cubic", 3)]
+
+
+class Small(nn.Module):
+    """Four conv+BN+ReLU units and a classifier: a model FreezeOut knows nothing about."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            for i in range(4))
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(x.mean((2, 3)))
+
+    def units(self):
+        return [*self.blocks, self.fc]
+
+
+def expected_lr(k, i, n_units, total, t_0, power, scale, base=0.1):
+    """The paper's schedule, written out independently of freezeout.py."""
+    t_i = (t_0 + (1 - t_0) * i / (n_units - 1)) ** power
+    if k >= t_i * total:
+        return 0.0
+    alpha = base / t_i if scale else base
+    return 0.5 * alpha * (1 + math.cos(math.pi * k / (t_i * total)))
+
+
+def make(model, units, total, t_0=0.8, how_scale="cubic", scale_lr=True, opt=torch.optim.SGD, **kw):
+    if opt is torch.optim.SGD and not kw:
+        kw = dict(momentum=0.9, nesterov=True, weight_decay=1e-4)
+    optimizer = opt(param_groups(units), lr=0.1, **kw)
+    return optimizer, FreezeOut(optimizer, units, total, t_0=t_0, how_scale=how_scale, scale_lr=scale_lr)
+
+
+def train_step(model, optimizer, scheduler, k, batch=4):
+    g = torch.Generator().manual_seed(1000 + k)
+    x, y = torch.randn(batch, 3, 8, 8, generator=g), torch.randint(0, 5, (batch,), generator=g)
+    model.train()
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    if loss.requires_grad:
+        loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
+@pytest.mark.parametrize("how_scale,power", STRATEGIES)
+def test_unit_times(how_scale, power):
+    t = unit_times(5, 0.6, how_scale)
+    assert t == [(0.6 + 0.4 * i / 4) ** power for i in range(5)]
+    assert t[-1] == 1.0 and t == sorted(t)
+    assert unit_times(5, 1.0, how_scale) == [1.0] * 5
+    assert unit_times(40, 0.8, "cubic")[0] == pytest.approx(0.512)
+
+
+@pytest.mark.parametrize("scale_lr", [True, False])
+@pytest.mark.parametrize("how_scale,power", STRATEGIES)
+def test_learning_rates_follow_the_formula_exactly(how_scale, power, scale_lr):
+    torch.manual_seed(0)
+    model = Small()
+    total, t_0 = 37, 0.3
+    optimizer, scheduler = make(model, model.units(), total, t_0, how_scale, scale_lr)
+    for k in range(total + 3):  # a few steps past the end: everything stays at zero
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        assert lrs == [expected_lr(k, i, 5, total, t_0, power, scale_lr) for i in range(5)], k
+        assert scheduler.get_last_lr() == lrs
+        train_step(model, optimizer, scheduler, k)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0] * 5
+
+
+@pytest.mark.parametrize("how_scale,power", STRATEGIES)
+def test_units_freeze_at_the_first_step_past_t_i_in_order_and_never_thaw(how_scale, power):
+    torch.manual_seed(0)
+    model = Small()
+    total, t_0 = 50, 0.2
+    optimizer, scheduler = make(model, model.units(), total, t_0, how_scale)
+    t = [(t_0 + (1 - t_0) * i / 4) ** power for i in range(5)]
+    history = [scheduler.frozen]
+    for k in range(total):
+        train_step(model, optimizer, scheduler, k)
+        history.append(scheduler.frozen)
+    for k, frozen in enumerate(history):
+        # Freezing is applied when preparing step k < T, for every unit with k >= t_i * T.
+        assert frozen == [min(k, total - 1) >= t_i * total for t_i in t], k
+    for before, after in zip(history, history[1:]):
+        assert all(a or not b for b, a in zip(before, after))  # once frozen, always frozen
+    first = [next((k for k in range(total) if k >= t_i * total), None) for t_i in t]
+    assert scheduler.frozen_at == first
+    assert scheduler.frozen_at[-1] is None  # the output unit trains to the end
+
+
+def test_frozen_units_stay_bit_identical_and_leave_autograd():
+    torch.manual_seed(0)
+    model = DenseNet(depth=16, growth_rate=4, num_classes=5)  # 2 layers per block, 11 units
+    units = model.freeze_units()
+    total = 40
+    optimizer, scheduler = make(model, units, total, t_0=0.1, how_scale="linear")
+    k = 0
+    while scheduler.num_frozen < 3:
+        train_step(model, optimizer, scheduler, k, batch=6)
+        k += 1
+    frozen, active = units[:scheduler.num_frozen], units[scheduler.num_frozen:]
+    snapshot = [copy.deepcopy(u.state_dict()) for u in frozen]  # weights and BN statistics
+    for _ in range(5):
+        model.train()
+        train_step(model, optimizer, scheduler, k, batch=6)
+        k += 1
+    n = len(frozen)
+    for unit, before in zip(frozen, snapshot):
+        after = unit.state_dict()
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[key], after[key]) for key in before)
+        assert all(not m.training for m in unit.modules()), "model.train() woke a frozen unit"
+        for p in unit.parameters():
+            assert not p.requires_grad and p.grad is None and p not in optimizer.state
+    for g in optimizer.param_groups[:n]:
+        assert g["lr"] == 0.0
+    assert any(p.grad is not None for u in active for p in u.parameters())
+
+    # Autograd records nothing for the frozen prefix: no grad_fn on its outputs.
+    outputs = []
+    hooks = [u.register_forward_hook(lambda m, i, o: outputs.append(o)) for u in units]
+    model.train()
+    model(torch.randn(2, 3, 16, 16))
+    for h in hooks:
+        h.remove()
+    assert scheduler.num_frozen >= n
+    for i, out in enumerate(outputs):
+        if i < scheduler.num_frozen:
+            assert out.grad_fn is None and not out.requires_grad, i
+        else:
+            assert out.grad_fn is not None, i
+
+
+def test_t0_of_one_is_plain_cosine_annealing_without_freezing():
+    torch.manual_seed(0)
+    model = Small()
+    total = 20
+    optimizer, scheduler = make(model, model.units(), total, t_0=1.0, how_scale="cubic")
+    for k in range(total):
+        cosine = 0.5 * 0.1 * (1 + math.cos(math.pi * k / total))
+        assert [g["lr"] for g in optimizer.param_groups] == [cosine] * 5
+        train_step(model, optimizer, scheduler, k)
+    assert scheduler.num_frozen == 0 and scheduler.frozen_at == [None] * 5
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("opt,kw", [(torch.optim.SGD, dict(momentum=0.9, nesterov=True)),
+                                    (torch.optim.Adam, dict(weight_decay=1e-4)),
+                                    (torch.optim.AdamW, dict(weight_decay=1e-2))])
+def test_state_dict_round_trip_continues_the_same_schedule(opt, kw):
+    total, cut = 30, 17
+
+    def fresh():
+        torch.manual_seed(0)
+        model = Small()
+        return (model, *make(model, model.units(), total, t_0=0.3, how_scale="cubic", opt=opt, **kw))
+
+    model_a, opt_a, sched_a = fresh()
+    for k in range(total):
+        train_step(model_a, opt_a, sched_a, k)
+
+    model_b, opt_b, sched_b = fresh()
+    for k in range(cut):
+        train_step(model_b, opt_b, sched_b, k)
+    assert 0 < sched_b.num_frozen < 5, "the cut should fall in the middle of the freezing"
+    saved = copy.deepcopy({"model": model_b.state_dict(), "opt": opt_b.state_dict(),
+                           "sched": sched_b.state_dict()})
+    model_c, opt_c, sched_c = fresh()
+    model_c.load_state_dict(saved["model"])
+    opt_c.load_state_dict(saved["opt"])
+    sched_c.load_state_dict(saved["sched"])
+    assert sched_c.frozen == sched_b.frozen
+    assert [g["lr"] for g in opt_c.param_groups] == [g["lr"] for g in opt_b.param_groups]
+    for k in range(cut, total):
+        train_step(model_c, opt_c, sched_c, k)
+    assert sched_c.frozen_at == sched_a.frozen_at
+    a, c = model_a.state_dict(), model_c.state_dict()
+    assert all(torch.equal(a[key], c[key]) for key in a)
+
+
+def test_misuse_is_refused_clearly():
+    model = Small()
+    units = model.units()
+    with pytest.raises(ValueError, match="t_0 must be in"):
+        make(model, units, 10, t_0=0.0)
+    with pytest.raises(ValueError, match="t_0 must be in"):
+        make(model, units, 10, t_0=1.5)
+    with pytest.raises(ValueError, match="how_scale"):
+        make(model, units, 10, how_scale="quartic")
+    with pytest.raises(ValueError, match="total_steps"):
+        make(model, units, 0)
+    with pytest.raises(ValueError, match="param groups"):
+        FreezeOut(torch.optim.SGD(model.parameters(), lr=0.1), units, 10)
+    with pytest.raises(ValueError, match="shares parameters"):
+        param_groups([model.blocks[0], model.blocks[0][0]])
