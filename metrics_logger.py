@@ -1,0 +1,78 @@
+"""Append-only JSON-lines metrics: one record (a JSON object) per line.
+
+Every record is written with a single write of a whole line, flushed and fsynced, so an
+interrupted run leaves at worst one torn last line; `read_records` skips it and a new
+`MetricsLogger` on the same file cuts it off before appending.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+
+class MetricsLogger:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, event: str, **fields) -> dict:
+        record = {"event": event, **fields}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return record
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut an unterminated last line (a write that was interrupted) so appends start clean."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def read_records(path: str | os.PathLike, event: str | None = None) -> list[dict]:
+    """All records of a metrics file (only those of `event` if given).
+
+    A last line that does not parse (a write cut short) is skipped; a bad line anywhere else
+    means the file was damaged and raises ValueError naming the line.
+    """
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record") from None
+    return [r for r in records if event is None or r.get("event") == event]
+
+
+def write_records(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """Replace a metrics file with `records`, atomically (used when a resumed run drops the
+    records of work it is about to redo)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
