@@ -1,0 +1,357 @@
+"""Estimates, data, seeding and device choice for FreezeOut training.
+
+- `calc_speedup`: the paper's speedup estimate for DenseNet-BC (same numbers as the 2017 code).
+- `load_splits`: CIFAR-10/100 (torchvision) or the synthetic CIFAR-shaped set, split as in
+  the paper, as uint8 tensors; `make_loader` serves them with crop + flip + normalisation.
+- `seed_everything`, `resolve_device`, `host_info`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from freezeout import SCALE_POWERS, check_how_scale, check_t_0
+
+
+class DataError(Exception):
+    """A data set that cannot be found, read or verified (the message says which and how)."""
+
+
+# ---------------------------------------------------------------------------------------
+# The paper's speedup estimate
+# ---------------------------------------------------------------------------------------
+def calc_speedup(growth_rate: int, n_dense_blocks: int, t_0: float, how_scale: str = "cubic") -> float:
+    """Estimated fraction of training FLOPs saved by FreezeOut on a DenseNet-BC (paper Eqs. 2-3).
+
+    Arguments keep the 2017 positional order. `n_dense_blocks` is, as in 2017, the number of
+    layers in each of the three dense blocks (12 for L=76), not the number of blocks.
+
+    Counts the convolution FLOPs of the stem and of every bottleneck layer (transitions are
+    left out), takes backward = forward, and lets unit i skip its backward for the last
+    1 - t_i of the run. As in the 2017 code, tau_i uses i / (number of counted layers) and the
+    linear strategy's result is multiplied by 1.3, which the paper says corrects its
+    underestimate. Scaled and unscaled strategies have the same estimate.
+
+    >>> round(calc_speedup(12, 12, 0.8, "cubic"), 6)
+    0.177813
+    """
+    t_0, power = check_t_0(t_0), SCALE_POWERS[check_how_scale(how_scale)]
+    k = growth_rate
+    costs = [3 * 2 * k * 32 * 32 * 9]  # stem: 3 -> 2k channels, 3x3, at 32x32
+    n = 2  # input channels of the next layer, in units of k
+    for block in range(3):
+        hw = (32 // 2 ** block) ** 2
+        for _ in range(n_dense_blocks):
+            costs.append(n * k * 4 * k * hw + 4 * 9 * k * k * hw)  # 1x1 to 4k, then 3x3 to k
+            n += 1
+        n = math.floor(n * 0.5)  # transition compression
+    t = [(t_0 + (1 - t_0) * i / len(costs)) ** power for i in range(len(costs))]
+    freezeout_cost = sum(costs) + sum(c * t_i for c, t_i in zip(costs, t))
+    speedup = 1 - freezeout_cost / (2 * sum(costs))
+    return 1.3 * speedup if how_scale == "linear" else speedup
+
+
+def densenet_paper_speedup(depth: int, growth_rate: int, t_0: float, how_scale: str,
+                           bottleneck: bool = True) -> Optional[float]:
+    """`calc_speedup` for a DenseNet-BC of depth L; None for a model it does not describe."""
+    if not bottleneck:
+        return None
+    return calc_speedup(growth_rate, (depth - 4) // 6, t_0, how_scale)
+
+
+def solve_t_0(target: float, estimate: Callable[[float], float], what: str = "the estimate") -> float:
+    """The t_0 in (0, 1] at which `estimate(t_0)` (decreasing in t_0, 0 at t_0 = 1) equals
+    `target`, found by bisection."""
+    if not math.isfinite(target) or target < 0:
+        raise ValueError(f"target speedup must be a number >= 0, got {target}")
+    if target == 0:
+        return 1.0
+    lo, hi = 1e-6, 1.0
+    best = estimate(lo)
+    if best < target:
+        raise ValueError(f"no t_0 in (0, 1] reaches a speedup of {target:g}: "
+                         f"{what} is at most {best:.4f}")
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if estimate(mid) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# ---------------------------------------------------------------------------------------
+# Data sets
+# ---------------------------------------------------------------------------------------
+DATASETS = ("cifar10", "cifar100", "synthetic")
+TRAIN_SIZE, TEST_SIZE, VAL_SIZE = 50_000, 10_000, 5_000
+
+# Per-channel statistics of the training images, in [0, 1] units.
+MEAN_STD = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+EVAL_MODES = ("val", "test", "none")
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 (N, 3, 32, 32) and labels as int64 (N,)."""
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: Optional[int]) -> "ImageSet":
+        return self if n is None else ImageSet(self.images[:n], self.labels[:n])
+
+
+@dataclass
+class Splits:
+    train: ImageSet
+    eval: Optional[ImageSet]  # validation or test set evaluated each epoch; None: no evaluation
+    test: ImageSet            # evaluated once at the end
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+
+def check_data_root(root: str | os.PathLike) -> Path:
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data-root {root} is not a directory")
+    if root.is_dir() and not os.access(root, os.R_OK | os.X_OK):
+        raise DataError(f"--data-root {root} is not readable")
+    return root
+
+
+def load_cifar(name: str, root: str | os.PathLike) -> tuple[ImageSet, ImageSet]:
+    """CIFAR-10 or CIFAR-100 (train, test) from `root`, downloaded there if missing."""
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    pretty = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[name]
+    root = check_data_root(root)
+    try:
+        train, test = cls(root, train=True), cls(root, train=False)
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+        had_files = (root / cls.base_folder).exists()
+        try:
+            # torchvision reports its progress on stdout; keep stdout for our own output.
+            with contextlib.redirect_stdout(sys.stderr):
+                train = cls(root, train=True, download=True)
+                test = cls(root, train=False, download=True)
+        except Exception as e:  # no network, a failed write, a checksum that still fails
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if had_files:
+                raise DataError(f"{pretty} files under {root} are missing or corrupted (checksum "
+                                f"mismatch) and a fresh copy could not be downloaded ({reason}); "
+                                f"replace them with a good copy or delete {root / cls.base_folder}") from None
+            raise DataError(f"{pretty} could not be found under {root} or downloaded ({reason}); "
+                            f"pass --data-root with a copy of it, or use --dataset synthetic") from None
+    return _to_imageset(train), _to_imageset(test)
+
+
+def _to_imageset(ds) -> ImageSet:
+    images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(images, torch.as_tensor(ds.targets, dtype=torch.int64))
+
+
+SYNTHETIC_BLOCK = 1000
+
+
+def synthetic_images(part: str, start: int, stop: int, num_classes: int = 100,
+                     seed: int = 0) -> ImageSet:
+    """Images start..stop-1 of the synthetic set's `part` ("train": 50,000, "test": 10,000).
+
+    A class is a smooth colour field plus an oriented grating of its own; every image shows
+    its class's pattern shifted, with random contrast, grating phase and pixel noise. Images
+    are generated in blocks of 1,000 seeded by (seed, part, block), so any slice is the same
+    whichever other slices are asked for, and a small subset costs little.
+    """
+    size = {"train": TRAIN_SIZE, "test": TEST_SIZE}[part]
+    if not 0 <= start <= stop <= size:
+        raise ValueError(f"synthetic {part} images {start}..{stop} out of range 0..{size}")
+    colour, angle, freq = _synthetic_classes(num_classes, seed)
+    blocks = range(start // SYNTHETIC_BLOCK, -(-stop // SYNTHETIC_BLOCK))
+    parts = [_synthetic_block(part, b, colour, angle, freq, seed) for b in blocks]
+    if not parts:
+        return ImageSet(torch.empty(0, 3, 32, 32, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    offset = blocks.start * SYNTHETIC_BLOCK
+    sl = slice(start - offset, stop - offset)
+    return ImageSet(torch.from_numpy(images[sl].copy()), torch.from_numpy(labels[sl].copy()))
+
+
+def _synthetic_classes(num_classes: int, seed: int):
+    rng = np.random.default_rng([seed, num_classes, 0xC1A55])
+    coarse = rng.uniform(0.0, 1.0, size=(num_classes, 3, 4, 4)).astype(np.float32)
+    colour = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(32, 32),
+                                             mode="bilinear", align_corners=False).numpy()
+    angle = rng.uniform(0, np.pi, size=num_classes).astype(np.float32)
+    freq = rng.uniform(1.5, 5.0, size=num_classes).astype(np.float32)  # cycles per image
+    return colour, angle, freq
+
+
+def _synthetic_block(part: str, block: int, colour, angle, freq, seed: int):
+    size = {"train": TRAIN_SIZE, "test": TEST_SIZE}[part]
+    n = min(SYNTHETIC_BLOCK, size - block * SYNTHETIC_BLOCK)
+    rng = np.random.default_rng([seed, len(angle), {"train": 1, "test": 2}[part], block])
+    labels = rng.integers(0, len(angle), size=n)
+    phase = rng.uniform(0, 2 * np.pi, size=(n, 1, 1)).astype(np.float32)
+    grid = np.arange(32, dtype=np.float32)
+    yy, xx = np.meshgrid(grid, grid, indexing="ij")
+    a, f = angle[labels][:, None, None], freq[labels][:, None, None]
+    grating = np.sin(2 * np.pi * f * (xx * np.cos(a) + yy * np.sin(a)) / 32 + phase)
+    # A weaker copy of another class's pattern, a random tint and strong noise keep the
+    # task from being solved in a few steps: errors stay informative for a few epochs.
+    other = rng.integers(0, len(angle), size=n)
+    img = (0.25 * colour[labels] + 0.12 * grating[:, None] + 0.12 * colour[other]
+           + rng.uniform(0.0, 0.4, size=(n, 3, 1, 1)).astype(np.float32))
+    img *= rng.uniform(0.7, 1.3, size=(n, 1, 1, 1)).astype(np.float32)  # contrast
+    # Shift the pattern by up to 4 pixels (wrapping around), so position is not the class.
+    dy, dx = rng.integers(-4, 5, size=(2, n))
+    rows = (np.arange(32)[None, :] - dy[:, None]) % 32
+    cols = (np.arange(32)[None, :] - dx[:, None]) % 32
+    img = img[np.arange(n)[:, None, None, None], np.arange(3)[None, :, None, None],
+              rows[:, None, :, None], cols[:, None, None, :]]
+    img += rng.normal(0.0, 0.2, size=img.shape).astype(np.float32)
+    images = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
+    return images, labels.astype(np.int64)
+
+
+def load_splits(dataset: str, data_root: str | os.PathLike = "./data", eval_mode: str = "val",
+                subset: Optional[int] = None, num_classes: Optional[int] = None,
+                seed: int = 0) -> Splits:
+    """The paper's splits of a data set.
+
+    eval_mode "val": train on the first 45,000 training images, evaluate on the last 5,000;
+    "test": train on all 50,000 and evaluate on the test set; "none": train on all 50,000,
+    no per-epoch evaluation. `subset` caps every split at its first N images, after splitting.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown data set {dataset!r} (choose from {', '.join(DATASETS)})")
+    if eval_mode not in EVAL_MODES:
+        raise ValueError(f"unknown eval_mode {eval_mode!r} (choose from {', '.join(EVAL_MODES)})")
+    cap = (lambda n: n) if subset is None else (lambda n: min(n, subset))
+    if dataset == "synthetic":
+        num_classes = num_classes or 100
+        n_train = TRAIN_SIZE - VAL_SIZE if eval_mode == "val" else TRAIN_SIZE
+        train = synthetic_images("train", 0, cap(n_train), num_classes, seed)
+        val = (synthetic_images("train", n_train, n_train + cap(VAL_SIZE), num_classes, seed)
+               if eval_mode == "val" else None)
+        test = synthetic_images("test", 0, cap(TEST_SIZE), num_classes, seed)
+        mean, std = _channel_stats(train.images)
+    else:
+        full_train, full_test = load_cifar(dataset, data_root)
+        num_classes = 10 if dataset == "cifar10" else 100
+        # The validation set is the last 5,000 training images (of 50,000 in CIFAR).
+        n_train = len(full_train) - VAL_SIZE if eval_mode == "val" else len(full_train)
+        train = ImageSet(full_train.images[:n_train], full_train.labels[:n_train]).head(subset)
+        val = (ImageSet(full_train.images[n_train:], full_train.labels[n_train:]).head(subset)
+               if eval_mode == "val" else None)
+        test = full_test.head(subset)
+        mean, std = MEAN_STD[dataset]
+    evaluated = {"val": val, "test": test, "none": None}[eval_mode]
+    return Splits(train, evaluated, test, num_classes, mean, std)
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple, tuple]:
+    """Per-channel mean and std in [0, 1] units, summed exactly in integers, chunk by chunk."""
+    total = torch.zeros(3, dtype=torch.int64)
+    squares = torch.zeros(3, dtype=torch.int64)
+    for chunk in images.split(4096):
+        x = chunk.to(torch.int64)
+        total += x.sum((0, 2, 3))
+        squares += (x * x).sum((0, 2, 3))
+    n = images.numel() // 3
+    mean = total.double() / n
+    std = (squares.double() / n - mean ** 2).clamp_min(0).sqrt()
+    return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
+
+
+class AugmentedImages(Dataset):
+    """An ImageSet served image by image through a torchvision transform."""
+
+    def __init__(self, data: ImageSet, transform: Callable):
+        self.data, self.transform = data, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.data.images[i]), self.data.labels[i]
+
+
+def make_transform(mean, std, augment: bool) -> Callable:
+    """Random crop (pad 4) and horizontal flip when augmenting, then normalisation."""
+    steps = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if augment else []
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def make_loader(data: ImageSet, mean, std, batch_size: int, train: bool, augment: bool = True,
+                workers: int = 0, generator: Optional[torch.Generator] = None,
+                pin_memory: bool = False) -> DataLoader:
+    """Training loaders shuffle with `generator` and drop the last partial batch (so an epoch
+    has floor(N / batch_size) steps); evaluation loaders keep every image, in order."""
+    dataset = AugmentedImages(data, make_transform(mean, std, augment and train))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train,
+                      num_workers=workers, generator=generator, pin_memory=pin_memory)
+
+
+# ---------------------------------------------------------------------------------------
+# Seeding, devices, host
+# ---------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)  # every device's generator too
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" picks cuda, then mps, then cpu; an explicit device must be available."""
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = mps is not None and mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available (try --device cpu or auto)")
+    if name == "mps" and not has_mps:
+        raise ValueError("--device mps: Apple's MPS backend is not available (try --device cpu or auto)")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: unknown device (choose auto, cpu, cuda or mps)")
+    return torch.device(name)
+
+
+def host_info(device: torch.device) -> dict:
+    """What ran the job: CPU model and threads, GPU name, the code's git commit."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "gpu": gpu, "git_commit": commit,
+            "torch": str(torch.__version__), "python": platform.python_version()}
