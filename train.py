@@ -1,0 +1,545 @@
+"""Train a network with FreezeOut: layer-wise cosine annealing, then freezing.
+
+    python train.py                         # the paper's job: DenseNet-BC k=12 L=76, CIFAR-100,
+                                            # cubic, scaled, t_0 = 0.8, 100 epochs
+    python train.py --dataset synthetic --which_dataset 10 --subset 5000 -L 22 --epochs 2 --device cpu
+    python train.py --t_0 1                 # the baseline: plain cosine annealing, no freezing
+
+Every run writes `OUT_DIR/NAME/metrics.jsonl` (a `config` record first, one `epoch` record per
+epoch, a `summary` record last) and `OUT_DIR/NAME/checkpoint.pt` after every epoch;
+`--resume` continues it. `python train.py -h` lists the flags with their defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from densenet import DenseNet, layers_per_block
+from freezeout import FreezeOut, SCALE_POWERS, param_groups
+from metrics_logger import MetricsLogger, read_records, write_records
+from utils import (DATASETS, DataError, densenet_paper_speedup, host_info, load_splits,
+                   make_loader, resolve_device, seed_everything, solve_t_0)
+
+CHECKPOINT_FORMAT = "freezeout-checkpoint-v1"
+# Flags that say where or how fast a run goes, not what it computes: --resume may change them.
+RUNTIME_FLAGS = {"resume", "device", "workers", "data_root", "out_dir", "save_weights"}
+
+
+class RunError(Exception):
+    """A problem with the run's files or data, reported as one line."""
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
+    """The CLI. With with_defaults=False every default is dropped, so that parsing tells
+    which flags were given on the command line (what --resume checks against the run)."""
+    parser = argparse.ArgumentParser(
+        description="Train a network with FreezeOut (Brock et al. 2017).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def add(group, *names, **kwargs):
+        # Every long flag also answers to its other spelling: --batch_size / --batch-size.
+        spellings = list(names)
+        for name in names:
+            if name.startswith("--"):
+                for alt in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                    if alt not in spellings:
+                        spellings.append(alt)
+        if not with_defaults:
+            kwargs["default"] = argparse.SUPPRESS
+        return group.add_argument(*spellings, **kwargs)
+
+    model = parser.add_argument_group("model")
+    add(model, "--model", default="densenet", choices=["densenet"], help="architecture")
+    add(model, "-L", "--depth", type=int, default=76, help="network depth L")
+    add(model, "-k", "--growth-rate", type=int, default=12, help="DenseNet growth rate k")
+    add(model, "--bottleneck", action=argparse.BooleanOptionalAction, default=True,
+        help="DenseNet-BC bottleneck layers (--no-bottleneck: plain DenseNet layers)")
+    add(model, "--reduction", type=float, default=0.5, help="transition compression theta")
+    add(model, "--dropout", type=float, default=0.0, help="dropout rate after each convolution")
+
+    data = parser.add_argument_group("data")
+    add(data, "--dataset", choices=DATASETS, default=None,
+        help="data set (default: cifar100, or as --which_dataset says)")
+    add(data, "--which_dataset", type=int, choices=[10, 100], default=None,
+        help="2017 spelling: 10 = cifar10, 100 = cifar100; with --dataset synthetic, "
+             "the number of classes (synthetic default: 100)")
+    add(data, "--data-root", default="./data", help="where CIFAR lives or is downloaded to")
+    add(data, "--subset", type=int, default=None, help="cap every split at its first N images")
+    add(data, "--augment", dest="augment", action="store_true", default=True,
+        help="random crop (pad 4) and horizontal flip")
+    add(data, "--no-augment", dest="augment", action="store_false", default=True,
+        help="no data augmentation")
+    add(data, "--validate", dest="eval_mode", action="store_const", const="val", default="val",
+        help="train on the first 45,000 images, evaluate on the last 5,000 each epoch")
+    add(data, "--validate-test", dest="eval_mode", action="store_const", const="test", default="val",
+        help="train on all 50,000 images, evaluate on the test set each epoch")
+    add(data, "--no-validate", dest="eval_mode", action="store_const", const="none", default="val",
+        help="train on all 50,000 images, no per-epoch evaluation")
+    add(data, "--workers", type=int, default=None,
+        help="data loader worker processes (default: 0 on CPU, 4 on a GPU)")
+
+    optim = parser.add_argument_group("optimisation")
+    add(optim, "--epochs", type=int, default=100, help="training epochs")
+    add(optim, "--batch_size", type=int, default=50, help="training batch size")
+    add(optim, "--lr", type=float, default=0.1, help="base learning rate")
+    add(optim, "--momentum", type=float, default=0.9, help="SGD Nesterov momentum")
+    add(optim, "--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    add(optim, "--seed", type=int, default=0, help="random seed")
+
+    fo = parser.add_argument_group("FreezeOut")
+    add(fo, "--t_0", type=float, default=0.8,
+        help="fraction of the run (before scaling) at which the first unit freezes; 1 = baseline")
+    add(fo, "--how_scale", choices=list(SCALE_POWERS), default="cubic", help="t_i schedule")
+    add(fo, "--no_scale", dest="scale_lr", action="store_false", default=True,
+        help="do not scale each unit's initial learning rate by 1/t_i")
+    add(fo, "--const_time", action="store_true", default=False,
+        help="train 1/(1 - estimated speedup) times as many epochs (rounded up)")
+    add(fo, "--target-speedup", type=float, default=None,
+        help="choose t_0 so that the estimated speedup equals this fraction")
+
+    run = parser.add_argument_group("run")
+    add(run, "--out-dir", default="runs", help="parent directory of run directories")
+    add(run, "--save-weights", default=None,
+        help="run name: files go to OUT_DIR/NAME (default: derived from the settings)")
+    add(run, "--resume", action="store_true", default=False,
+        help="continue the run in OUT_DIR/NAME from its checkpoint")
+    add(run, "--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+        help="auto = cuda, then mps, then cpu")
+    add(run, "--amp", choices=["off", "bf16", "fp16"], default="off",
+        help="mixed precision (off where the device does not support it)")
+    add(run, "--channels-last", action="store_true", default=False,
+        help="channels-last memory format for the model and inputs")
+    return parser
+
+
+def parse_args(argv):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = set(vars(build_parser(with_defaults=False).parse_args(argv)))
+    return parser, args, explicit
+
+
+def check_args(args, explicit: set) -> None:
+    """Raise ValueError, naming the flag, for a value no run can use."""
+    if not 0.0 < args.t_0 <= 1.0:
+        raise ValueError(f"--t_0 must be in (0, 1], got {args.t_0}")
+    for flag in ("epochs", "batch_size", "depth", "growth_rate"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+    if args.subset is not None and args.subset <= 0:
+        raise ValueError(f"--subset must be a positive integer, got {args.subset}")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0.0 < args.reduction <= 1.0:
+        raise ValueError(f"--reduction must be in (0, 1], got {args.reduction}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.dataset in ("cifar10", "cifar100") and args.which_dataset is not None \
+            and args.dataset != f"cifar{args.which_dataset}":
+        raise ValueError(f"--dataset {args.dataset} contradicts --which_dataset {args.which_dataset}")
+    if args.target_speedup is not None and "t_0" in explicit:
+        raise ValueError("give --t_0 or --target-speedup, not both")
+    try:
+        layers_per_block(args.depth, args.bottleneck)
+    except ValueError as e:
+        raise ValueError(f"-L/--depth: {e}") from None
+
+
+def resolve_dataset(args) -> tuple[str, int | None]:
+    if args.dataset is None:
+        return f"cifar{args.which_dataset or 100}", None
+    return args.dataset, args.which_dataset if args.dataset == "synthetic" else None
+
+
+def paper_estimate(args, t_0: float) -> float | None:
+    return densenet_paper_speedup(args.depth, args.growth_rate, t_0, args.how_scale, args.bottleneck)
+
+
+def resolve_t_0(args) -> float:
+    if args.target_speedup is None:
+        return args.t_0
+    if paper_estimate(args, 1.0) is None:
+        raise ValueError("--target-speedup needs the paper's estimate, which covers DenseNet-BC "
+                         "(with bottlenecks) only")
+    try:
+        return solve_t_0(args.target_speedup, lambda t: paper_estimate(args, t),
+                         f"the paper's estimate for {args.how_scale}")
+    except ValueError as e:
+        raise ValueError(f"--target-speedup: {e}") from None
+
+
+def resolve_epochs(args, estimate: float | None) -> int:
+    if not args.const_time:
+        return args.epochs
+    if estimate is None:
+        raise ValueError("--const_time needs the paper's speedup estimate, which covers "
+                         "DenseNet-BC (with bottlenecks) only")
+    return math.ceil(args.epochs / (1 - estimate))
+
+
+def default_run_name(args, dataset: str) -> str:
+    arch = f"densenet{'BC' if args.bottleneck else ''}-L{args.depth}-k{args.growth_rate}"
+    data = dataset + (f"{args.which_dataset}" if dataset == "synthetic" and args.which_dataset else "")
+    data += f"-sub{args.subset}" if args.subset else ""
+    fo = (f"ts{args.target_speedup:g}" if args.target_speedup is not None else f"t0-{args.t_0:g}")
+    scaling = "scaled" if args.scale_lr else "unscaled"
+    return f"{arch}_{data}_{args.how_scale}-{scaling}-{fo}_e{args.epochs}_s{args.seed}"
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks of a run
+# ---------------------------------------------------------------------------------------
+def build_model(config: dict) -> torch.nn.Module:
+    return DenseNet(depth=config["depth"], growth_rate=config["growth_rate"],
+                    num_classes=config["num_classes"], bottleneck=config["bottleneck"],
+                    reduction=config["reduction"], dropout=config["dropout"])
+
+
+def effective_amp(amp: str, device: torch.device) -> str:
+    """The precision autocast will really use: CUDA has both, the CPU bf16 only."""
+    if amp == "off" or device.type == "cuda" or (device.type == "cpu" and amp == "bf16"):
+        return amp
+    return "off"
+
+
+def autocast_for(amp: str, device: torch.device):
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def rng_state() -> dict:
+    keys, pos, has_gauss, gauss = np.random.get_state()[1:]
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary file, fsync, then rename: a crash leaves the old file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint of this project, read without running any pickled code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{path} is not a loadable FreezeOut checkpoint ({first[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"{path} is not a FreezeOut checkpoint of this project")
+    return state
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, config, device, desc: str) -> dict:
+    """One pass over the training loader; returns mean loss, time and images/s."""
+    model.train()
+    autocast = autocast_for(config["amp_effective"], device)
+    memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
+    loss_sum = torch.zeros((), device=device)
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    for i, (x, y) in enumerate(bar):
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.detach().float() * len(y)
+        seen += len(y)
+        if i % 20 == 0:  # reading the loss waits for the device: only every few steps
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", frozen=scheduler.num_frozen,
+                            img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    return {"train_loss": loss_sum.item() / max(seen, 1), "train_time_s": elapsed,
+            "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
+
+
+@torch.inference_mode()
+def evaluate(model, loader, config, device) -> tuple[float, float]:
+    """Mean cross-entropy and error (percent) over a loader."""
+    model.eval()
+    autocast = autocast_for(config["amp_effective"], device)
+    memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    wrong = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    for x, y in loader:
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        with autocast:
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        wrong += (logits.argmax(1) != y).sum()
+        seen += len(y)
+    return loss_sum.item() / seen, 100.0 * wrong.item() / seen
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+def describe(config: dict, splits) -> str:
+    arch = f"DenseNet{'-BC' if config['bottleneck'] else ''} L={config['depth']} k={config['growth_rate']}"
+    sizes = f"{len(splits.train):,} train"
+    if splits.eval is not None:
+        sizes += f" / {len(splits.eval):,} {'val' if config['eval_mode'] == 'val' else 'test'}"
+    est = config["estimated_speedup"]
+    lines = [
+        f"{arch} on {config['dataset']} ({config['num_classes']} classes; {sizes}; "
+        f"{len(splits.test):,} test at the end)",
+        f"  {config['params']:,} parameters in {config['n_units']} FreezeOut units; "
+        f"{config['steps_per_epoch']} steps/epoch x {config['epochs']} epochs = {config['total_steps']:,} steps",
+        f"  {config['how_scale']}, {'scaled' if config['scale_lr'] else 'unscaled'}, t_0 = {config['t_0']:g}: "
+        f"first unit freezes at {config['t_i'][0]:.1%} of the run; estimated speedup (paper): "
+        + ("n/a for this model" if est is None else f"{est:.1%}"),
+        f"  device {config['device']}, amp {config['amp_effective']}, batch {config['batch_size']}, "
+        f"lr {config['lr']:g}, seed {config['seed']}; run directory {config['run_dir']}",
+    ]
+    return "\n".join(lines)
+
+
+def resolve_config(args, explicit: set, argv) -> dict:
+    """Everything the run is defined by, checked before any work is done."""
+    check_args(args, explicit)
+    dataset, synthetic_classes = resolve_dataset(args)
+    t_0 = resolve_t_0(args)
+    estimate = paper_estimate(args, t_0)
+    epochs = resolve_epochs(args, estimate)
+    device = resolve_device(args.device)
+    workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else 4)
+    name = args.save_weights or default_run_name(args, dataset)
+    if not name or name in (".", "..") or "/" in name or os.sep in name:
+        raise ValueError(f"--save-weights {name!r}: a run name must be a plain file name")
+    return {
+        "model": args.model, "depth": args.depth, "growth_rate": args.growth_rate,
+        "bottleneck": args.bottleneck, "reduction": args.reduction, "dropout": args.dropout,
+        "dataset": dataset, "synthetic_classes": synthetic_classes, "data_root": args.data_root,
+        "subset": args.subset, "augment": args.augment, "eval_mode": args.eval_mode,
+        "epochs": epochs, "requested_epochs": args.epochs, "batch_size": args.batch_size,
+        "optimizer": "SGD", "nesterov": True, "lr": args.lr, "momentum": args.momentum,
+        "weight_decay": args.weight_decay, "seed": args.seed,
+        "t_0": t_0, "how_scale": args.how_scale, "scale_lr": args.scale_lr,
+        "const_time": args.const_time, "target_speedup": args.target_speedup,
+        "device": str(device), "amp": args.amp, "amp_effective": effective_amp(args.amp, device),
+        "channels_last": args.channels_last, "workers": workers,
+        "out_dir": args.out_dir, "name": name, "run_dir": str(Path(args.out_dir) / name),
+        "estimated_speedup": estimate, "argv": list(argv), "args": vars(args),
+    }
+
+
+def check_resume_args(saved: dict, args, explicit: set) -> None:
+    """Flags given with --resume must agree with the saved run (runtime flags aside)."""
+    for flag in sorted(explicit - RUNTIME_FLAGS):
+        given, was = getattr(args, flag), saved["args"].get(flag)
+        if given != was:
+            raise ValueError(f"--resume: --{flag} {given} contradicts the saved run's {flag} = {was}")
+
+
+def prepare_run_dir(config: dict, resume: bool) -> tuple[Path, dict | None]:
+    run_dir = Path(config["run_dir"])
+    ckpt_path = run_dir / "checkpoint.pt"
+    if resume:
+        if not ckpt_path.is_file():
+            raise RunError(f"--resume: no checkpoint in {run_dir}")
+        return run_dir, load_checkpoint(ckpt_path)
+    if (run_dir / "metrics.jsonl").exists() or ckpt_path.exists():
+        raise RunError(f"{run_dir} already holds a run: continue it with --resume, "
+                       f"or start a new one with --save-weights NAME")
+    # The directory itself is made once the data has loaded: a failed start leaves nothing.
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"--out-dir {config['out_dir']}: cannot create {run_dir} "
+                       f"({existing} is not a writable directory)")
+    return run_dir, None
+
+
+def main(argv=None) -> dict:
+    """Train as the command line says; return the run's summary record."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, args, explicit = parse_args(argv)
+
+    def fail(message: str) -> None:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(1)
+
+    try:
+        config = resolve_config(args, explicit, argv)
+        run_dir, checkpoint = prepare_run_dir(config, args.resume)
+        if checkpoint is not None:
+            check_resume_args(checkpoint["config"], args, explicit)
+            runtime = {k: config[k] for k in ("device", "workers", "data_root", "out_dir", "run_dir")}
+            config = {**checkpoint["config"], **runtime}
+            config["amp_effective"] = effective_amp(config["amp"], torch.device(config["device"]))
+    except ValueError as e:  # a flag value no run can use
+        parser.error(str(e))
+    except RunError as e:
+        fail(str(e))
+    try:
+        return run(config, run_dir, checkpoint)
+    except (RunError, DataError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail(f"interrupted; continue from the last checkpoint with --resume (run directory {run_dir})")
+
+
+def run(config: dict, run_dir: Path, checkpoint: dict | None) -> dict:
+    metrics_path = run_dir / "metrics.jsonl"
+    if checkpoint is not None and read_records(metrics_path, "summary"):
+        summary = read_records(metrics_path, "summary")[-1]
+        print(f"{run_dir} has already finished; nothing to resume")
+        return summary
+
+    seed_everything(config["seed"])
+    device = torch.device(config["device"])
+    splits = load_splits(config["dataset"], config["data_root"], config["eval_mode"],
+                         config["subset"], config["synthetic_classes"], config["seed"])
+    steps_per_epoch = len(splits.train) // config["batch_size"]
+    if steps_per_epoch == 0:
+        raise RunError(f"--batch_size {config['batch_size']} is larger than the training set "
+                       f"({len(splits.train)} images)")
+
+    config["num_classes"] = splits.num_classes
+    model = build_model(config).to(device)
+    if config["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    units = model.freeze_units()
+    optimizer = torch.optim.SGD(param_groups(units), lr=config["lr"], momentum=config["momentum"],
+                                nesterov=True, weight_decay=config["weight_decay"])
+    total_steps = config["epochs"] * steps_per_epoch
+    scheduler = FreezeOut(optimizer, units, total_steps=total_steps, t_0=config["t_0"],
+                          how_scale=config["how_scale"], scale_lr=config["scale_lr"])
+    scaler = torch.amp.GradScaler(device.type, enabled=config["amp_effective"] == "fp16")
+    config.update(params=sum(p.numel() for p in model.parameters()), n_units=len(units),
+                  t_i=scheduler.t_i, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                  train_images=len(splits.train), host=host_info(device))
+
+    start_epoch, step, train_time = 1, 0, 0.0
+    if checkpoint is None:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"--out-dir {config['out_dir']}: cannot create {run_dir} "
+                           f"({e.strerror or e})") from None
+        with MetricsLogger(metrics_path) as log:
+            log.log("config", **config)
+    else:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        start_epoch, step = checkpoint["epoch"] + 1, checkpoint["step"]
+        train_time = checkpoint["train_time_s"]
+        # Records of epochs after the checkpoint are about to be redone: drop them.
+        kept = [r for r in read_records(metrics_path)
+                if r["event"] == "config" or (r["event"] == "epoch" and r["epoch"] < start_epoch)]
+        write_records(metrics_path, kept)
+        print(f"resuming {run_dir} at epoch {start_epoch} (step {step:,})")
+    print(describe(config, splits), flush=True)
+
+    pin = device.type == "cuda"
+    eval_loader = None
+    if splits.eval is not None:
+        eval_loader = make_loader(splits.eval, splits.mean, splits.std, max(config["batch_size"], 200),
+                                  train=False, workers=config["workers"], pin_memory=pin)
+    sampler_rng = torch.Generator()
+    last_val = (None, None)
+    with MetricsLogger(metrics_path) as log:
+        for epoch in range(start_epoch, config["epochs"] + 1):
+            # The data order is a function of (seed, epoch) alone: resuming replays it.
+            sampler_rng.manual_seed(config["seed"] * 1_000_003 + epoch)
+            loader = make_loader(splits.train, splits.mean, splits.std, config["batch_size"],
+                                 train=True, augment=config["augment"], workers=config["workers"],
+                                 generator=sampler_rng, pin_memory=pin)
+            stats = train_one_epoch(model, loader, optimizer, scheduler, scaler, config, device,
+                                    desc=f"epoch {epoch}/{config['epochs']}")
+            step += steps_per_epoch
+            train_time += stats["train_time_s"]
+            if not math.isfinite(stats["train_loss"]):
+                raise RunError(f"training diverged in epoch {epoch} (loss {stats['train_loss']}); "
+                               f"the last good checkpoint is kept in {run_dir}")
+            record = {"epoch": epoch, "step": step, **stats}
+            if eval_loader is not None:
+                last_val = evaluate(model, eval_loader, config, device)
+                record.update(val_loss=last_val[0], val_err=last_val[1])
+            record.update(frozen_units=scheduler.num_frozen,
+                          active_units=len(units) - scheduler.num_frozen,
+                          lr=[float(lr) for lr in scheduler.get_last_lr()])
+            log.log("epoch", **record)
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step,
+                "train_time_s": train_time, "config": config, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state()})
+            tqdm.write(epoch_line(record, config))
+
+        if config["eval_mode"] == "test" and last_val[0] is not None:
+            test_loss, test_err = last_val  # the last evaluation was this same test pass
+        else:
+            test_loader = make_loader(splits.test, splits.mean, splits.std,
+                                      max(config["batch_size"], 200), train=False,
+                                      workers=config["workers"], pin_memory=pin)
+            test_loss, test_err = evaluate(model, test_loader, config, device)
+        summary = log.log(
+            "summary", epochs=config["epochs"], steps=step, train_time_s=train_time,
+            val_err=last_val[1] if config["eval_mode"] == "val" else None,
+            test_loss=test_loss, test_err=test_err, estimated_speedup=config["estimated_speedup"],
+            frozen_at=scheduler.frozen_at)
+    print(f"done: test error {test_err:.2f}%, training time {train_time:.1f} s; "
+          f"results in {run_dir}")
+    return summary
+
+
+def epoch_line(record: dict, config: dict) -> str:
+    line = (f"epoch {record['epoch']:>3}/{config['epochs']}  loss {record['train_loss']:.4f}")
+    if "val_err" in record:
+        line += f"  {'val' if config['eval_mode'] == 'val' else 'test'} err {record['val_err']:5.2f}%"
+    return line + (f"  frozen {record['frozen_units']}/{config['n_units']}"
+                   f"  {record['images_per_s']:.0f} img/s  {record['train_time_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
