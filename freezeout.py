@@ -103,6 +103,18 @@ def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
     return nn.Module.train(self, False)
 
 
+def freeze(unit: Unit) -> None:
+    """Take a unit out of training for good: its parameters stop requiring (and lose) their
+    gradients, and all its submodules stay in inference mode, whatever calls train()."""
+    for p in unit_parameters(unit):
+        p.requires_grad_(False)
+        p.grad = None
+    for top in unit_modules(unit):
+        for module in top.modules():
+            module.train = types.MethodType(_stay_in_eval, module)
+            module.training = False
+
+
 class FreezeOut(LRScheduler):
     """Per-unit cosine annealing with progressive freezing.
 
@@ -178,13 +190,8 @@ class FreezeOut(LRScheduler):
         group = self.optimizer.param_groups[i]
         group["lr"] = 0.0
         for p in group["params"]:
-            p.requires_grad_(False)
-            p.grad = None
             self.optimizer.state.pop(p, None)  # momentum / Adam moments are dead weight now
-        for top in unit_modules(self.units[i]):
-            for module in top.modules():
-                module.train = types.MethodType(_stay_in_eval, module)
-                module.training = False
+        freeze(self.units[i])
 
     # -- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import platform
@@ -16,10 +17,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -308,11 +310,72 @@ def make_transform(mean, std, augment: bool) -> Callable:
 def make_loader(data: ImageSet, mean, std, batch_size: int, train: bool, augment: bool = True,
                 workers: int = 0, generator: Optional[torch.Generator] = None,
                 pin_memory: bool = False) -> DataLoader:
-    """Training loaders shuffle with `generator` and drop the last partial batch (so an epoch
+    """The reference loader: torchvision transforms image by image in a DataLoader.
+
+    Training loaders shuffle with `generator` and drop the last partial batch (so an epoch
     has floor(N / batch_size) steps); evaluation loaders keep every image, in order."""
     dataset = AugmentedImages(data, make_transform(mean, std, augment and train))
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train,
                       num_workers=workers, generator=generator, pin_memory=pin_memory)
+
+
+def random_crop_flip(images: torch.Tensor, padding: int = 4,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Batched RandomCrop(size, padding, fill 0) + RandomHorizontalFlip on (B, C, H, W):
+    each image gets its own offset and flip, applied as one gather on the images' device."""
+    b, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding,) * 4)
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), device=device, generator=generator)
+    flip = torch.rand(b, device=device, generator=generator) < 0.5
+    rows = offsets[0, :, None] + torch.arange(h, device=device)
+    cols = offsets[1, :, None] + torch.arange(w, device=device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip reads the columns backwards
+    index = rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]
+    index = index.view(b, 1, h * w).expand(b, c, h * w)
+    return padded.view(b, c, -1).gather(2, index).view(b, c, h, w)
+
+
+class TensorLoader:
+    """Serves an ImageSet kept whole (uint8) on `device`, augmenting and normalising whole
+    batches there: no per-image Python, no worker processes, no host-to-device copies.
+
+    Same contract as `make_loader`: training shuffles with `generator` (which must live on
+    `device`) and drops the last partial batch; evaluation keeps every image, in order.
+    """
+
+    def __init__(self, data: ImageSet, mean, std, batch_size: int, train: bool, augment: bool = True,
+                 device: torch.device | str = "cpu", generator: Optional[torch.Generator] = None):
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.batch_size, self.train, self.augment = batch_size, train, augment and train
+        self.generator = generator
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = (torch.randperm(n, device=self.device, generator=self.generator) if self.train
+                 else torch.arange(n, device=self.device))
+        for i in range(len(self)):
+            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[index]
+            if self.augment:
+                x = random_crop_flip(x, 4, self.generator)
+            yield (x.float() - self.mean) / self.std, self.labels[index]
+
+
+def fits_on_device(data: Sequence[ImageSet], device: torch.device, fraction: float = 0.25) -> bool:
+    """Whether the uint8 images take at most `fraction` of the device's free memory."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(d.images.numel() + 8 * d.labels.numel() for d in data) <= fraction * free
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,3 +418,106 @@ def host_info(device: torch.device) -> dict:
         commit = None
     return {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "gpu": gpu, "git_commit": commit,
             "torch": str(torch.__version__), "python": platform.python_version()}
+
+
+# ---------------------------------------------------------------------------------------
+# Estimates for any model: FLOPs counted by PyTorch, combined with the schedule
+# ---------------------------------------------------------------------------------------
+def first_frozen_steps(t_i: Sequence[float], total_steps: int) -> list[int]:
+    """The step at which each unit is first frozen (FreezeOut's `k >= t_i * T`), or
+    `total_steps` for a unit that trains to the end."""
+    return [min(math.ceil(t * total_steps), total_steps) for t in t_i]
+
+
+def schedule_speedup(level_costs: Sequence[float], t_i: Sequence[float],
+                     total_steps: Optional[int] = None) -> float:
+    """1 - cost(FreezeOut run) / cost(baseline run), where level_costs[n] is the cost (FLOPs,
+    seconds, ...) of one training step with the first n units frozen.
+
+    With `total_steps` the run's real steps are counted (unit i frozen from step
+    ceil(t_i * T) on); without, the schedule's continuous limit (unit i frozen for the last
+    1 - t_i of the run), which is smooth in t_0.
+    """
+    if total_steps is None:
+        ends = list(t_i)
+        total_steps = 1.0
+    else:
+        ends = first_frozen_steps(t_i, total_steps)
+    cost, start = 0.0, 0.0
+    for n, end in enumerate(ends):  # from start to end the step has n units frozen
+        cost += (end - start) * level_costs[n]
+        start = max(start, end)
+    return 1.0 - cost / (total_steps * level_costs[0])
+
+
+def unit_flops(model: torch.nn.Module, units: Sequence, input_shape: Sequence[int]) -> list[dict]:
+    """Per-unit FLOPs of a training step, counted by `torch.utils.flop_counter.FlopCounterMode`:
+    `forward`, `backward` (weight and input gradients) and `backward_no_input_grad` (weight
+    gradients only, what the first active unit after a frozen prefix computes).
+
+    Counted on a copy of the model on the meta device (shapes only, no arithmetic): one forward
+    pass records each unit's inputs, then every module of every unit is run on its own.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    from freezeout import unit_modules
+
+    name_of = {id(m): name for name, m in model.named_modules()}
+    try:
+        unit_names = [[name_of[id(m)] for m in unit_modules(u)] for u in units]
+    except KeyError:
+        raise ValueError("every unit must be a submodule of the model") from None
+    meta = copy.deepcopy(model).to("meta").train()
+    modules = dict(meta.named_modules())
+    inputs, hooks = {}, []
+    for name in {n for names in unit_names for n in names}:
+        def record(module, args, kwargs, name=name):
+            inputs.setdefault(name, (args, kwargs))
+        hooks.append(modules[name].register_forward_pre_hook(record, with_kwargs=True))
+    with torch.no_grad():
+        meta(torch.zeros(tuple(input_shape), device="meta"))
+    for h in hooks:
+        h.remove()
+
+    def count(name: str, input_grad: bool) -> tuple[int, int]:
+        args, kwargs = inputs[name]
+        args = [a.detach().requires_grad_(input_grad and a.is_floating_point())
+                if torch.is_tensor(a) else a for a in args]
+        with FlopCounterMode(display=False) as forward:
+            out = modules[name](*args, **kwargs)
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
+                if torch.is_tensor(o) and o.requires_grad]
+        with FlopCounterMode(display=False) as backward:
+            if outs:
+                sum(o.float().sum() for o in outs).backward()
+        return forward.get_total_flops(), backward.get_total_flops()
+
+    result = []
+    for names in unit_names:
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise ValueError(f"unit module {missing[0]!r} is not called by the model's forward pass")
+        full = [count(n, True) for n in names]
+        weights_only = [count(n, False)[1] for n in names]
+        result.append({"forward": sum(f for f, _ in full), "backward": sum(b for _, b in full),
+                       "backward_no_input_grad": sum(weights_only)})
+    return result
+
+
+def training_flops_by_level(per_unit: Sequence[dict]) -> list[int]:
+    """FLOPs of one training step with the first n units frozen, n = 0..N: every unit runs
+    forward, active units run backward, and the first active unit (like the stem, whose input
+    is the data) needs no gradient for its input."""
+    forward = sum(u["forward"] for u in per_unit)
+    costs = []
+    for n in range(len(per_unit)):
+        backward = sum(u["backward"] for u in per_unit[n + 1:])
+        costs.append(forward + per_unit[n]["backward_no_input_grad"] + backward)
+    return costs
+
+
+def split_sizes(eval_mode: str, subset: Optional[int] = None) -> tuple[int, int, int]:
+    """(train, per-epoch evaluation, test) sizes of `load_splits` for CIFAR-sized data."""
+    cap = (lambda n: n) if subset is None else (lambda n: min(n, subset))
+    train = TRAIN_SIZE - VAL_SIZE if eval_mode == "val" else TRAIN_SIZE
+    evaluated = {"val": cap(VAL_SIZE), "test": cap(TEST_SIZE), "none": 0}[eval_mode]
+    return cap(train), evaluated, cap(TEST_SIZE)

@@ -1,0 +1,84 @@
+"""The FLOP-based estimate: per-unit counts, freeze levels, and the schedule."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from densenet import DenseNet
+from freezeout import freeze, unit_times
+from utils import first_frozen_steps, schedule_speedup, training_flops_by_level, unit_flops
+
+B, D, C = 8, 16, 5
+
+
+def linear_chain():
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(D, D, bias=False) for _ in range(4)], nn.Linear(D, C, bias=False))
+
+
+def test_per_unit_flops_of_a_linear_chain_are_the_textbook_numbers():
+    model = linear_chain()
+    per_unit = unit_flops(model, list(model), (B, D))
+    mm = 2 * B * D * D  # one (B x D) @ (D x D) product
+    head = 2 * B * D * C
+    for u in per_unit[:4]:
+        assert u == {"forward": mm, "backward": 2 * mm, "backward_no_input_grad": mm}
+    assert per_unit[4] == {"forward": head, "backward": 2 * head, "backward_no_input_grad": head}
+
+    levels = training_flops_by_level(per_unit)
+    forward = 4 * mm + head
+    # n frozen: all forward; unit n computes its weight gradient only; later units both.
+    for n, cost in enumerate(levels):
+        later = sum(2 * (mm if i < 4 else head) for i in range(n + 1, 5))
+        assert cost == forward + (mm if n < 4 else head) + later
+    assert levels == sorted(levels, reverse=True)
+
+
+def test_levels_equal_counting_the_whole_model_with_units_frozen():
+    model = DenseNet(depth=16, growth_rate=6, num_classes=10)
+    units = model.freeze_units()
+    levels = training_flops_by_level(unit_flops(model, units, (2, 3, 32, 32)))
+    copy_ = copy.deepcopy(model)
+    for n, unit in enumerate(copy_.freeze_units()):
+        with FlopCounterMode(display=False) as counter:
+            copy_(torch.randn(2, 3, 32, 32)).sum().backward()
+        assert counter.get_total_flops() == levels[n], n
+        freeze(unit)
+    # The estimate works on a copy: the model itself is untouched.
+    assert all(p.requires_grad for p in model.parameters()) and model.training
+
+
+def test_schedule_speedup_counts_the_real_steps():
+    levels = [10.0, 7.0, 5.0, 4.0]
+    t = unit_times(4, 0.5, "linear")  # 0.5, 0.667, 0.833, 1
+    total = 12
+    first = first_frozen_steps(t, total)
+    assert first == [6, 8, 10, 12]
+    # 6 steps at level 0, 2 at level 1, 2 at level 2, 2 at level 3.
+    assert schedule_speedup(levels, t, total) == pytest.approx(1 - (6 * 10 + 2 * 7 + 2 * 5 + 2 * 4) / 120)
+    assert schedule_speedup(levels, [1.0] * 4, total) == 0.0
+    # The continuous limit is the large-T limit.
+    continuous = schedule_speedup(levels, t)
+    assert continuous == pytest.approx(1 - (0.5 * 10 + (1 / 6) * (7 + 5 + 4)) / 10)
+    assert schedule_speedup(levels, t, 10**6) == pytest.approx(continuous, abs=1e-5)
+
+
+def test_flop_estimate_for_densenet_bc_is_above_the_papers():
+    # The paper takes backward = forward and counts no transitions; real backward passes
+    # cost twice the forward (FLOPs of convolutions and products), so counting them saves more.
+    model = DenseNet(depth=40, growth_rate=12, num_classes=100)
+    per_unit = unit_flops(model, model.freeze_units(), (2, 3, 32, 32))
+    ratio = sum(u["backward"] for u in per_unit) / sum(u["forward"] for u in per_unit)
+    assert ratio == pytest.approx(2.0)  # weight and input gradient: one forward each
+    levels = training_flops_by_level(per_unit)
+    flop = schedule_speedup(levels, unit_times(len(levels), 0.8, "cubic"))
+    assert 0.18 < flop < 0.3 and math.isfinite(flop)
+
+
+def test_units_outside_the_model_are_refused():
+    model = linear_chain()
+    with pytest.raises(ValueError, match="submodule of the model"):
+        unit_flops(model, [nn.Linear(2, 2)], (B, D))
