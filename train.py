@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +27,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from densenet import DenseNet, layers_per_block
-from freezeout import FreezeOut, SCALE_POWERS, param_groups
+from freezeout import FreezeOut, SCALE_POWERS, param_groups, unit_times
 from metrics_logger import MetricsLogger, read_records, write_records
-from utils import (DATASETS, DataError, densenet_paper_speedup, host_info, load_splits,
-                   make_loader, resolve_device, seed_everything, solve_t_0)
+from utils import (DATASETS, DataError, TensorLoader, densenet_paper_speedup, fits_on_device,
+                   host_info, load_splits, make_loader, resolve_device, schedule_speedup,
+                   seed_everything, solve_t_0, split_sizes, training_flops_by_level, unit_flops)
 
 CHECKPOINT_FORMAT = "freezeout-checkpoint-v1"
 # Flags that say where or how fast a run goes, not what it computes: --resume may change them.
-RUNTIME_FLAGS = {"resume", "device", "workers", "data_root", "out_dir", "save_weights"}
+RUNTIME_FLAGS = {"resume", "device", "workers", "loader", "data_root", "out_dir", "save_weights"}
+# Estimates use a (2, 3, 32, 32) batch: FLOP ratios do not depend on the batch size.
+ESTIMATE_INPUT = (2, 3, 32, 32)
 
 
 class RunError(Exception):
@@ -89,8 +93,12 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
         help="train on all 50,000 images, evaluate on the test set each epoch")
     add(data, "--no-validate", dest="eval_mode", action="store_const", const="none", default="val",
         help="train on all 50,000 images, no per-epoch evaluation")
+    add(data, "--loader", choices=["auto", "tensor", "torchvision"], default="auto",
+        help="tensor: the data set stays on the device, augmented in batches there; "
+             "torchvision: DataLoader with per-image transforms (the reference); "
+             "auto: tensor when the data fits in a quarter of the free device memory")
     add(data, "--workers", type=int, default=None,
-        help="data loader worker processes (default: 0 on CPU, 4 on a GPU)")
+        help="worker processes of the torchvision loader (default: 0 on CPU, 4 on a GPU)")
 
     optim = parser.add_argument_group("optimisation")
     add(optim, "--epochs", type=int, default=100, help="training epochs")
@@ -167,29 +175,36 @@ def resolve_dataset(args) -> tuple[str, int | None]:
     return args.dataset, args.which_dataset if args.dataset == "synthetic" else None
 
 
-def paper_estimate(args, t_0: float) -> float | None:
-    return densenet_paper_speedup(args.depth, args.growth_rate, t_0, args.how_scale, args.bottleneck)
+def num_classes_of(dataset: str, synthetic_classes: int | None) -> int:
+    return {"cifar10": 10, "cifar100": 100}.get(dataset, synthetic_classes or 100)
 
 
-def resolve_t_0(args) -> float:
+def speedup_estimator(args, num_classes: int):
+    """The estimate (as a function of t_0) that drives --const_time and --target-speedup:
+    the paper's for DenseNet-BC, the FLOP-based one (continuous limit) for any other model."""
+    if args.bottleneck:
+        return (lambda t_0: densenet_paper_speedup(args.depth, args.growth_rate, t_0,
+                                                   args.how_scale)), "the paper's estimate"
+    model = build_model({**vars(args), "num_classes": num_classes})
+    units = model.freeze_units()
+    levels = training_flops_by_level(unit_flops(model, units, ESTIMATE_INPUT))
+    return (lambda t_0: schedule_speedup(levels, unit_times(len(units), t_0, args.how_scale))), \
+        "the FLOP-based estimate"
+
+
+def resolve_t_0(args, estimate, what: str) -> float:
     if args.target_speedup is None:
         return args.t_0
-    if paper_estimate(args, 1.0) is None:
-        raise ValueError("--target-speedup needs the paper's estimate, which covers DenseNet-BC "
-                         "(with bottlenecks) only")
     try:
-        return solve_t_0(args.target_speedup, lambda t: paper_estimate(args, t),
-                         f"the paper's estimate for {args.how_scale}")
+        return solve_t_0(args.target_speedup, estimate, f"{what} for {args.how_scale}")
     except ValueError as e:
         raise ValueError(f"--target-speedup: {e}") from None
 
 
-def resolve_epochs(args, estimate: float | None) -> int:
+def resolve_epochs(args, estimate: float) -> int:
+    """--const_time: as many epochs as fit in the baseline's time, by the estimate."""
     if not args.const_time:
         return args.epochs
-    if estimate is None:
-        raise ValueError("--const_time needs the paper's speedup estimate, which covers "
-                         "DenseNet-BC (with bottlenecks) only")
     return math.ceil(args.epochs / (1 - estimate))
 
 
@@ -212,10 +227,17 @@ def build_model(config: dict) -> torch.nn.Module:
 
 
 def effective_amp(amp: str, device: torch.device) -> str:
-    """The precision autocast will really use: CUDA has both, the CPU bf16 only."""
-    if amp == "off" or device.type == "cuda" or (device.type == "cpu" and amp == "bf16"):
+    """The precision autocast will really use: "off" where the device has no autocast for it."""
+    if amp == "off":
         return amp
-    return "off"
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:  # an unsupported pair warns and disables itself (or raises, in older torch)
+            context = torch.autocast(device.type, dtype=dtype)
+        except RuntimeError:
+            return "off"
+    return amp if getattr(context, "_enabled", True) and not caught else "off"
 
 
 def autocast_for(amp: str, device: torch.device):
@@ -319,22 +341,24 @@ def evaluate(model, loader, config, device) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------
-def describe(config: dict, splits) -> str:
+def describe(config: dict, splits, loader_kind: str) -> str:
     arch = f"DenseNet{'-BC' if config['bottleneck'] else ''} L={config['depth']} k={config['growth_rate']}"
     sizes = f"{len(splits.train):,} train"
     if splits.eval is not None:
         sizes += f" / {len(splits.eval):,} {'val' if config['eval_mode'] == 'val' else 'test'}"
-    est = config["estimated_speedup"]
+    paper = config["paper_speedup"]
     lines = [
         f"{arch} on {config['dataset']} ({config['num_classes']} classes; {sizes}; "
         f"{len(splits.test):,} test at the end)",
         f"  {config['params']:,} parameters in {config['n_units']} FreezeOut units; "
         f"{config['steps_per_epoch']} steps/epoch x {config['epochs']} epochs = {config['total_steps']:,} steps",
         f"  {config['how_scale']}, {'scaled' if config['scale_lr'] else 'unscaled'}, t_0 = {config['t_0']:g}: "
-        f"first unit freezes at {config['t_i'][0]:.1%} of the run; estimated speedup (paper): "
-        + ("n/a for this model" if est is None else f"{est:.1%}"),
-        f"  device {config['device']}, amp {config['amp_effective']}, batch {config['batch_size']}, "
-        f"lr {config['lr']:g}, seed {config['seed']}; run directory {config['run_dir']}",
+        f"first unit freezes at {config['t_i'][0]:.1%} of the run",
+        f"  estimated speedup: {'n/a' if paper is None else f'{paper:.1%}'} (paper), "
+        f"{config['flop_speedup']:.1%} (FLOPs)",
+        f"  device {config['device']}, amp {config['amp_effective']}, loader {loader_kind}, "
+        f"batch {config['batch_size']}, lr {config['lr']:g}, seed {config['seed']}; "
+        f"run directory {config['run_dir']}",
     ]
     return "\n".join(lines)
 
@@ -343,9 +367,16 @@ def resolve_config(args, explicit: set, argv) -> dict:
     """Everything the run is defined by, checked before any work is done."""
     check_args(args, explicit)
     dataset, synthetic_classes = resolve_dataset(args)
-    t_0 = resolve_t_0(args)
-    estimate = paper_estimate(args, t_0)
-    epochs = resolve_epochs(args, estimate)
+    train_images = split_sizes(args.eval_mode, args.subset)[0]
+    steps_per_epoch = train_images // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch_size {args.batch_size} is larger than the training set "
+                         f"({train_images} images)")
+    estimate = None
+    if args.const_time or args.target_speedup is not None:
+        estimate, what = speedup_estimator(args, num_classes_of(dataset, synthetic_classes))
+    t_0 = resolve_t_0(args, estimate, what) if args.target_speedup is not None else args.t_0
+    epochs = resolve_epochs(args, estimate(t_0)) if args.const_time else args.epochs
     device = resolve_device(args.device)
     workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else 4)
     name = args.save_weights or default_run_name(args, dataset)
@@ -354,8 +385,10 @@ def resolve_config(args, explicit: set, argv) -> dict:
     return {
         "model": args.model, "depth": args.depth, "growth_rate": args.growth_rate,
         "bottleneck": args.bottleneck, "reduction": args.reduction, "dropout": args.dropout,
-        "dataset": dataset, "synthetic_classes": synthetic_classes, "data_root": args.data_root,
+        "dataset": dataset, "synthetic_classes": synthetic_classes,
+        "num_classes": num_classes_of(dataset, synthetic_classes), "data_root": args.data_root,
         "subset": args.subset, "augment": args.augment, "eval_mode": args.eval_mode,
+        "loader": args.loader,
         "epochs": epochs, "requested_epochs": args.epochs, "batch_size": args.batch_size,
         "optimizer": "SGD", "nesterov": True, "lr": args.lr, "momentum": args.momentum,
         "weight_decay": args.weight_decay, "seed": args.seed,
@@ -364,7 +397,9 @@ def resolve_config(args, explicit: set, argv) -> dict:
         "device": str(device), "amp": args.amp, "amp_effective": effective_amp(args.amp, device),
         "channels_last": args.channels_last, "workers": workers,
         "out_dir": args.out_dir, "name": name, "run_dir": str(Path(args.out_dir) / name),
-        "estimated_speedup": estimate, "argv": list(argv), "args": vars(args),
+        "paper_speedup": densenet_paper_speedup(args.depth, args.growth_rate, t_0, args.how_scale,
+                                                args.bottleneck),
+        "argv": list(argv), "args": vars(args),
     }
 
 
@@ -410,7 +445,8 @@ def main(argv=None) -> dict:
         run_dir, checkpoint = prepare_run_dir(config, args.resume)
         if checkpoint is not None:
             check_resume_args(checkpoint["config"], args, explicit)
-            runtime = {k: config[k] for k in ("device", "workers", "data_root", "out_dir", "run_dir")}
+            runtime = {k: config[k] for k in ("device", "workers", "loader", "data_root",
+                                              "out_dir", "run_dir")}
             config = {**checkpoint["config"], **runtime}
             config["amp_effective"] = effective_amp(config["amp"], torch.device(config["device"]))
     except ValueError as e:  # a flag value no run can use
@@ -425,12 +461,69 @@ def main(argv=None) -> dict:
         fail(f"interrupted; continue from the last checkpoint with --resume (run directory {run_dir})")
 
 
+def build_training(config: dict, device: torch.device, total_steps: int):
+    """Model, its units, SGD over one param group per unit, the FreezeOut scheduler, the scaler."""
+    model = build_model(config).to(device)
+    if config["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    units = model.freeze_units()
+    optimizer = torch.optim.SGD(param_groups(units), lr=config["lr"], momentum=config["momentum"],
+                                nesterov=True, weight_decay=config["weight_decay"])
+    scheduler = FreezeOut(optimizer, units, total_steps=total_steps, t_0=config["t_0"],
+                          how_scale=config["how_scale"], scale_lr=config["scale_lr"])
+    scaler = torch.amp.GradScaler(device.type, enabled=config["amp_effective"] == "fp16")
+    return model, units, optimizer, scheduler, scaler
+
+
+def estimates(config: dict, model, units, t_i, total_steps: int) -> dict:
+    """The paper's estimate (DenseNet-BC) and the FLOP-based one (any model) for this run."""
+    per_unit = unit_flops(model, units, ESTIMATE_INPUT)
+    flop = schedule_speedup(training_flops_by_level(per_unit), t_i, total_steps)
+    paper = densenet_paper_speedup(config["depth"], config["growth_rate"], config["t_0"],
+                                   config["how_scale"], config["bottleneck"])
+    return {"paper_speedup": paper, "flop_speedup": flop,
+            "estimated_speedup": paper if paper is not None else flop,
+            "unit_flops": per_unit}
+
+
+def resolve_loader(config: dict, splits, device: torch.device) -> str:
+    if config["loader"] != "auto":
+        return config["loader"]
+    data = [d for d in (splits.train, splits.eval, splits.test) if d is not None]
+    return "tensor" if fits_on_device(data, device) else "torchvision"
+
+
+def make_loaders(config: dict, splits, device: torch.device, kind: str):
+    """(train loader, its generator, per-epoch evaluation loader or None, test loader)."""
+    batch, eval_batch = config["batch_size"], max(config["batch_size"], 200)
+    generator = torch.Generator(device=device if kind == "tensor" else "cpu")
+    if kind == "tensor":
+        def make(data, size, train):
+            return TensorLoader(data, splits.mean, splits.std, size, train, config["augment"],
+                                device, generator if train else None)
+    else:
+        def make(data, size, train):
+            return make_loader(data, splits.mean, splits.std, size, train, config["augment"],
+                               config["workers"], generator if train else None,
+                               pin_memory=device.type == "cuda")
+    evaluated = make(splits.eval, eval_batch, False) if splits.eval is not None else None
+    test = evaluated if config["eval_mode"] == "test" else make(splits.test, eval_batch, False)
+    return make(splits.train, batch, True), generator, evaluated, test
+
+
+def restore(checkpoint: dict, model, optimizer, scheduler, scaler) -> None:
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])  # after the optimizer: re-freezes units
+    scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+
+
 def run(config: dict, run_dir: Path, checkpoint: dict | None) -> dict:
     metrics_path = run_dir / "metrics.jsonl"
     if checkpoint is not None and read_records(metrics_path, "summary"):
-        summary = read_records(metrics_path, "summary")[-1]
         print(f"{run_dir} has already finished; nothing to resume")
-        return summary
+        return read_records(metrics_path, "summary")[-1]
 
     seed_everything(config["seed"])
     device = torch.device(config["device"])
@@ -440,37 +533,26 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None) -> dict:
     if steps_per_epoch == 0:
         raise RunError(f"--batch_size {config['batch_size']} is larger than the training set "
                        f"({len(splits.train)} images)")
-
-    config["num_classes"] = splits.num_classes
-    model = build_model(config).to(device)
-    if config["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    units = model.freeze_units()
-    optimizer = torch.optim.SGD(param_groups(units), lr=config["lr"], momentum=config["momentum"],
-                                nesterov=True, weight_decay=config["weight_decay"])
     total_steps = config["epochs"] * steps_per_epoch
-    scheduler = FreezeOut(optimizer, units, total_steps=total_steps, t_0=config["t_0"],
-                          how_scale=config["how_scale"], scale_lr=config["scale_lr"])
-    scaler = torch.amp.GradScaler(device.type, enabled=config["amp_effective"] == "fp16")
-    config.update(params=sum(p.numel() for p in model.parameters()), n_units=len(units),
-                  t_i=scheduler.t_i, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                  train_images=len(splits.train), host=host_info(device))
+    model, units, optimizer, scheduler, scaler = build_training(config, device, total_steps)
+    loader_kind = resolve_loader(config, splits, device)
+    train_loader, train_rng, eval_loader, test_loader = make_loaders(config, splits, device, loader_kind)
 
     start_epoch, step, train_time = 1, 0, 0.0
     if checkpoint is None:
+        config.update(num_classes=splits.num_classes, params=sum(p.numel() for p in model.parameters()),
+                      n_units=len(units), t_i=scheduler.t_i, steps_per_epoch=steps_per_epoch,
+                      total_steps=total_steps, train_images=len(splits.train),
+                      **estimates(config, model, units, scheduler.t_i, total_steps))
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunError(f"--out-dir {config['out_dir']}: cannot create {run_dir} "
                            f"({e.strerror or e})") from None
         with MetricsLogger(metrics_path) as log:
-            log.log("config", **config)
+            log.log("config", **config, loader_used=loader_kind, host=host_info(device))
     else:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
+        restore(checkpoint, model, optimizer, scheduler, scaler)
         start_epoch, step = checkpoint["epoch"] + 1, checkpoint["step"]
         train_time = checkpoint["train_time_s"]
         # Records of epochs after the checkpoint are about to be redone: drop them.
@@ -478,23 +560,14 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None) -> dict:
                 if r["event"] == "config" or (r["event"] == "epoch" and r["epoch"] < start_epoch)]
         write_records(metrics_path, kept)
         print(f"resuming {run_dir} at epoch {start_epoch} (step {step:,})")
-    print(describe(config, splits), flush=True)
+    print(describe(config, splits, loader_kind), flush=True)
 
-    pin = device.type == "cuda"
-    eval_loader = None
-    if splits.eval is not None:
-        eval_loader = make_loader(splits.eval, splits.mean, splits.std, max(config["batch_size"], 200),
-                                  train=False, workers=config["workers"], pin_memory=pin)
-    sampler_rng = torch.Generator()
     last_val = (None, None)
     with MetricsLogger(metrics_path) as log:
         for epoch in range(start_epoch, config["epochs"] + 1):
-            # The data order is a function of (seed, epoch) alone: resuming replays it.
-            sampler_rng.manual_seed(config["seed"] * 1_000_003 + epoch)
-            loader = make_loader(splits.train, splits.mean, splits.std, config["batch_size"],
-                                 train=True, augment=config["augment"], workers=config["workers"],
-                                 generator=sampler_rng, pin_memory=pin)
-            stats = train_one_epoch(model, loader, optimizer, scheduler, scaler, config, device,
+            # The data order and augmentation draw from (seed, epoch) alone: resuming replays them.
+            train_rng.manual_seed(config["seed"] * 1_000_003 + epoch)
+            stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config, device,
                                     desc=f"epoch {epoch}/{config['epochs']}")
             step += steps_per_epoch
             train_time += stats["train_time_s"]
@@ -519,14 +592,12 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None) -> dict:
         if config["eval_mode"] == "test" and last_val[0] is not None:
             test_loss, test_err = last_val  # the last evaluation was this same test pass
         else:
-            test_loader = make_loader(splits.test, splits.mean, splits.std,
-                                      max(config["batch_size"], 200), train=False,
-                                      workers=config["workers"], pin_memory=pin)
             test_loss, test_err = evaluate(model, test_loader, config, device)
         summary = log.log(
             "summary", epochs=config["epochs"], steps=step, train_time_s=train_time,
             val_err=last_val[1] if config["eval_mode"] == "val" else None,
             test_loss=test_loss, test_err=test_err, estimated_speedup=config["estimated_speedup"],
+            paper_speedup=config["paper_speedup"], flop_speedup=config["flop_speedup"],
             frozen_at=scheduler.frozen_at)
     print(f"done: test error {test_err:.2f}%, training time {train_time:.1f} s; "
           f"results in {run_dir}")

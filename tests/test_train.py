@@ -12,7 +12,8 @@ import torchvision.datasets.cifar as tv_cifar
 import train
 from densenet import DenseNet
 from metrics_logger import read_records
-from utils import calc_speedup
+from freezeout import unit_times
+from utils import calc_speedup, schedule_speedup, training_flops_by_level, unit_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 # L=10, k=4: one layer per block, 7 units; 96 images in batches of 16: 6 steps per epoch.
@@ -113,6 +114,25 @@ def test_const_time_baseline_and_target_speedup(tmp_path):
     assert calc_speedup(4, 1, config["t_0"], "cubic") == pytest.approx(0.25, abs=1e-9)
 
 
+def test_models_without_the_papers_estimate_use_the_flop_estimate(tmp_path):
+    # Plain DenseNet (no bottleneck): --const_time and --target-speedup use FLOPs.
+    flags = ["--no-bottleneck", "-L", "13", "--epochs", "2"]
+    run_train(tmp_path, *flags, "--const_time", name="const")
+    config = read_records(tmp_path / "const" / "metrics.jsonl", "config")[0]
+    model = DenseNet(13, 4, 10, bottleneck=False)
+    units = model.freeze_units()
+    levels = training_flops_by_level(unit_flops(model, units, (2, 3, 32, 32)))
+    flop = schedule_speedup(levels, unit_times(len(units), 0.8, "cubic"))  # continuous limit
+    assert config["paper_speedup"] is None and config["epochs"] == math.ceil(2 / (1 - flop))
+    assert config["flop_speedup"] == schedule_speedup(levels, config["t_i"], config["total_steps"])
+    assert config["estimated_speedup"] == config["flop_speedup"] > 0
+
+    run_train(tmp_path, *flags, "--target-speedup", "0.2", name="target")
+    config = read_records(tmp_path / "target" / "metrics.jsonl", "config")[0]
+    assert schedule_speedup(levels, unit_times(len(units), config["t_0"], "cubic")) == \
+        pytest.approx(0.2, abs=1e-9)
+
+
 def fails(capsys, argv, message, code=None):
     """main(argv) exits non-zero with `message` on the last line of stderr, no traceback."""
     with pytest.raises(SystemExit) as info:
@@ -139,7 +159,9 @@ BAD_FLAGS = [
     (["--dataset", "cifar10", "--which_dataset", "100"], "--dataset cifar10 contradicts --which_dataset 100"),
     (["--target-speedup", "0.9"], "--target-speedup: no t_0 in (0, 1] reaches"),
     (["--t_0", "0.5", "--target-speedup", "0.2"], "not both"),
-    (["--no-bottleneck", "-L", "40", "--const_time"], "--const_time needs"),
+    (["--no-bottleneck", "-L", "13", "-k", "4", "--target-speedup", "0.8"],
+     "--target-speedup: no t_0 in (0, 1] reaches a speedup of 0.8: the FLOP-based estimate"),
+    (["--batch_size", "50000"], "--batch_size 50000 is larger than the training set"),
 ]
 
 
