@@ -287,6 +287,17 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+def train_step(model, x, y, optimizer, scaler, autocast) -> torch.Tensor:
+    """Forward, backward and update on one batch (the scheduler steps separately)."""
+    with autocast:
+        loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, config, device, desc: str) -> dict:
     """One pass over the training loader; returns mean loss, time and images/s."""
     model.train()
@@ -299,14 +310,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, config, device,
     for i, (x, y) in enumerate(bar):
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
-        with autocast:
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss = train_step(model, x, y, optimizer, scaler, autocast)
         scheduler.step()
-        loss_sum += loss.detach().float() * len(y)
+        loss_sum += loss.float() * len(y)
         seen += len(y)
         if i % 20 == 0:  # reading the loss waits for the device: only every few steps
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", frozen=scheduler.num_frozen,
@@ -461,14 +467,21 @@ def main(argv=None) -> dict:
         fail(f"interrupted; continue from the last checkpoint with --resume (run directory {run_dir})")
 
 
+def make_optimizer(units, config: dict, device: torch.device) -> torch.optim.SGD:
+    """SGD with Nesterov momentum, one param group per unit. On CUDA the fused kernel: one
+    launch per step, and an fp16 GradScaler can skip a step without reading found-inf back."""
+    return torch.optim.SGD(param_groups(units), lr=config["lr"], momentum=config["momentum"],
+                           nesterov=True, weight_decay=config["weight_decay"],
+                           fused=True if device.type == "cuda" else None)
+
+
 def build_training(config: dict, device: torch.device, total_steps: int):
     """Model, its units, SGD over one param group per unit, the FreezeOut scheduler, the scaler."""
     model = build_model(config).to(device)
     if config["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     units = model.freeze_units()
-    optimizer = torch.optim.SGD(param_groups(units), lr=config["lr"], momentum=config["momentum"],
-                                nesterov=True, weight_decay=config["weight_decay"])
+    optimizer = make_optimizer(units, config, device)
     scheduler = FreezeOut(optimizer, units, total_steps=total_steps, t_0=config["t_0"],
                           how_scale=config["how_scale"], scale_lr=config["scale_lr"])
     scaler = torch.amp.GradScaler(device.type, enabled=config["amp_effective"] == "fp16")

@@ -1,0 +1,279 @@
+"""Realized FreezeOut speedup, measured: baseline and FreezeOut side by side in one process.
+
+    python benchmark.py --model densenet -L 40 -k 12 --batch-size 32 --steps 40 --t_0 0.8 \\
+        --how_scale cubic --repeats 3 --device cpu --json
+
+Both runs train the same model on the same batches for the same number of steps, with
+train.py's own training step; the baseline uses t_0 = 1 (no freezing), FreezeOut squeezes its
+whole schedule into those steps (T = --steps). After a warm-up run of each, baseline and
+FreezeOut runs alternate --repeats times and
+
+    measured speedup = 1 - median(FreezeOut time / baseline time).
+
+Beside it: the paper's estimate (DenseNet-BC), the FLOP estimate (FlopCounterMode, the same
+T steps), and the ideal speedup predicted from the step time measured at every freeze level
+that the schedule goes through: where small kernels are bound by launch latency (DenseNet on a
+large GPU), FLOPs overstate the saving and the ideal is the fair target. Memory is taken over
+the last quarter of the steps, where the frozen prefix is largest: autograd's saved-tensor bytes
+(activations kept for backward, any device) and, on CUDA, max allocated memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from freezeout import FreezeOut, freeze, unit_times
+from train import autocast_for, build_model, effective_amp, make_optimizer, train_step
+from utils import (densenet_paper_speedup, first_frozen_steps, resolve_device, schedule_speedup,
+                   training_flops_by_level, unit_flops)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def add(*names, **kwargs):  # both spellings of every long flag: --batch-size / --batch_size
+        spellings = list(names)
+        for name in names:
+            if name.startswith("--"):
+                for alt in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                    if alt not in spellings:
+                        spellings.append(alt)
+        p.add_argument(*spellings, **kwargs)
+
+    add("--model", default="densenet", choices=["densenet"], help="architecture")
+    add("-L", "--depth", type=int, default=76, help="network depth L")
+    add("-k", "--growth-rate", type=int, default=12, help="DenseNet growth rate k")
+    add("--bottleneck", action=argparse.BooleanOptionalAction, default=True,
+        help="DenseNet-BC bottleneck layers")
+    add("--num-classes", type=int, default=100, help="classifier outputs")
+    add("--batch-size", type=int, default=50, help="batch size")
+    add("--steps", type=int, default=100, help="training steps per run (the schedule's T)")
+    add("--t_0", type=float, default=0.8, help="FreezeOut t_0 (the baseline uses 1)")
+    add("--how_scale", choices=["linear", "squared", "cubic"], default="cubic", help="t_i schedule")
+    add("--no_scale", dest="scale_lr", action="store_false", default=True,
+        help="do not scale initial learning rates by 1/t_i")
+    add("--repeats", type=int, default=3, help="timed baseline/FreezeOut pairs, alternating")
+    add("--level-steps", type=int, default=3,
+        help="timed steps per freeze level for the ideal speedup (0: skip it)")
+    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="device")
+    add("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision")
+    add("--channels-last", action="store_true", default=False, help="channels-last memory format")
+    add("--seed", type=int, default=0, help="seed of the model and the batches")
+    add("--json", action="store_true", default=False,
+        help="end stdout with one JSON object of all results")
+    return p
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Bench:
+    """One model configuration, its batches, and the runs measured on them."""
+
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        self.config = {"depth": args.depth, "growth_rate": args.growth_rate, "bottleneck": args.bottleneck,
+                       "reduction": 0.5, "dropout": 0.0, "num_classes": args.num_classes}
+        self.amp = effective_amp(args.amp, device)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        g = torch.Generator().manual_seed(args.seed)
+        n = min(args.steps, 16)  # a pool of batches, cycled: the data is not what is measured
+        self.batches = [(torch.randn(args.batch_size, 3, 32, 32, generator=g)
+                         .to(device, memory_format=self.memory_format),
+                         torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device))
+                        for _ in range(n)]
+
+    def setup(self, t_0: float):
+        torch.manual_seed(self.args.seed)
+        model = build_model(self.config).to(self.device, memory_format=self.memory_format).train()
+        units = model.freeze_units()
+        optimizer = make_optimizer(units, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}, self.device)
+        scheduler = FreezeOut(optimizer, units, self.args.steps, t_0=t_0,
+                              how_scale=self.args.how_scale, scale_lr=self.args.scale_lr)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        return model, units, optimizer, scheduler, scaler
+
+    def timed_run(self, t_0: float) -> dict:
+        """Wall time of `steps` training steps, the scheduler's share, CUDA peak of the last quarter."""
+        model, _, optimizer, scheduler, scaler = self.setup(t_0)
+        autocast = autocast_for(self.amp, self.device)
+        steps, quarter = self.args.steps, (3 * self.args.steps) // 4
+        sched = 0.0
+        sync(self.device)
+        start = time.perf_counter()
+        for k in range(steps):
+            if k == quarter and self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            x, y = self.batches[k % len(self.batches)]
+            train_step(model, x, y, optimizer, scaler, autocast)
+            t = time.perf_counter()
+            scheduler.step()
+            sched += time.perf_counter() - t
+        sync(self.device)
+        elapsed = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return {"time_s": elapsed, "scheduler_s": sched, "cuda_peak_bytes": peak}
+
+    def saved_tensor_peak(self, t_0: float) -> int:
+        """Largest per-step total of tensors autograd saves for backward (parameters aside),
+        over the last quarter of the steps."""
+        model, _, optimizer, scheduler, scaler = self.setup(t_0)
+        autocast = autocast_for(self.amp, self.device)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        peak = 0
+        for k in range(self.args.steps):
+            x, y = self.batches[k % len(self.batches)]
+            if k < (3 * self.args.steps) // 4:
+                train_step(model, x, y, optimizer, scaler, autocast)
+            else:
+                storages = {}
+
+                def pack(t):
+                    s = t.untyped_storage()
+                    if s.data_ptr() not in params:
+                        storages[s.data_ptr()] = s.nbytes()
+                    return t
+
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    train_step(model, x, y, optimizer, scaler, autocast)
+                peak = max(peak, sum(storages.values()))
+            scheduler.step()
+        return peak
+
+    def level_step_time(self, n_frozen: int) -> float:
+        """Median time of one training step with the first n units frozen (after a warm-up step)."""
+        model, units, optimizer, _, scaler = self.setup(1.0)
+        for unit in units[:n_frozen]:
+            freeze(unit)
+        autocast = autocast_for(self.amp, self.device)
+        times = []
+        for k in range(self.args.level_steps + 1):
+            x, y = self.batches[k % len(self.batches)]
+            sync(self.device)
+            start = time.perf_counter()
+            train_step(model, x, y, optimizer, scaler, autocast)
+            sync(self.device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+
+def measure(args) -> dict:
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    bench = Bench(args, device)
+    model = build_model(bench.config)
+    units = model.freeze_units()
+    t_i = unit_times(len(units), args.t_0, args.how_scale)
+    levels = training_flops_by_level(unit_flops(model, units, (2, 3, 32, 32)))
+
+    for t_0 in (1.0, args.t_0):  # warm-up: allocator, cuDNN autotuning, first-call costs
+        bench.timed_run(t_0)
+    baseline, freezeout = [], []
+    for _ in range(args.repeats):
+        baseline.append(bench.timed_run(1.0))
+        freezeout.append(bench.timed_run(args.t_0))
+    ratios = [f["time_s"] / b["time_s"] for b, f in zip(baseline, freezeout)]
+
+    ideal, level_times = None, {}
+    if args.level_steps > 0:
+        first = first_frozen_steps(t_i, args.steps)
+        visited = sorted({sum(f <= k for f in first) for k in range(args.steps)})
+        level_times = {n: bench.level_step_time(n) for n in visited}
+        ideal = schedule_speedup([level_times.get(n, 0.0) for n in range(len(units))], t_i, args.steps)
+
+    b_time = statistics.median(r["time_s"] for r in baseline)
+    f_time = statistics.median(r["time_s"] for r in freezeout)
+    images = args.steps * args.batch_size
+    return {
+        "model": args.model, "depth": args.depth, "growth_rate": args.growth_rate,
+        "bottleneck": args.bottleneck, "batch_size": args.batch_size, "steps": args.steps,
+        "t_0": args.t_0, "how_scale": args.how_scale, "scale_lr": args.scale_lr,
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else None, "amp": bench.amp, "channels_last": args.channels_last, "threads": torch.get_num_threads(),
+        "torch": str(torch.__version__), "n_units": len(units),
+        "params": sum(p.numel() for p in model.parameters()),
+        "baseline_runs_s": [r["time_s"] for r in baseline],
+        "freezeout_runs_s": [r["time_s"] for r in freezeout],
+        "baseline_s": b_time, "freezeout_s": f_time,
+        "measured_speedup": 1 - statistics.median(ratios),
+        "estimated_speedup": densenet_paper_speedup(args.depth, args.growth_rate, args.t_0,
+                                                    args.how_scale, args.bottleneck),
+        "flop_speedup": schedule_speedup(levels, t_i, args.steps),
+        "ideal_speedup": ideal,
+        "level_step_s": {str(n): t for n, t in level_times.items()},
+        "baseline_images_per_s": images / b_time, "freezeout_images_per_s": images / f_time,
+        "overhead_frac": statistics.median(r["scheduler_s"] / r["time_s"] for r in freezeout),
+        "peak_mem_baseline": baseline[-1]["cuda_peak_bytes"],
+        "peak_mem_freezeout": freezeout[-1]["cuda_peak_bytes"],
+        "saved_bytes_baseline": bench.saved_tensor_peak(1.0),
+        "saved_bytes_freezeout": bench.saved_tensor_peak(args.t_0),
+    }
+
+
+def table(r: dict) -> str:
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    def mib(x):
+        return "n/a" if x is None else f"{x / 2 ** 20:.1f} MiB"
+
+    arch = f"DenseNet{'-BC' if r['bottleneck'] else ''} L={r['depth']} k={r['growth_rate']}"
+    lines = [
+        f"{arch}, batch {r['batch_size']}, {r['steps']} steps, {r['how_scale']} "
+        f"{'scaled' if r['scale_lr'] else 'unscaled'} t_0={r['t_0']:g}, {r['device']}"
+        f"{' (' + r['device_name'] + ')' if r['device_name'] else ''}, amp {r['amp']}"
+        f"{', channels-last' if r['channels_last'] else ''}, torch {r['torch']}",
+        f"  baseline runs   {', '.join(f'{t:.3f}' for t in r['baseline_runs_s'])} s"
+        f"   median {r['baseline_s']:.3f} s  ({r['baseline_images_per_s']:.0f} img/s)",
+        f"  FreezeOut runs  {', '.join(f'{t:.3f}' for t in r['freezeout_runs_s'])} s"
+        f"   median {r['freezeout_s']:.3f} s  ({r['freezeout_images_per_s']:.0f} img/s)",
+        f"  speedup: measured {pct(r['measured_speedup'])} | paper estimate {pct(r['estimated_speedup'])}"
+        f" | FLOPs {pct(r['flop_speedup'])} | ideal (step time per freeze level) {pct(r['ideal_speedup'])}",
+        f"  saved activations, last quarter: baseline {mib(r['saved_bytes_baseline'])}, "
+        f"FreezeOut {mib(r['saved_bytes_freezeout'])}",
+        f"  CUDA max allocated, last quarter: baseline {mib(r['peak_mem_baseline'])}, "
+        f"FreezeOut {mib(r['peak_mem_freezeout'])}",
+        f"  FreezeOut bookkeeping: {100 * r['overhead_frac']:.3f}% of the step time",
+    ]
+    return "\n".join(lines)
+
+
+def check(args, parser) -> None:
+    for flag in ("depth", "growth_rate", "batch_size", "steps", "repeats", "num_classes"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if args.level_steps < 0:
+        parser.error(f"--level-steps must be >= 0, got {args.level_steps}")
+    if not 0.0 < args.t_0 <= 1.0:
+        parser.error(f"--t_0 must be in (0, 1], got {args.t_0}")
+    try:
+        build_model({"depth": args.depth, "growth_rate": 1, "bottleneck": args.bottleneck,
+                     "reduction": 0.5, "dropout": 0.0, "num_classes": 1})
+        resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check(args, parser)
+    result = measure(args)
+    print(table(result))
+    if args.json:
+        print(json.dumps(result))
+    sys.stdout.flush()
+    return result
+
+
+if __name__ == "__main__":
+    main()
