@@ -29,22 +29,16 @@ import torch
 
 from freezeout import FreezeOut, freeze, unit_times
 from train import autocast_for, build_model, effective_amp, make_optimizer, train_step
-from utils import (densenet_paper_speedup, first_frozen_steps, resolve_device, schedule_speedup,
-                   training_flops_by_level, unit_flops)
+from utils import (densenet_paper_speedup, first_frozen_steps, flag_spellings, resolve_device,
+                   schedule_speedup, training_flops_by_level, unit_flops)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    def add(*names, **kwargs):  # both spellings of every long flag: --batch-size / --batch_size
-        spellings = list(names)
-        for name in names:
-            if name.startswith("--"):
-                for alt in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
-                    if alt not in spellings:
-                        spellings.append(alt)
-        p.add_argument(*spellings, **kwargs)
+    def add(*names, **kwargs):
+        p.add_argument(*flag_spellings(*names), **kwargs)
 
     add("--model", default="densenet", choices=["densenet"], help="architecture")
     add("-L", "--depth", type=int, default=76, help="network depth L")

@@ -30,7 +30,7 @@ from densenet import DenseNet, layers_per_block
 from freezeout import FreezeOut, SCALE_POWERS, param_groups, unit_times
 from metrics_logger import MetricsLogger, read_records, write_records
 from utils import (DATASETS, DataError, TensorLoader, densenet_paper_speedup, fits_on_device,
-                   host_info, load_splits, make_loader, resolve_device, schedule_speedup,
+                   flag_spellings, host_info, load_splits, make_loader, resolve_device, schedule_speedup,
                    seed_everything, solve_t_0, split_sizes, training_flops_by_level, unit_flops)
 
 CHECKPOINT_FORMAT = "freezeout-checkpoint-v1"
@@ -55,16 +55,9 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     def add(group, *names, **kwargs):
-        # Every long flag also answers to its other spelling: --batch_size / --batch-size.
-        spellings = list(names)
-        for name in names:
-            if name.startswith("--"):
-                for alt in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
-                    if alt not in spellings:
-                        spellings.append(alt)
         if not with_defaults:
             kwargs["default"] = argparse.SUPPRESS
-        return group.add_argument(*spellings, **kwargs)
+        return group.add_argument(*flag_spellings(*names), **kwargs)
 
     model = parser.add_argument_group("model")
     add(model, "--model", default="densenet", choices=["densenet"], help="architecture")

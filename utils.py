@@ -379,8 +379,19 @@ def fits_on_device(data: Sequence[ImageSet], device: torch.device, fraction: flo
 
 
 # ---------------------------------------------------------------------------------------
-# Seeding, devices, host
+# Command lines, seeding, devices, host
 # ---------------------------------------------------------------------------------------
+def flag_spellings(*names: str) -> list[str]:
+    """A flag's names plus the other spelling of each long one: --batch_size and --batch-size."""
+    spellings = list(names)
+    for name in names:
+        if name.startswith("--"):
+            for alt in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                if alt not in spellings:
+                    spellings.append(alt)
+    return spellings
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)

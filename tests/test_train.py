@@ -133,6 +133,24 @@ def test_models_without_the_papers_estimate_use_the_flop_estimate(tmp_path):
         pytest.approx(0.2, abs=1e-9)
 
 
+@pytest.mark.parametrize("extra", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16"],
+                                   ["--loader", "torchvision"]])
+def test_speed_switches_train_and_freeze_on_cpu(tmp_path, extra):
+    # fp16 runs with a GradScaler; while units freeze it must keep stepping the active ones.
+    summary = run_train(tmp_path, "--epochs", "2", "--t_0", "0.3", *extra)
+    config = read_records(tmp_path / "run" / "metrics.jsonl", "config")[0]
+    if extra[0] == "--amp":
+        assert config["amp_effective"] == extra[1] and config["loader_used"] == "tensor"
+    else:
+        assert config["loader_used"] == "torchvision"
+    epochs = read_records(tmp_path / "run" / "metrics.jsonl", "epoch")
+    assert all(math.isfinite(e["train_loss"]) for e in epochs)
+    assert summary["frozen_at"][0] is not None and summary["frozen_at"][-1] is None
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    if extra[1] == "fp16":
+        assert ckpt["scaler"]["scale"] > 0  # the scaler's state travels with the checkpoint
+
+
 def fails(capsys, argv, message, code=None):
     """main(argv) exits non-zero with `message` on the last line of stderr, no traceback."""
     with pytest.raises(SystemExit) as info:
