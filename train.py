@@ -6,8 +6,9 @@
     python train.py --t_0 1                 # the baseline: plain cosine annealing, no freezing
 
 Every run writes `OUT_DIR/NAME/metrics.jsonl` (a `config` record first, one `epoch` record per
-epoch, a `summary` record last) and `OUT_DIR/NAME/checkpoint.pt` after every epoch;
-`--resume` continues it. `python train.py -h` lists the flags with their defaults.
+epoch, a `summary` record last) and `OUT_DIR/NAME/checkpoint.pt` after every epoch. SIGINT or
+SIGTERM stop it after the current step with a checkpoint (exit code 130 / 143); `--resume`
+continues it exactly where it stopped. `python train.py -h` lists the flags with their defaults.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import contextlib
 import math
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -29,19 +31,29 @@ from tqdm import tqdm
 from densenet import DenseNet, layers_per_block
 from freezeout import FreezeOut, SCALE_POWERS, param_groups, unit_times
 from metrics_logger import MetricsLogger, read_records, write_records
-from utils import (DATASETS, DataError, TensorLoader, densenet_paper_speedup, fits_on_device,
-                   flag_spellings, host_info, load_splits, make_loader, resolve_device, schedule_speedup,
-                   seed_everything, solve_t_0, split_sizes, training_flops_by_level, unit_flops)
+from utils import (DATASETS, DataError, TensorLoader, TorchvisionLoader, densenet_paper_speedup,
+                   fits_on_device, flag_spellings, host_info, load_splits, resolve_device,
+                   schedule_speedup, seed_everything, solve_t_0, split_sizes,
+                   training_flops_by_level, unit_flops)
 
 CHECKPOINT_FORMAT = "freezeout-checkpoint-v1"
 # Flags that say where or how fast a run goes, not what it computes: --resume may change them.
-RUNTIME_FLAGS = {"resume", "device", "workers", "loader", "data_root", "out_dir", "save_weights"}
+RUNTIME_FLAGS = {"resume", "device", "workers", "data_root", "out_dir", "save_weights"}
+PROGRESS_EVERY = 20  # steps between reads of the loss (each read waits for the device)
 # Estimates use a (2, 3, 32, 32) batch: FLOP ratios do not depend on the batch size.
 ESTIMATE_INPUT = (2, 3, 32, 32)
 
 
 class RunError(Exception):
     """A problem with the run's files or data, reported as one line."""
+
+
+class Stopped(Exception):
+    """The run stopped on SIGINT / SIGTERM after writing a checkpoint."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,13 +223,99 @@ def default_run_name(args, dataset: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Building blocks of a run
+# The run's configuration
+# ---------------------------------------------------------------------------------------
+def resolve_config(args, explicit: set, argv) -> dict:
+    """Everything the run is defined by, checked before any work is done."""
+    check_args(args, explicit)
+    dataset, synthetic_classes = resolve_dataset(args)
+    train_images = split_sizes(args.eval_mode, args.subset)[0]
+    steps_per_epoch = train_images // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch_size {args.batch_size} is larger than the training set "
+                         f"({train_images} images)")
+    estimate = None
+    if args.const_time or args.target_speedup is not None:
+        estimate, what = speedup_estimator(args, num_classes_of(dataset, synthetic_classes))
+    t_0 = resolve_t_0(args, estimate, what) if args.target_speedup is not None else args.t_0
+    epochs = resolve_epochs(args, estimate(t_0)) if args.const_time else args.epochs
+    device = resolve_device(args.device)
+    workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else 4)
+    name = args.save_weights or default_run_name(args, dataset)
+    if not name or name in (".", "..") or "/" in name or os.sep in name:
+        raise ValueError(f"--save-weights {name!r}: a run name must be a plain file name")
+    return {
+        "model": args.model, "depth": args.depth, "growth_rate": args.growth_rate,
+        "bottleneck": args.bottleneck, "reduction": args.reduction, "dropout": args.dropout,
+        "dataset": dataset, "synthetic_classes": synthetic_classes,
+        "num_classes": num_classes_of(dataset, synthetic_classes), "data_root": args.data_root,
+        "subset": args.subset, "augment": args.augment, "eval_mode": args.eval_mode,
+        "loader": args.loader,
+        "epochs": epochs, "requested_epochs": args.epochs, "batch_size": args.batch_size,
+        "optimizer": "SGD", "nesterov": True, "lr": args.lr, "momentum": args.momentum,
+        "weight_decay": args.weight_decay, "seed": args.seed,
+        "t_0": t_0, "how_scale": args.how_scale, "scale_lr": args.scale_lr,
+        "const_time": args.const_time, "target_speedup": args.target_speedup,
+        "device": str(device), "amp": args.amp, "amp_effective": effective_amp(args.amp, device),
+        "channels_last": args.channels_last, "workers": workers,
+        "out_dir": args.out_dir, "name": name, "run_dir": str(Path(args.out_dir) / name),
+        "paper_speedup": densenet_paper_speedup(args.depth, args.growth_rate, t_0, args.how_scale,
+                                                args.bottleneck),
+        "argv": list(argv), "args": vars(args),
+    }
+
+def check_resume_args(saved: dict, args, explicit: set) -> None:
+    """Flags given with --resume must agree with the saved run (runtime flags aside)."""
+    for flag in sorted(explicit - RUNTIME_FLAGS):
+        given, was = getattr(args, flag), saved["args"].get(flag)
+        if given != was:
+            raise ValueError(f"--resume: --{flag} {given} contradicts the saved run's {flag} = {was}")
+
+def prepare_run_dir(config: dict, resume: bool) -> tuple[Path, dict | None]:
+    run_dir = Path(config["run_dir"])
+    ckpt_path = run_dir / "checkpoint.pt"
+    if resume:
+        if not ckpt_path.is_file():
+            raise RunError(f"--resume: no checkpoint in {run_dir}")
+        return run_dir, load_checkpoint(ckpt_path)
+    if (run_dir / "metrics.jsonl").exists() or ckpt_path.exists():
+        raise RunError(f"{run_dir} already holds a run: continue it with --resume, "
+                       f"or start a new one with --save-weights NAME")
+    # The directory itself is made once the data has loaded: a failed start leaves nothing.
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"--out-dir {config['out_dir']}: cannot create {run_dir} "
+                       f"({existing} is not a writable directory)")
+    return run_dir, None
+
+# ---------------------------------------------------------------------------------------
+# Building blocks: model, optimizer, precision, data, estimates
 # ---------------------------------------------------------------------------------------
 def build_model(config: dict) -> torch.nn.Module:
     return DenseNet(depth=config["depth"], growth_rate=config["growth_rate"],
                     num_classes=config["num_classes"], bottleneck=config["bottleneck"],
                     reduction=config["reduction"], dropout=config["dropout"])
 
+def make_optimizer(units, config: dict, device: torch.device) -> torch.optim.SGD:
+    """SGD with Nesterov momentum, one param group per unit. On CUDA the fused kernel: one
+    launch per step, and an fp16 GradScaler can skip a step without reading found-inf back."""
+    return torch.optim.SGD(param_groups(units), lr=config["lr"], momentum=config["momentum"],
+                           nesterov=True, weight_decay=config["weight_decay"],
+                           fused=True if device.type == "cuda" else None)
+
+def build_training(config: dict, device: torch.device, total_steps: int):
+    """Model, its units, SGD over one param group per unit, the FreezeOut scheduler, the scaler."""
+    model = build_model(config).to(device)
+    if config["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    units = model.freeze_units()
+    optimizer = make_optimizer(units, config, device)
+    scheduler = FreezeOut(optimizer, units, total_steps=total_steps, t_0=config["t_0"],
+                          how_scale=config["how_scale"], scale_lr=config["scale_lr"])
+    scaler = torch.amp.GradScaler(device.type, enabled=config["amp_effective"] == "fp16")
+    return model, units, optimizer, scheduler, scaler
 
 def effective_amp(amp: str, device: torch.device) -> str:
     """The precision autocast will really use: "off" where the device has no autocast for it."""
@@ -232,13 +330,48 @@ def effective_amp(amp: str, device: torch.device) -> str:
             return "off"
     return amp if getattr(context, "_enabled", True) and not caught else "off"
 
-
 def autocast_for(amp: str, device: torch.device):
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
+def resolve_loader(config: dict, splits, device: torch.device) -> str:
+    if config["loader"] != "auto":
+        return config["loader"]
+    data = [d for d in (splits.train, splits.eval, splits.test) if d is not None]
+    return "tensor" if fits_on_device(data, device) else "torchvision"
 
+def make_loaders(config: dict, splits, device: torch.device, kind: str):
+    """(train loader, per-epoch evaluation loader or None, test loader)."""
+    # Evaluation batches: larger on a GPU; on a CPU the training size runs fastest (cache).
+    batch = config["batch_size"]
+    eval_batch = batch if device.type == "cpu" else max(batch, 500)
+    if kind == "tensor":
+        def make(data, size, train):
+            return TensorLoader(data, splits.mean, splits.std, size, train, config["augment"],
+                                device, seed=config["seed"])
+    else:
+        def make(data, size, train):
+            return TorchvisionLoader(data, splits.mean, splits.std, size, train, config["augment"],
+                                     config["workers"], seed=config["seed"],
+                                     pin_memory=device.type == "cuda")
+    evaluated = make(splits.eval, eval_batch, False) if splits.eval is not None else None
+    test = evaluated if config["eval_mode"] == "test" else make(splits.test, eval_batch, False)
+    return make(splits.train, batch, True), evaluated, test
+
+def estimates(config: dict, model, units, t_i, total_steps: int) -> dict:
+    """The paper's estimate (DenseNet-BC) and the FLOP-based one (any model) for this run."""
+    per_unit = unit_flops(model, units, ESTIMATE_INPUT)
+    flop = schedule_speedup(training_flops_by_level(per_unit), t_i, total_steps)
+    paper = densenet_paper_speedup(config["depth"], config["growth_rate"], config["t_0"],
+                                   config["how_scale"], config["bottleneck"])
+    return {"paper_speedup": paper, "flop_speedup": flop,
+            "estimated_speedup": paper if paper is not None else flop,
+            "unit_flops": per_unit}
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: every state a resumed run needs, written atomically, read safely
+# ---------------------------------------------------------------------------------------
 def rng_state() -> dict:
     keys, pos, has_gauss, gauss = np.random.get_state()[1:]
     return {"torch": torch.get_rng_state(),
@@ -246,7 +379,6 @@ def rng_state() -> dict:
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
             "python": random.getstate()}
-
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
@@ -257,6 +389,14 @@ def set_rng_state(state: dict) -> None:
                          n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
 
+def checkpoint_state(config, model, optimizer, scheduler, scaler, epoch: int, step: int,
+                     train_time: float, position: dict | None) -> dict:
+    """`epoch` epochs are complete; `position` says how far the next one got when a signal
+    stopped it (None at an epoch's end)."""
+    return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "train_time_s": train_time,
+            "position": position, "config": config, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_state()}
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write to a temporary file, fsync, then rename: a crash leaves the old file whole."""
@@ -266,7 +406,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
+    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint of this project, read without running any pickled code."""
@@ -279,6 +423,40 @@ def load_checkpoint(path: Path) -> dict:
         raise RunError(f"{path} is not a FreezeOut checkpoint of this project")
     return state
 
+def restore(checkpoint: dict, model, optimizer, scheduler, scaler) -> None:
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])  # after the optimizer: re-freezes units
+    scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+
+# ---------------------------------------------------------------------------------------
+# Training and evaluation
+# ---------------------------------------------------------------------------------------
+class StopSignals:
+    """While active, SIGINT and SIGTERM ask the run to stop after the current step; a second
+    signal stops it at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        with contextlib.suppress(ValueError):  # only the main thread may set handlers
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 def train_step(model, x, y, optimizer, scaler, autocast) -> torch.Tensor:
     """Forward, backward and update on one batch (the scheduler steps separately)."""
@@ -290,32 +468,68 @@ def train_step(model, x, y, optimizer, scaler, autocast) -> torch.Tensor:
     scaler.update()
     return loss.detach()
 
+def new_position(epoch: int) -> dict:
+    """Where an epoch stands: batches done, and the sums its record is made of."""
+    return {"epoch": epoch, "batch": 0, "loss_sum": 0.0, "seen": 0, "time_s": 0.0}
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, config, device, desc: str) -> dict:
-    """One pass over the training loader; returns mean loss, time and images/s."""
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, config, device, position: dict,
+                    stop: StopSignals, desc: str) -> bool:
+    """Train from `position` (updated in place) to the epoch's end or until a stop signal;
+    returns whether it was stopped. A non-finite loss raises RunError naming its step: the
+    check runs on the device and is read with the progress bar, never waiting per step."""
     model.train()
     autocast = autocast_for(config["amp_effective"], device)
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
-    loss_sum = torch.zeros((), device=device)
-    seen = 0
+    steps_per_epoch = config["steps_per_epoch"]
+    first_step = (position["epoch"] - 1) * steps_per_epoch + position["batch"]
+    loss_sum = torch.tensor(position["loss_sum"], device=device)
+    step_no = torch.tensor(first_step - 1, device=device)
+    bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss
+    seen, stopped = position["seen"], False
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
-    for i, (x, y) in enumerate(bar):
+    loader.set_epoch(position["epoch"], position["batch"])
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
+               initial=position["batch"], total=steps_per_epoch)
+    for i, (x, y) in enumerate(bar, position["batch"]):
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
         loss = train_step(model, x, y, optimizer, scaler, autocast)
         scheduler.step()
         loss_sum += loss.float() * len(y)
+        step_no += 1
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step_no, bad_step)
         seen += len(y)
-        if i % 20 == 0:  # reading the loss waits for the device: only every few steps
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", frozen=scheduler.num_frozen,
-                            img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        position["batch"] = i + 1
+        last = i + 1 == steps_per_epoch
+        if i % PROGRESS_EVERY == 0 or last or stop.signum is not None:
+            check_finite(bad_step, position, steps_per_epoch, config)
+            bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.3f}", frozen=scheduler.num_frozen,
+                            img_s=f"{(seen - position['seen']) / (time.perf_counter() - start):.0f}")
+        if stop.signum is not None and not last:
+            stopped = True
+            break
+    bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    return {"train_loss": loss_sum.item() / max(seen, 1), "train_time_s": elapsed,
-            "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
+    check_finite(bad_step, position, steps_per_epoch, config)
+    position.update(loss_sum=loss_sum.item(), seen=seen,
+                    time_s=position["time_s"] + time.perf_counter() - start)
+    return stopped
 
+
+def check_finite(bad_step: torch.Tensor, position: dict, steps_per_epoch: int, config: dict) -> None:
+    step = int(bad_step.item())
+    if step >= 0:
+        raise RunError(f"training diverged: the loss was not finite at step {step} (epoch "
+                       f"{position['epoch']}, batch {step - (position['epoch'] - 1) * steps_per_epoch}); "
+                       f"the last good checkpoint is kept in {config['run_dir']}")
+
+
+def epoch_stats(position: dict) -> dict:
+    t = position["time_s"]
+    return {"train_loss": position["loss_sum"] / max(position["seen"], 1), "train_time_s": t,
+            "images_per_s": position["seen"] / t if t > 0 else 0.0}
 
 @torch.inference_mode()
 def evaluate(model, loader, config, device) -> tuple[float, float]:
@@ -361,169 +575,12 @@ def describe(config: dict, splits, loader_kind: str) -> str:
     ]
     return "\n".join(lines)
 
-
-def resolve_config(args, explicit: set, argv) -> dict:
-    """Everything the run is defined by, checked before any work is done."""
-    check_args(args, explicit)
-    dataset, synthetic_classes = resolve_dataset(args)
-    train_images = split_sizes(args.eval_mode, args.subset)[0]
-    steps_per_epoch = train_images // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch_size {args.batch_size} is larger than the training set "
-                         f"({train_images} images)")
-    estimate = None
-    if args.const_time or args.target_speedup is not None:
-        estimate, what = speedup_estimator(args, num_classes_of(dataset, synthetic_classes))
-    t_0 = resolve_t_0(args, estimate, what) if args.target_speedup is not None else args.t_0
-    epochs = resolve_epochs(args, estimate(t_0)) if args.const_time else args.epochs
-    device = resolve_device(args.device)
-    workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else 4)
-    name = args.save_weights or default_run_name(args, dataset)
-    if not name or name in (".", "..") or "/" in name or os.sep in name:
-        raise ValueError(f"--save-weights {name!r}: a run name must be a plain file name")
-    return {
-        "model": args.model, "depth": args.depth, "growth_rate": args.growth_rate,
-        "bottleneck": args.bottleneck, "reduction": args.reduction, "dropout": args.dropout,
-        "dataset": dataset, "synthetic_classes": synthetic_classes,
-        "num_classes": num_classes_of(dataset, synthetic_classes), "data_root": args.data_root,
-        "subset": args.subset, "augment": args.augment, "eval_mode": args.eval_mode,
-        "loader": args.loader,
-        "epochs": epochs, "requested_epochs": args.epochs, "batch_size": args.batch_size,
-        "optimizer": "SGD", "nesterov": True, "lr": args.lr, "momentum": args.momentum,
-        "weight_decay": args.weight_decay, "seed": args.seed,
-        "t_0": t_0, "how_scale": args.how_scale, "scale_lr": args.scale_lr,
-        "const_time": args.const_time, "target_speedup": args.target_speedup,
-        "device": str(device), "amp": args.amp, "amp_effective": effective_amp(args.amp, device),
-        "channels_last": args.channels_last, "workers": workers,
-        "out_dir": args.out_dir, "name": name, "run_dir": str(Path(args.out_dir) / name),
-        "paper_speedup": densenet_paper_speedup(args.depth, args.growth_rate, t_0, args.how_scale,
-                                                args.bottleneck),
-        "argv": list(argv), "args": vars(args),
-    }
-
-
-def check_resume_args(saved: dict, args, explicit: set) -> None:
-    """Flags given with --resume must agree with the saved run (runtime flags aside)."""
-    for flag in sorted(explicit - RUNTIME_FLAGS):
-        given, was = getattr(args, flag), saved["args"].get(flag)
-        if given != was:
-            raise ValueError(f"--resume: --{flag} {given} contradicts the saved run's {flag} = {was}")
-
-
-def prepare_run_dir(config: dict, resume: bool) -> tuple[Path, dict | None]:
-    run_dir = Path(config["run_dir"])
-    ckpt_path = run_dir / "checkpoint.pt"
-    if resume:
-        if not ckpt_path.is_file():
-            raise RunError(f"--resume: no checkpoint in {run_dir}")
-        return run_dir, load_checkpoint(ckpt_path)
-    if (run_dir / "metrics.jsonl").exists() or ckpt_path.exists():
-        raise RunError(f"{run_dir} already holds a run: continue it with --resume, "
-                       f"or start a new one with --save-weights NAME")
-    # The directory itself is made once the data has loaded: a failed start leaves nothing.
-    existing = run_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise RunError(f"--out-dir {config['out_dir']}: cannot create {run_dir} "
-                       f"({existing} is not a writable directory)")
-    return run_dir, None
-
-
-def main(argv=None) -> dict:
-    """Train as the command line says; return the run's summary record."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser, args, explicit = parse_args(argv)
-
-    def fail(message: str) -> None:
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(1)
-
-    try:
-        config = resolve_config(args, explicit, argv)
-        run_dir, checkpoint = prepare_run_dir(config, args.resume)
-        if checkpoint is not None:
-            check_resume_args(checkpoint["config"], args, explicit)
-            runtime = {k: config[k] for k in ("device", "workers", "loader", "data_root",
-                                              "out_dir", "run_dir")}
-            config = {**checkpoint["config"], **runtime}
-            config["amp_effective"] = effective_amp(config["amp"], torch.device(config["device"]))
-    except ValueError as e:  # a flag value no run can use
-        parser.error(str(e))
-    except RunError as e:
-        fail(str(e))
-    try:
-        return run(config, run_dir, checkpoint)
-    except (RunError, DataError) as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail(f"interrupted; continue from the last checkpoint with --resume (run directory {run_dir})")
-
-
-def make_optimizer(units, config: dict, device: torch.device) -> torch.optim.SGD:
-    """SGD with Nesterov momentum, one param group per unit. On CUDA the fused kernel: one
-    launch per step, and an fp16 GradScaler can skip a step without reading found-inf back."""
-    return torch.optim.SGD(param_groups(units), lr=config["lr"], momentum=config["momentum"],
-                           nesterov=True, weight_decay=config["weight_decay"],
-                           fused=True if device.type == "cuda" else None)
-
-
-def build_training(config: dict, device: torch.device, total_steps: int):
-    """Model, its units, SGD over one param group per unit, the FreezeOut scheduler, the scaler."""
-    model = build_model(config).to(device)
-    if config["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    units = model.freeze_units()
-    optimizer = make_optimizer(units, config, device)
-    scheduler = FreezeOut(optimizer, units, total_steps=total_steps, t_0=config["t_0"],
-                          how_scale=config["how_scale"], scale_lr=config["scale_lr"])
-    scaler = torch.amp.GradScaler(device.type, enabled=config["amp_effective"] == "fp16")
-    return model, units, optimizer, scheduler, scaler
-
-
-def estimates(config: dict, model, units, t_i, total_steps: int) -> dict:
-    """The paper's estimate (DenseNet-BC) and the FLOP-based one (any model) for this run."""
-    per_unit = unit_flops(model, units, ESTIMATE_INPUT)
-    flop = schedule_speedup(training_flops_by_level(per_unit), t_i, total_steps)
-    paper = densenet_paper_speedup(config["depth"], config["growth_rate"], config["t_0"],
-                                   config["how_scale"], config["bottleneck"])
-    return {"paper_speedup": paper, "flop_speedup": flop,
-            "estimated_speedup": paper if paper is not None else flop,
-            "unit_flops": per_unit}
-
-
-def resolve_loader(config: dict, splits, device: torch.device) -> str:
-    if config["loader"] != "auto":
-        return config["loader"]
-    data = [d for d in (splits.train, splits.eval, splits.test) if d is not None]
-    return "tensor" if fits_on_device(data, device) else "torchvision"
-
-
-def make_loaders(config: dict, splits, device: torch.device, kind: str):
-    """(train loader, its generator, per-epoch evaluation loader or None, test loader)."""
-    batch, eval_batch = config["batch_size"], max(config["batch_size"], 200)
-    generator = torch.Generator(device=device if kind == "tensor" else "cpu")
-    if kind == "tensor":
-        def make(data, size, train):
-            return TensorLoader(data, splits.mean, splits.std, size, train, config["augment"],
-                                device, generator if train else None)
-    else:
-        def make(data, size, train):
-            return make_loader(data, splits.mean, splits.std, size, train, config["augment"],
-                               config["workers"], generator if train else None,
-                               pin_memory=device.type == "cuda")
-    evaluated = make(splits.eval, eval_batch, False) if splits.eval is not None else None
-    test = evaluated if config["eval_mode"] == "test" else make(splits.test, eval_batch, False)
-    return make(splits.train, batch, True), generator, evaluated, test
-
-
-def restore(checkpoint: dict, model, optimizer, scheduler, scaler) -> None:
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])  # after the optimizer: re-freezes units
-    scaler.load_state_dict(checkpoint["scaler"])
-    set_rng_state(checkpoint["rng"])
-
+def epoch_line(record: dict, config: dict) -> str:
+    line = (f"epoch {record['epoch']:>3}/{config['epochs']}  loss {record['train_loss']:.4f}")
+    if "val_err" in record:
+        line += f"  {'val' if config['eval_mode'] == 'val' else 'test'} err {record['val_err']:5.2f}%"
+    return line + (f"  frozen {record['frozen_units']}/{config['n_units']}"
+                   f"  {record['images_per_s']:.0f} img/s  {record['train_time_s']:.1f} s")
 
 def run(config: dict, run_dir: Path, checkpoint: dict | None) -> dict:
     metrics_path = run_dir / "metrics.jsonl"
@@ -541,14 +598,12 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None) -> dict:
                        f"({len(splits.train)} images)")
     total_steps = config["epochs"] * steps_per_epoch
     model, units, optimizer, scheduler, scaler = build_training(config, device, total_steps)
-    loader_kind = resolve_loader(config, splits, device)
-    train_loader, train_rng, eval_loader, test_loader = make_loaders(config, splits, device, loader_kind)
 
-    start_epoch, step, train_time = 1, 0, 0.0
     if checkpoint is None:
         config.update(num_classes=splits.num_classes, params=sum(p.numel() for p in model.parameters()),
                       n_units=len(units), t_i=scheduler.t_i, steps_per_epoch=steps_per_epoch,
                       total_steps=total_steps, train_images=len(splits.train),
+                      loader_used=resolve_loader(config, splits, device),
                       **estimates(config, model, units, scheduler.t_i, total_steps))
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -556,30 +611,34 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None) -> dict:
             raise RunError(f"--out-dir {config['out_dir']}: cannot create {run_dir} "
                            f"({e.strerror or e})") from None
         with MetricsLogger(metrics_path) as log:
-            log.log("config", **config, loader_used=loader_kind, host=host_info(device))
+            log.log("config", **config, host=host_info(device))
+        done_epochs, train_time, position = 0, 0.0, new_position(1)
     else:
         restore(checkpoint, model, optimizer, scheduler, scaler)
-        start_epoch, step = checkpoint["epoch"] + 1, checkpoint["step"]
-        train_time = checkpoint["train_time_s"]
-        # Records of epochs after the checkpoint are about to be redone: drop them.
+        done_epochs, train_time = checkpoint["epoch"], checkpoint["train_time_s"]
+        position = checkpoint["position"] or new_position(done_epochs + 1)
+        # Epoch records after the checkpoint belong to work about to be redone: drop them.
         kept = [r for r in read_records(metrics_path)
-                if r["event"] == "config" or (r["event"] == "epoch" and r["epoch"] < start_epoch)]
+                if r["event"] == "config" or (r["event"] == "epoch" and r["epoch"] <= done_epochs)]
         write_records(metrics_path, kept)
-        print(f"resuming {run_dir} at epoch {start_epoch} (step {step:,})")
-    print(describe(config, splits, loader_kind), flush=True)
+        print(f"resuming {run_dir} in epoch {position['epoch']} at batch {position['batch']}")
+    train_loader, eval_loader, test_loader = make_loaders(config, splits, device, config["loader_used"])
+    print(describe(config, splits, config["loader_used"]), flush=True)
 
     last_val = (None, None)
-    with MetricsLogger(metrics_path) as log:
-        for epoch in range(start_epoch, config["epochs"] + 1):
-            # The data order and augmentation draw from (seed, epoch) alone: resuming replays them.
-            train_rng.manual_seed(config["seed"] * 1_000_003 + epoch)
-            stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config, device,
-                                    desc=f"epoch {epoch}/{config['epochs']}")
-            step += steps_per_epoch
+    with StopSignals() as stop, MetricsLogger(metrics_path) as log:
+        for epoch in range(done_epochs + 1, config["epochs"] + 1):
+            stopped = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config, device,
+                                      position, stop, desc=f"epoch {epoch}/{config['epochs']}")
+            step = (epoch - 1) * steps_per_epoch + position["batch"]
+            if stopped:
+                save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(
+                    config, model, optimizer, scheduler, scaler, epoch - 1, step, train_time, position))
+                raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} in epoch "
+                              f"{epoch} after step {step} of {total_steps}; checkpoint written: "
+                              f"continue with --resume (run directory {run_dir})")
+            stats = epoch_stats(position)
             train_time += stats["train_time_s"]
-            if not math.isfinite(stats["train_loss"]):
-                raise RunError(f"training diverged in epoch {epoch} (loss {stats['train_loss']}); "
-                               f"the last good checkpoint is kept in {run_dir}")
             record = {"epoch": epoch, "step": step, **stats}
             if eval_loader is not None:
                 last_val = evaluate(model, eval_loader, config, device)
@@ -588,19 +647,21 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None) -> dict:
                           active_units=len(units) - scheduler.num_frozen,
                           lr=[float(lr) for lr in scheduler.get_last_lr()])
             log.log("epoch", **record)
-            save_checkpoint(run_dir / "checkpoint.pt", {
-                "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step,
-                "train_time_s": train_time, "config": config, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state()})
+            save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(
+                config, model, optimizer, scheduler, scaler, epoch, step, train_time, None))
             tqdm.write(epoch_line(record, config))
+            position = new_position(epoch + 1)
+            if stop.signum is not None and epoch < config["epochs"]:
+                raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} after "
+                              f"epoch {epoch}; checkpoint written: continue with --resume "
+                              f"(run directory {run_dir})")
 
         if config["eval_mode"] == "test" and last_val[0] is not None:
             test_loss, test_err = last_val  # the last evaluation was this same test pass
         else:
             test_loss, test_err = evaluate(model, test_loader, config, device)
         summary = log.log(
-            "summary", epochs=config["epochs"], steps=step, train_time_s=train_time,
+            "summary", epochs=config["epochs"], steps=total_steps, train_time_s=train_time,
             val_err=last_val[1] if config["eval_mode"] == "val" else None,
             test_loss=test_loss, test_err=test_err, estimated_speedup=config["estimated_speedup"],
             paper_speedup=config["paper_speedup"], flop_speedup=config["flop_speedup"],
@@ -609,13 +670,37 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None) -> dict:
           f"results in {run_dir}")
     return summary
 
+def main(argv=None) -> dict:
+    """Train as the command line says; return the run's summary record."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, args, explicit = parse_args(argv)
 
-def epoch_line(record: dict, config: dict) -> str:
-    line = (f"epoch {record['epoch']:>3}/{config['epochs']}  loss {record['train_loss']:.4f}")
-    if "val_err" in record:
-        line += f"  {'val' if config['eval_mode'] == 'val' else 'test'} err {record['val_err']:5.2f}%"
-    return line + (f"  frozen {record['frozen_units']}/{config['n_units']}"
-                   f"  {record['images_per_s']:.0f} img/s  {record['train_time_s']:.1f} s")
+    def fail(message: str, code: int = 1) -> None:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(code)
+
+    try:
+        config = resolve_config(args, explicit, argv)
+        run_dir, checkpoint = prepare_run_dir(config, args.resume)
+        if checkpoint is not None:
+            check_resume_args(checkpoint["config"], args, explicit)
+            runtime = {k: config[k] for k in ("device", "workers", "data_root", "out_dir", "run_dir")}
+            config = {**checkpoint["config"], **runtime}
+            config["amp_effective"] = effective_amp(config["amp"], torch.device(config["device"]))
+    except ValueError as e:  # a flag value no run can use
+        parser.error(str(e))
+    except RunError as e:
+        fail(str(e))
+    try:
+        return run(config, run_dir, checkpoint)
+    except (RunError, DataError) as e:
+        fail(str(e))
+    except Stopped as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt:
+        fail(f"interrupted; continue from the last checkpoint with --resume (run directory {run_dir})",
+             128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

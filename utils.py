@@ -2,13 +2,16 @@
 
 - `calc_speedup`: the paper's speedup estimate for DenseNet-BC (same numbers as the 2017 code).
 - `load_splits`: CIFAR-10/100 (torchvision) or the synthetic CIFAR-shaped set, split as in
-  the paper, as uint8 tensors; `make_loader` serves them with crop + flip + normalisation.
-- `seed_everything`, `resolve_device`, `host_info`.
+  the paper, as uint8 tensors; `TensorLoader` (on the device, in batches) and
+  `TorchvisionLoader` (the reference) serve them with crop + flip + normalisation.
+- `unit_flops`, `training_flops_by_level`, `schedule_speedup`: the FLOP-based estimate.
+- `flag_spellings`, `seed_everything`, `resolve_device`, `host_info`.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import os
 import platform
@@ -23,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from freezeout import SCALE_POWERS, check_how_scale, check_t_0
 
@@ -288,35 +290,92 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple, tuple]:
     return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
 
 
-class AugmentedImages(Dataset):
-    """An ImageSet served image by image through a torchvision transform."""
+def stream_seed(*parts: int) -> int:
+    """A 63-bit seed that is a fixed function of some integers (seed, epoch, batch, ...)."""
+    digest = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    def __init__(self, data: ImageSet, transform: Callable):
-        self.data, self.transform = data, transform
+
+class EpochStream:
+    """What makes a training epoch's data a pure function of (seed, epoch, position): the
+    order and every random augmentation are drawn from seeds derived from them, never from a
+    generator's history. So an epoch can start at any batch (a resumed run skips what it has
+    done) and gives what an uninterrupted run would, whatever the number of workers."""
+
+    def __init__(self, seed: int):
+        self.seed, self.epoch, self.start_batch = seed, 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def order(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        g = torch.Generator(device=device).manual_seed(stream_seed(self.seed, self.epoch))
+        return torch.randperm(n, device=device, generator=g)
+
+
+class AugmentedImages(Dataset):
+    """An ImageSet served image by image through a torchvision transform; with a stream,
+    image i of an epoch is augmented from its own seed (seed, epoch, i)."""
+
+    def __init__(self, data: ImageSet, transform: Callable, stream: Optional[EpochStream] = None):
+        self.data, self.transform, self.stream = data, transform, stream
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int):
-        return self.transform(self.data.images[i]), self.data.labels[i]
+        if self.stream is None:
+            return self.transform(self.data.images[i]), self.data.labels[i]
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
+            torch.manual_seed(stream_seed(self.stream.seed, self.stream.epoch, i))
+            return self.transform(self.data.images[i]), self.data.labels[i]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The epoch's permutation, from the stream's start batch on."""
+
+    def __init__(self, n: int, batch_size: int, stream: EpochStream):
+        self.n, self.batch_size, self.stream = n, batch_size, stream
+
+    def __len__(self) -> int:
+        return self.n - self.stream.start_batch * self.batch_size
+
+    def __iter__(self):
+        return iter(self.stream.order(self.n)[self.stream.start_batch * self.batch_size:].tolist())
 
 
 def make_transform(mean, std, augment: bool) -> Callable:
     """Random crop (pad 4) and horizontal flip when augmenting, then normalisation."""
+    from torchvision.transforms import v2  # torchvision takes a second to import: only if used
+
     steps = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if augment else []
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
-def make_loader(data: ImageSet, mean, std, batch_size: int, train: bool, augment: bool = True,
-                workers: int = 0, generator: Optional[torch.Generator] = None,
-                pin_memory: bool = False) -> DataLoader:
-    """The reference loader: torchvision transforms image by image in a DataLoader.
+class TorchvisionLoader:
+    """The reference loader: a DataLoader applying torchvision transforms image by image.
 
-    Training loaders shuffle with `generator` and drop the last partial batch (so an epoch
-    has floor(N / batch_size) steps); evaluation loaders keep every image, in order."""
-    dataset = AugmentedImages(data, make_transform(mean, std, augment and train))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train,
-                      num_workers=workers, generator=generator, pin_memory=pin_memory)
+    Training shuffles (a permutation per epoch) and drops the last partial batch, so an epoch
+    has floor(N / batch_size) steps; `set_epoch(epoch, start_batch)` before iterating picks
+    the epoch and where it starts. Evaluation keeps every image, in order."""
+
+    def __init__(self, data: ImageSet, mean, std, batch_size: int, train: bool, augment: bool = True,
+                 workers: int = 0, seed: int = 0, pin_memory: bool = False):
+        self.stream = EpochStream(seed) if train else None
+        dataset = AugmentedImages(data, make_transform(mean, std, augment and train), self.stream)
+        sampler = EpochSampler(len(data), batch_size, self.stream) if train else None
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
+                                 num_workers=workers, pin_memory=pin_memory)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.stream.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
 
 
 def random_crop_flip(images: torch.Tensor, padding: int = 4,
@@ -340,19 +399,24 @@ class TensorLoader:
     """Serves an ImageSet kept whole (uint8) on `device`, augmenting and normalising whole
     batches there: no per-image Python, no worker processes, no host-to-device copies.
 
-    Same contract as `make_loader`: training shuffles with `generator` (which must live on
-    `device`) and drops the last partial batch; evaluation keeps every image, in order.
+    Same contract as `TorchvisionLoader`: training shuffles and drops the last partial batch,
+    batch b of an epoch augmented from its own seed (seed, epoch, b); evaluation keeps every
+    image, in order.
     """
 
     def __init__(self, data: ImageSet, mean, std, batch_size: int, train: bool, augment: bool = True,
-                 device: torch.device | str = "cpu", generator: Optional[torch.Generator] = None):
+                 device: torch.device | str = "cpu", seed: int = 0):
         self.device = torch.device(device)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
         self.batch_size, self.train, self.augment = batch_size, train, augment and train
-        self.generator = generator
+        self.stream = EpochStream(seed) if train else None
+        self.generator = torch.Generator(device=self.device)
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.stream.set_epoch(epoch, start_batch)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -360,12 +424,13 @@ class TensorLoader:
 
     def __iter__(self):
         n = len(self.labels)
-        order = (torch.randperm(n, device=self.device, generator=self.generator) if self.train
-                 else torch.arange(n, device=self.device))
-        for i in range(len(self)):
+        order = self.stream.order(n, self.device) if self.train else torch.arange(n, device=self.device)
+        first = self.stream.start_batch if self.train else 0
+        for i in range(first, len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[index]
             if self.augment:
+                self.generator.manual_seed(stream_seed(self.stream.seed, self.stream.epoch, i))
                 x = random_crop_flip(x, 4, self.generator)
             yield (x.float() - self.mean) / self.std, self.labels[index]
 

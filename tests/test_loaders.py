@@ -3,7 +3,7 @@ flips half the time, same batching contract."""
 import pytest
 import torch
 
-from utils import ImageSet, TensorLoader, make_loader
+from utils import ImageSet, TensorLoader, TorchvisionLoader
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 
@@ -44,12 +44,9 @@ def crops_and_flips(batch):
 @pytest.mark.parametrize("kind", ["tensor", "torchvision"])
 def test_crops_stay_within_the_padding_and_flip_half_the_time(kind):
     data = coordinate_images(1_000)
-    g = torch.Generator().manual_seed(0)
-    if kind == "tensor":
-        loader = TensorLoader(data, MEAN, STD, 100, train=True, generator=g)
-    else:
-        torch.manual_seed(0)
-        loader = make_loader(data, MEAN, STD, 100, train=True, generator=g)
+    cls = TensorLoader if kind == "tensor" else TorchvisionLoader
+    loader = cls(data, MEAN, STD, 100, train=True, seed=0)
+    loader.set_epoch(1)
     stats = [s for x, _ in loader for s in crops_and_flips(x)]
     assert len(stats) == 1_000
     dys = {dy for dy, _, _ in stats}
@@ -62,9 +59,9 @@ def test_crops_stay_within_the_padding_and_flip_half_the_time(kind):
 
 def test_both_paths_give_the_same_values_and_batching():
     data = ImageSet(torch.randint(0, 256, (230, 3, 32, 32), dtype=torch.uint8), torch.arange(230) % 10)
-    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    tensor = list(TensorLoader(data, MEAN, STD, 64, train=True, generator=g1))
-    reference = list(make_loader(data, MEAN, STD, 64, train=True, generator=g2))
+    tensor_loader = TensorLoader(data, MEAN, STD, 64, train=True, seed=1)
+    reference_loader = TorchvisionLoader(data, MEAN, STD, 64, train=True, seed=1)
+    tensor, reference = list(tensor_loader), list(reference_loader)
     assert [x.shape for x, _ in tensor] == [x.shape for x, _ in reference] == [(64, 3, 32, 32)] * 3
     t, r = torch.cat([x for x, _ in tensor]), torch.cat([x for x, _ in reference])
     assert t.dtype == r.dtype == torch.float32
@@ -79,17 +76,35 @@ def test_both_paths_give_the_same_values_and_batching():
 
     # Evaluation: every image, in order, unaugmented, identical in both paths.
     te = list(TensorLoader(data, MEAN, STD, 64, train=False))
-    re = list(make_loader(data, MEAN, STD, 64, train=False))
+    re = list(TorchvisionLoader(data, MEAN, STD, 64, train=False))
     assert [len(y) for _, y in te] == [len(y) for _, y in re] == [64, 64, 64, 38]
     assert torch.allclose(torch.cat([x for x, _ in te]), torch.cat([x for x, _ in re]), atol=1e-5)
     assert torch.equal(torch.cat([y for _, y in te]), data.labels)
 
 
-def test_tensor_loader_order_is_a_function_of_the_generator_seed():
+@pytest.mark.parametrize("kind", ["tensor", "torchvision"])
+def test_an_epoch_is_a_function_of_seed_and_epoch_and_can_start_at_any_batch(kind):
     data = coordinate_images(300)
 
-    def epoch(seed):
-        g = torch.Generator().manual_seed(seed)
-        return torch.cat([x for x, _ in TensorLoader(data, MEAN, STD, 50, True, generator=g)])
+    def epoch(seed, epoch, start=0, workers=0):
+        if kind == "tensor":
+            loader = TensorLoader(data, MEAN, STD, 50, True, seed=seed)
+        else:
+            loader = TorchvisionLoader(data, MEAN, STD, 50, True, workers=workers, seed=seed)
+        loader.set_epoch(epoch, start)
+        torch.manual_seed(123)  # the global generator plays no part
+        batches = list(loader)
+        torch.manual_seed(456)
+        return batches
 
-    assert torch.equal(epoch(3), epoch(3)) and not torch.equal(epoch(3), epoch(4))
+    whole = epoch(3, 1)
+    assert len(whole) == 6
+    again = epoch(3, 1)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole, again))
+    tail = epoch(3, 1, start=4)  # what a run resumed after 4 batches sees
+    assert len(tail) == 2
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole[4:], tail))
+    assert not torch.equal(whole[0][0], epoch(3, 2)[0][0]) and not torch.equal(whole[0][0], epoch(4, 1)[0][0])
+    if kind == "torchvision":  # worker processes do not change the stream
+        with_workers = epoch(3, 1, start=4, workers=2)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(tail, with_workers))
