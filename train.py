@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -416,9 +417,14 @@ def load_checkpoint(path: Path) -> dict:
     """A checkpoint of this project, read without running any pickled code."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = ("it holds pickled objects other than tensors and plain containers, possibly code; "
+               "nothing of it was run" if "Weights only load failed" in str(e) else
+               str(e).strip().splitlines()[0][:200] if str(e).strip() else "unreadable pickle")
+        raise RunError(f"{path} is not a loadable FreezeOut checkpoint ({why})") from None
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"{path} is not a loadable FreezeOut checkpoint ({first[:200]})") from None
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise RunError(f"{path} is not a loadable FreezeOut checkpoint ({first})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a FreezeOut checkpoint of this project")
     return state
