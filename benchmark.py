@@ -28,21 +28,23 @@ import time
 import torch
 
 from freezeout import FreezeOut, freeze, unit_times
-from train import autocast_for, build_model, effective_amp, make_optimizer, train_step
-from utils import (densenet_paper_speedup, first_frozen_steps, flag_spellings, resolve_device,
-                   schedule_speedup, training_flops_by_level, unit_flops)
+from train import (ARCHITECTURE_DEFAULTS, HelpFormatter, architecture_name, autocast_for, build_model,
+                   check_architecture, effective_amp, make_optimizer, paper_speedup, train_step)
+from utils import (first_frozen_steps, flag_spellings, resolve_device, schedule_speedup,
+                   training_flops_by_level, unit_flops)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 
     def add(*names, **kwargs):
         p.add_argument(*flag_spellings(*names), **kwargs)
 
-    add("--model", default="densenet", choices=["densenet"], help="architecture")
-    add("-L", "--depth", type=int, default=76, help="network depth L")
-    add("-k", "--growth-rate", type=int, default=12, help="DenseNet growth rate k")
+    add("--model", default="densenet", choices=list(ARCHITECTURE_DEFAULTS), help="architecture")
+    add("-L", "--depth", type=int, default=None,
+        help="depth L (default: 76 for densenet, 40 for wrn, 16 for vgg)")
+    add("-k", "--growth-rate", type=int, default=None,
+        help="DenseNet growth rate or WRN widening factor (default: 12 for densenet, 4 for wrn)")
     add("--bottleneck", action=argparse.BooleanOptionalAction, default=True,
         help="DenseNet-BC bottleneck layers")
     add("--num-classes", type=int, default=100, help="classifier outputs")
@@ -74,8 +76,9 @@ class Bench:
 
     def __init__(self, args, device: torch.device):
         self.args, self.device = args, device
-        self.config = {"depth": args.depth, "growth_rate": args.growth_rate, "bottleneck": args.bottleneck,
-                       "reduction": 0.5, "dropout": 0.0, "num_classes": args.num_classes}
+        self.config = {"model": args.model, "depth": args.depth, "growth_rate": args.growth_rate,
+                       "bottleneck": args.bottleneck, "reduction": 0.5, "dropout": 0.0,
+                       "num_classes": args.num_classes, "how_scale": args.how_scale}
         self.amp = effective_amp(args.amp, device)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         g = torch.Generator().manual_seed(args.seed)
@@ -199,8 +202,7 @@ def measure(args) -> dict:
         "freezeout_runs_s": [r["time_s"] for r in freezeout],
         "baseline_s": b_time, "freezeout_s": f_time,
         "measured_speedup": 1 - statistics.median(ratios),
-        "estimated_speedup": densenet_paper_speedup(args.depth, args.growth_rate, args.t_0,
-                                                    args.how_scale, args.bottleneck),
+        "estimated_speedup": paper_speedup(bench.config, args.t_0),
         "flop_speedup": schedule_speedup(levels, t_i, args.steps),
         "ideal_speedup": ideal,
         "level_step_s": {str(n): t for n, t in level_times.items()},
@@ -220,7 +222,7 @@ def table(r: dict) -> str:
     def mib(x):
         return "n/a" if x is None else f"{x / 2 ** 20:.1f} MiB"
 
-    arch = f"DenseNet{'-BC' if r['bottleneck'] else ''} L={r['depth']} k={r['growth_rate']}"
+    arch = architecture_name(r)
     lines = [
         f"{arch}, batch {r['batch_size']}, {r['steps']} steps, {r['how_scale']} "
         f"{'scaled' if r['scale_lr'] else 'unscaled'} t_0={r['t_0']:g}, {r['device']}"
@@ -242,16 +244,18 @@ def table(r: dict) -> str:
 
 
 def check(args, parser) -> None:
+    default_depth, default_k = ARCHITECTURE_DEFAULTS[args.model]
+    args.depth = default_depth if args.depth is None else args.depth
+    args.growth_rate = default_k if args.growth_rate is None or args.model == "vgg" else args.growth_rate
     for flag in ("depth", "growth_rate", "batch_size", "steps", "repeats", "num_classes"):
-        if getattr(args, flag) <= 0:
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     if args.level_steps < 0:
         parser.error(f"--level-steps must be >= 0, got {args.level_steps}")
     if not 0.0 < args.t_0 <= 1.0:
         parser.error(f"--t_0 must be in (0, 1], got {args.t_0}")
     try:
-        build_model({"depth": args.depth, "growth_rate": 1, "bottleneck": args.bottleneck,
-                     "reduction": 0.5, "dropout": 0.0, "num_classes": 1})
+        check_architecture(args.model, args.depth, args.bottleneck)
         resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))

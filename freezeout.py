@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
+import weakref
 from typing import Iterable, Sequence, Union
 
 import torch
@@ -151,7 +153,9 @@ class FreezeOut(LRScheduler):
         self.t_i = unit_times(len(self.units), self.t_0, self.how_scale)
         self.frozen_at: list[int | None] = [None] * len(self.units)
         self.num_frozen = 0
+        self._order_watch = None
         super().__init__(optimizer, last_epoch)
+        self._watch_forward_order()
 
     # -- the schedule -------------------------------------------------------------------
     def alphas(self) -> list[float]:
@@ -167,8 +171,44 @@ class FreezeOut(LRScheduler):
     def step(self, epoch: None = None) -> None:
         if epoch is not None:
             raise TypeError("FreezeOut.step() takes no epoch; call it once per optimizer step")
+        if self._order_watch is not None:
+            self._check_forward_order()
         super().step()
         self._freeze_due_units()
+
+    # -- the units must be listed in forward order ------------------------------------------
+    def _watch_forward_order(self) -> None:
+        """Record which units run first until the first step: freezing saves work only if the
+        frozen units are a prefix of the forward pass. A process-wide hook, so that copies of
+        the model (an EMA, a FLOP count) neither carry it nor feed it."""
+        unit_of = {id(m): i for i, u in enumerate(self.units) for m in unit_modules(u)}
+        first_calls: list[int] = []
+
+        def record(module, args):
+            i = unit_of.get(id(module))
+            if i is not None and i not in first_calls:
+                first_calls.append(i)
+
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+        self._order_watch = (handle, first_calls)
+        weakref.finalize(self, handle.remove)
+
+    def _check_forward_order(self) -> None:
+        handle, first_calls = self._order_watch
+        handle.remove()
+        self._order_watch = None
+        if not first_calls:  # no forward pass before the first step: nothing to judge
+            return
+        for a, b in zip(first_calls, first_calls[1:]):
+            if b < a:
+                raise ValueError(f"FreezeOut units are not in forward order: unit {a} ran before "
+                                 f"unit {b}. Frozen units must be a prefix of the forward pass; "
+                                 "list the units in the order the model calls them")
+        missing = sorted(set(range(len(self.units))) - set(first_calls))
+        if missing:
+            warnings.warn(f"FreezeOut units {missing} did not run in the first training step; "
+                          "freezing them saves nothing if they are not part of the forward pass",
+                          stacklevel=3)
 
     # -- freezing -----------------------------------------------------------------------
     @property
@@ -220,6 +260,9 @@ class FreezeOut(LRScheduler):
         self.base_lrs = list(state_dict["base_lrs"])
         self.frozen_at = list(state_dict["frozen_at"])
         self.num_frozen = sum(at is not None for at in self.frozen_at)
+        if self.last_epoch > 0 and self._order_watch is not None:  # checked in the first run
+            self._order_watch[0].remove()
+            self._order_watch = None
         for i in range(self.num_frozen):
             self._freeze(i)
         self._last_lr = list(state_dict["_last_lr"])

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from densenet import DenseNet, layers_per_block
+from vgg import VGG, check_depth as vgg_layers
+from wrn import WideResNet, blocks_per_group
 from freezeout import FreezeOut, SCALE_POWERS, param_groups, unit_times
 from metrics_logger import MetricsLogger, read_records, write_records
 from utils import (DATASETS, DataError, TensorLoader, TorchvisionLoader, densenet_paper_speedup,
@@ -41,6 +43,8 @@ CHECKPOINT_FORMAT = "freezeout-checkpoint-v1"
 # Flags that say where or how fast a run goes, not what it computes: --resume may change them.
 RUNTIME_FLAGS = {"resume", "device", "workers", "data_root", "out_dir", "save_weights"}
 PROGRESS_EVERY = 20  # steps between reads of the loss (each read waits for the device)
+# Each architecture's paper default for -L and -k (k: DenseNet growth rate, WRN widening factor).
+ARCHITECTURE_DEFAULTS = {"densenet": (76, 12), "wrn": (40, 4), "vgg": (16, None)}
 # Estimates use a (2, 3, 32, 32) batch: FLOP ratios do not depend on the batch size.
 ESTIMATE_INPUT = (2, 3, 32, 32)
 
@@ -60,12 +64,21 @@ class Stopped(Exception):
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to every flag's help unless the help already states it."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     """The CLI. With with_defaults=False every default is dropped, so that parsing tells
     which flags were given on the command line (what --resume checks against the run)."""
     parser = argparse.ArgumentParser(
         description="Train a network with FreezeOut (Brock et al. 2017).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
 
     def add(group, *names, **kwargs):
         if not with_defaults:
@@ -73,13 +86,19 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
         return group.add_argument(*flag_spellings(*names), **kwargs)
 
     model = parser.add_argument_group("model")
-    add(model, "--model", default="densenet", choices=["densenet"], help="architecture")
-    add(model, "-L", "--depth", type=int, default=76, help="network depth L")
-    add(model, "-k", "--growth-rate", type=int, default=12, help="DenseNet growth rate k")
+    add(model, "--model", default="densenet", choices=list(ARCHITECTURE_DEFAULTS),
+        help="architecture: DenseNet(-BC), Wide ResNet or VGG with BatchNorm")
+    add(model, "-L", "--depth", type=int, default=None,
+        help="depth L (default: 76 for densenet, 40 for wrn, 16 for vgg)")
+    add(model, "-k", "--growth-rate", type=int, default=None,
+        help="DenseNet growth rate or WRN widening factor k; unused by vgg "
+             "(default: 12 for densenet, 4 for wrn)")
     add(model, "--bottleneck", action=argparse.BooleanOptionalAction, default=True,
-        help="DenseNet-BC bottleneck layers (--no-bottleneck: plain DenseNet layers)")
-    add(model, "--reduction", type=float, default=0.5, help="transition compression theta")
-    add(model, "--dropout", type=float, default=0.0, help="dropout rate after each convolution")
+        help="DenseNet-BC bottleneck layers (--no-bottleneck: plain DenseNet layers); densenet only")
+    add(model, "--reduction", type=float, default=0.5, help="DenseNet transition compression theta")
+    add(model, "--dropout", type=float, default=0.0,
+        help="dropout rate: after each DenseNet convolution, between a WRN block's convolutions, "
+             "before VGG's hidden classifier layers")
 
     data = parser.add_argument_group("data")
     add(data, "--dataset", choices=DATASETS, default=None,
@@ -144,6 +163,9 @@ def parse_args(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     explicit = set(vars(build_parser(with_defaults=False).parse_args(argv)))
+    default_depth, default_k = ARCHITECTURE_DEFAULTS[args.model]
+    args.depth = default_depth if args.depth is None else args.depth
+    args.growth_rate = default_k if args.growth_rate is None or args.model == "vgg" else args.growth_rate
     return parser, args, explicit
 
 
@@ -152,7 +174,7 @@ def check_args(args, explicit: set) -> None:
     if not 0.0 < args.t_0 <= 1.0:
         raise ValueError(f"--t_0 must be in (0, 1], got {args.t_0}")
     for flag in ("epochs", "batch_size", "depth", "growth_rate"):
-        if getattr(args, flag) <= 0:
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ValueError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
     if args.subset is not None and args.subset <= 0:
         raise ValueError(f"--subset must be a positive integer, got {args.subset}")
@@ -169,10 +191,7 @@ def check_args(args, explicit: set) -> None:
         raise ValueError(f"--dataset {args.dataset} contradicts --which_dataset {args.which_dataset}")
     if args.target_speedup is not None and "t_0" in explicit:
         raise ValueError("give --t_0 or --target-speedup, not both")
-    try:
-        layers_per_block(args.depth, args.bottleneck)
-    except ValueError as e:
-        raise ValueError(f"-L/--depth: {e}") from None
+    check_architecture(args.model, args.depth, args.bottleneck)
 
 
 def resolve_dataset(args) -> tuple[str, int | None]:
@@ -188,9 +207,8 @@ def num_classes_of(dataset: str, synthetic_classes: int | None) -> int:
 def speedup_estimator(args, num_classes: int):
     """The estimate (as a function of t_0) that drives --const_time and --target-speedup:
     the paper's for DenseNet-BC, the FLOP-based one (continuous limit) for any other model."""
-    if args.bottleneck:
-        return (lambda t_0: densenet_paper_speedup(args.depth, args.growth_rate, t_0,
-                                                   args.how_scale)), "the paper's estimate"
+    if paper_speedup(vars(args), args.t_0) is not None:
+        return (lambda t_0: paper_speedup(vars(args), t_0)), "the paper's estimate"
     model = build_model({**vars(args), "num_classes": num_classes})
     units = model.freeze_units()
     levels = training_flops_by_level(unit_flops(model, units, ESTIMATE_INPUT))
@@ -215,7 +233,8 @@ def resolve_epochs(args, estimate: float) -> int:
 
 
 def default_run_name(args, dataset: str) -> str:
-    arch = f"densenet{'BC' if args.bottleneck else ''}-L{args.depth}-k{args.growth_rate}"
+    arch = {"densenet": f"densenet{'BC' if args.bottleneck else ''}-L{args.depth}-k{args.growth_rate}",
+            "wrn": f"wrn-{args.depth}-{args.growth_rate}", "vgg": f"vgg{args.depth}"}[args.model]
     data = dataset + (f"{args.which_dataset}" if dataset == "synthetic" and args.which_dataset else "")
     data += f"-sub{args.subset}" if args.subset else ""
     fo = (f"ts{args.target_speedup:g}" if args.target_speedup is not None else f"t0-{args.t_0:g}")
@@ -260,8 +279,7 @@ def resolve_config(args, explicit: set, argv) -> dict:
         "device": str(device), "amp": args.amp, "amp_effective": effective_amp(args.amp, device),
         "channels_last": args.channels_last, "workers": workers,
         "out_dir": args.out_dir, "name": name, "run_dir": str(Path(args.out_dir) / name),
-        "paper_speedup": densenet_paper_speedup(args.depth, args.growth_rate, t_0, args.how_scale,
-                                                args.bottleneck),
+        "paper_speedup": paper_speedup(vars(args), t_0),
         "argv": list(argv), "args": vars(args),
     }
 
@@ -294,10 +312,45 @@ def prepare_run_dir(config: dict, resume: bool) -> tuple[Path, dict | None]:
 # ---------------------------------------------------------------------------------------
 # Building blocks: model, optimizer, precision, data, estimates
 # ---------------------------------------------------------------------------------------
+def check_architecture(model: str, depth: int, bottleneck: bool = True) -> None:
+    """Raise ValueError naming -L for a depth the architecture cannot have."""
+    try:
+        if model == "densenet":
+            layers_per_block(depth, bottleneck)
+        elif model == "wrn":
+            blocks_per_group(depth)
+        else:
+            vgg_layers(depth)
+    except ValueError as e:
+        raise ValueError(f"-L/--depth: {e}") from None
+
+
 def build_model(config: dict) -> torch.nn.Module:
+    if config["model"] == "wrn":
+        return WideResNet(depth=config["depth"], widen_factor=config["growth_rate"],
+                          num_classes=config["num_classes"], dropout=config["dropout"])
+    if config["model"] == "vgg":
+        return VGG(depth=config["depth"], num_classes=config["num_classes"], dropout=config["dropout"])
     return DenseNet(depth=config["depth"], growth_rate=config["growth_rate"],
                     num_classes=config["num_classes"], bottleneck=config["bottleneck"],
                     reduction=config["reduction"], dropout=config["dropout"])
+
+
+def architecture_name(config: dict) -> str:
+    if config["model"] == "wrn":
+        return f"WRN-{config['depth']}-{config['growth_rate']}"
+    if config["model"] == "vgg":
+        return f"VGG-{config['depth']} (BN)"
+    bc = "-BC" if config["bottleneck"] else ""
+    return f"DenseNet{bc} L={config['depth']} k={config['growth_rate']}"
+
+
+def paper_speedup(config: dict, t_0: float) -> float | None:
+    """The paper's estimate where it applies (DenseNet-BC), else None."""
+    if config["model"] != "densenet":
+        return None
+    return densenet_paper_speedup(config["depth"], config["growth_rate"], t_0,
+                                  config["how_scale"], config["bottleneck"])
 
 def make_optimizer(units, config: dict, device: torch.device) -> torch.optim.SGD:
     """SGD with Nesterov momentum, one param group per unit. On CUDA the fused kernel: one
@@ -364,8 +417,7 @@ def estimates(config: dict, model, units, t_i, total_steps: int) -> dict:
     """The paper's estimate (DenseNet-BC) and the FLOP-based one (any model) for this run."""
     per_unit = unit_flops(model, units, ESTIMATE_INPUT)
     flop = schedule_speedup(training_flops_by_level(per_unit), t_i, total_steps)
-    paper = densenet_paper_speedup(config["depth"], config["growth_rate"], config["t_0"],
-                                   config["how_scale"], config["bottleneck"])
+    paper = paper_speedup(config, config["t_0"])
     return {"paper_speedup": paper, "flop_speedup": flop,
             "estimated_speedup": paper if paper is not None else flop,
             "unit_flops": per_unit}
@@ -561,7 +613,7 @@ def evaluate(model, loader, config, device) -> tuple[float, float]:
 # The run
 # ---------------------------------------------------------------------------------------
 def describe(config: dict, splits, loader_kind: str) -> str:
-    arch = f"DenseNet{'-BC' if config['bottleneck'] else ''} L={config['depth']} k={config['growth_rate']}"
+    arch = architecture_name(config)
     sizes = f"{len(splits.train):,} train"
     if splits.eval is not None:
         sizes += f" / {len(splits.eval):,} {'val' if config['eval_mode'] == 'val' else 'test'}"

@@ -69,13 +69,17 @@ def test_unit_times(how_scale, power):
     assert unit_times(40, 0.8, "cubic")[0] == pytest.approx(0.512)
 
 
+OPTIMIZERS = [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW]
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=lambda o: o.__name__)
 @pytest.mark.parametrize("scale_lr", [True, False])
 @pytest.mark.parametrize("how_scale,power", STRATEGIES)
-def test_learning_rates_follow_the_formula_exactly(how_scale, power, scale_lr):
+def test_learning_rates_follow_the_formula_exactly(how_scale, power, scale_lr, opt):
     torch.manual_seed(0)
     model = Small()
     total, t_0 = 37, 0.3
-    optimizer, scheduler = make(model, model.units(), total, t_0, how_scale, scale_lr)
+    optimizer, scheduler = make(model, model.units(), total, t_0, how_scale, scale_lr, opt=opt)
     for k in range(total + 3):  # a few steps past the end: everything stays at zero
         lrs = [g["lr"] for g in optimizer.param_groups]
         assert lrs == [expected_lr(k, i, 5, total, t_0, power, scale_lr) for i in range(5)], k
@@ -105,12 +109,14 @@ def test_units_freeze_at_the_first_step_past_t_i_in_order_and_never_thaw(how_sca
     assert scheduler.frozen_at[-1] is None  # the output unit trains to the end
 
 
-def test_frozen_units_stay_bit_identical_and_leave_autograd():
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=lambda o: o.__name__)
+def test_frozen_units_stay_bit_identical_and_leave_autograd(opt):
     torch.manual_seed(0)
     model = DenseNet(depth=16, growth_rate=4, num_classes=5)  # 2 layers per block, 11 units
     units = model.freeze_units()
     total = 40
-    optimizer, scheduler = make(model, units, total, t_0=0.1, how_scale="linear")
+    optimizer, scheduler = make(model, units, total, t_0=0.1, how_scale="linear", opt=opt,
+                                **({} if opt is torch.optim.SGD else {"weight_decay": 0.05}))
     k = 0
     while scheduler.num_frozen < 3:
         train_step(model, optimizer, scheduler, k, batch=6)
@@ -210,3 +216,41 @@ def test_misuse_is_refused_clearly():
         FreezeOut(torch.optim.SGD(model.parameters(), lr=0.1), units, 10)
     with pytest.raises(ValueError, match="shares parameters"):
         param_groups([model.blocks[0], model.blocks[0][0]])
+
+
+def test_units_out_of_forward_order_are_caught_at_the_first_step():
+    torch.manual_seed(0)
+    model = Small()
+    units = model.units()
+    units[1], units[2] = units[2], units[1]
+    optimizer, scheduler = make(model, units, 20)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    with pytest.raises(ValueError, match="not in forward order: unit 2 ran before unit 1"):
+        scheduler.step()
+
+
+def test_a_unit_outside_the_forward_pass_is_warned_about():
+    torch.manual_seed(0)
+    model = Small()
+    spare = nn.Linear(3, 3)
+    units = [*model.units()[:-1], spare, model.fc]
+    optimizer, scheduler = make(model, units, 20)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    with pytest.warns(UserWarning, match=r"units \[4\] did not run"):
+        scheduler.step()
+
+
+def test_list_units_freeze_every_module_in_them():
+    torch.manual_seed(0)
+    model = Small()
+    block = model.blocks[0]
+    units = [[block[0], block[1]], *model.units()[1:]]  # a unit made of two modules
+    optimizer, scheduler = make(model, units, 10, t_0=0.05, how_scale="linear")
+    train_step(model, optimizer, scheduler, 0)
+    train_step(model, optimizer, scheduler, 1)
+    assert scheduler.frozen[0]
+    model.train()
+    assert not block[0].training and not block[1].training
+    assert not any(p.requires_grad for p in block[:2].parameters())

@@ -151,6 +151,27 @@ def test_speed_switches_train_and_freeze_on_cpu(tmp_path, extra):
         assert ckpt["scaler"]["scale"] > 0  # the scaler's state travels with the checkpoint
 
 
+@pytest.mark.parametrize("model,depth,k,expected", [
+    ("wrn", "10", "1", "WRN-10-1"), ("vgg", "11", None, "VGG-11")])
+def test_other_architectures_train_with_the_flop_estimate(tmp_path, capsys, model, depth, k, expected):
+    argv = ["--model", model, "-L", depth, *(["-k", k] if k else []), "--epochs", "1", "--dropout", "0.2"]
+    run_train(tmp_path, *argv)
+    config = read_records(tmp_path / "run" / "metrics.jsonl", "config")[0]
+    built = train.build_model(config)
+    assert config["params"] == sum(p.numel() for p in built.parameters())
+    assert config["paper_speedup"] is None and 0 < config["flop_speedup"] == config["estimated_speedup"]
+    assert config["n_units"] == len(built.freeze_units()) and config["dropout"] == 0.2
+    assert expected in capsys.readouterr().out
+
+
+def test_each_architecture_has_the_papers_defaults():
+    for model, depth, k in [("densenet", 76, 12), ("wrn", 40, 4), ("vgg", 16, None)]:
+        _, args, _ = train.parse_args(["--model", model])
+        assert (args.depth, args.growth_rate) == (depth, k)
+    _, args, _ = train.parse_args(["--model", "vgg", "-k", "8"])  # -k means nothing to VGG
+    assert args.growth_rate is None
+
+
 def fails(capsys, argv, message, code=None):
     """main(argv) exits non-zero with `message` on the last line of stderr, no traceback."""
     with pytest.raises(SystemExit) as info:
@@ -169,6 +190,8 @@ BAD_FLAGS = [
     (["--model", "resnet"], "argument --model"),
     (["--device", "tpu"], "argument --device"),
     (["-L", "75"], "-L/--depth: depth 75 is not a valid"),
+    (["--model", "wrn", "-L", "41"], "-L/--depth: depth 41 is not a valid Wide ResNet depth"),
+    (["--model", "vgg", "-L", "17"], "-L/--depth: depth 17 is not a VGG depth"),
     (["--no-bottleneck", "-L", "41"], "-L/--depth: depth 41 is not a valid"),
     (["--epochs", "0"], "--epochs must be a positive integer"),
     (["--epochs", "two"], "argument --epochs"),
@@ -223,6 +246,6 @@ def test_command_line_errors_and_help(tmp_path):
     assert "Traceback" not in bad.stderr and not any(tmp_path.iterdir())
     help_text = subprocess.run([sys.executable, "train.py", "-h"], cwd=ROOT, capture_output=True,
                                text=True, check=True).stdout
-    for text in ("--batch_size", "--t_0", "(default: 0.8)", "(default: 76)", "(default: cifar100",
+    for text in ("--batch_size", "--t_0", "(default: 0.8)", "(default: 76 for densenet", "(default: cifar100",
                  "--no-validate", "--validate-test", "--no_scale", "--const_time", "--amp"):
         assert text in help_text, text

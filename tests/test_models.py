@@ -1,0 +1,98 @@
+"""Wide ResNet and VGG (and DenseNet beside them): counts, shapes, gradients, frozen prefixes."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from densenet import DenseNet
+from freezeout import FreezeOut, param_groups
+from vgg import VGG
+from wrn import WideResNet
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_wide_resnet_40_4_has_the_papers_size():
+    model = WideResNet(depth=40, widen_factor=4, num_classes=100)
+    assert n_params(model) == 8_972_340  # "8.97M" in the paper
+    assert len(model.freeze_units()) == 1 + 18 + 1  # stem, 3 x 6 blocks, head
+
+
+@pytest.mark.parametrize("depth,convs", [(11, 8), (13, 10), (16, 13), (19, 16)])
+def test_vgg_depths(depth, convs):
+    model = VGG(depth=depth, num_classes=100)
+    units = model.freeze_units()
+    assert len(units) == convs + 1 and units[-1] is model.classifier
+    if depth == 16:
+        assert 14_000_000 <= n_params(model) <= 15_600_000
+    pools = sum(isinstance(m, torch.nn.MaxPool2d) for u in units for m in u.modules())
+    assert pools == 5
+
+
+MODELS = {
+    "densenet": lambda: DenseNet(depth=16, growth_rate=4, num_classes=10),
+    "wrn": lambda: WideResNet(depth=10, widen_factor=2, num_classes=10, dropout=0.3),
+    "vgg": lambda: VGG(depth=11, num_classes=10, dropout=0.3),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_and_every_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    out = model(torch.randn(4, 3, 32, 32))
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    F.cross_entropy(out, torch.tensor([0, 1, 2, 3])).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+    ids = [id(p) for u in model.freeze_units() for p in u.parameters()]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_frozen_prefix_is_untouched_and_outside_autograd(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    units = model.freeze_units()
+    optimizer = torch.optim.SGD(param_groups(units), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    scheduler = FreezeOut(optimizer, units, total_steps=30, t_0=0.2, how_scale="linear")
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+
+    def step():
+        model.train()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+    while scheduler.num_frozen < 3:
+        step()
+    frozen = units[:scheduler.num_frozen]
+    before = [copy.deepcopy(u.state_dict()) for u in frozen]
+    for _ in range(4):
+        step()
+    for unit, snapshot in zip(frozen, before):
+        after = unit.state_dict()
+        assert all(torch.equal(snapshot[k], after[k]) for k in snapshot)  # weights and BN stats
+        assert all(p.grad is None and p not in optimizer.state for p in unit.parameters())
+        assert all(not m.training for m in unit.modules())
+
+    outputs = []
+    hooks = [u.register_forward_hook(lambda m, i, o: outputs.append(o)) for u in units]
+    model.train()
+    model(x)
+    for h in hooks:
+        h.remove()
+    n = scheduler.num_frozen
+    assert all(o.grad_fn is None for o in outputs[:n]) and all(o.grad_fn is not None for o in outputs[n:])
+
+
+@pytest.mark.parametrize("make,depth", [(lambda d: WideResNet(depth=d), 41), (lambda d: WideResNet(depth=d), 4),
+                                        (lambda d: VGG(depth=d), 15)])
+def test_impossible_depths_are_refused(make, depth):
+    with pytest.raises(ValueError, match=f"depth {depth} is not a"):
+        make(depth)

@@ -1,0 +1,33 @@
+"""The README's code runs as written."""
+import re
+from pathlib import Path
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def python_block_after(heading: str) -> str:
+    section = README[README.index(heading):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_own_model_example_runs_and_freezes(capsys):
+    namespace = {}
+    exec(compile(python_block_after("## FreezeOut for your own model"), "README.md", "exec"), namespace)
+    scheduler, units = namespace["scheduler"], namespace["units"]
+    assert 0 < scheduler.num_frozen < len(units)
+    assert scheduler.frozen_at[-1] is None
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 12 and out[-1].startswith("loss ")
+    assert set(namespace["checkpoint"]) == {"model", "optimizer", "scheduler"}
+
+
+def test_notebook_estimate_example_gives_the_papers_numbers():
+    block = python_block_after("## The estimate from a notebook")
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    calls = [line for line in block.splitlines() if line.startswith("calc_speedup(")]
+    assert len(calls) == 2
+    for line in calls:
+        call, _, expected = line.partition("#")
+        value = eval(call.strip(), namespace)
+        assert f"{value:.4f}" == expected.split(":")[0].strip()
