@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -34,15 +35,16 @@ from vgg import VGG, check_depth as vgg_layers
 from wrn import WideResNet, blocks_per_group
 from freezeout import FreezeOut, SCALE_POWERS, param_groups, unit_times
 from metrics_logger import MetricsLogger, read_records, write_records
-from utils import (DATASETS, DataError, TensorLoader, TorchvisionLoader, densenet_paper_speedup,
-                   fits_on_device, flag_spellings, host_info, load_splits, resolve_device,
-                   schedule_speedup, seed_everything, solve_t_0, split_sizes,
-                   training_flops_by_level, unit_flops)
+from utils import (DATASETS, DataError, Distributed, TensorLoader, TorchvisionLoader,
+                   densenet_paper_speedup, fits_on_device, flag_spellings, host_info,
+                   init_distributed, load_splits, resolve_device, schedule_speedup, seed_everything,
+                   solve_t_0, split_sizes, training_flops_by_level, unit_flops)
 
 CHECKPOINT_FORMAT = "freezeout-checkpoint-v1"
 # Flags that say where or how fast a run goes, not what it computes: --resume may change them.
 RUNTIME_FLAGS = {"resume", "device", "workers", "data_root", "out_dir", "save_weights"}
 PROGRESS_EVERY = 20  # steps between reads of the loss (each read waits for the device)
+NO_STEP = 2 ** 62  # "no non-finite loss yet": larger than any step
 # Each architecture's paper default for -L and -k (k: DenseNet growth rate, WRN widening factor).
 ARCHITECTURE_DEFAULTS = {"densenet": (76, 12), "wrn": (40, 4), "vgg": (16, None)}
 # Estimates use a (2, 3, 32, 32) batch: FLOP ratios do not depend on the batch size.
@@ -127,7 +129,8 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     add(optim, "--epochs", type=int, default=100, help="training epochs")
-    add(optim, "--batch_size", type=int, default=50, help="training batch size")
+    add(optim, "--batch_size", type=int, default=50,
+        help="training batch size, global: under torchrun each of N processes takes 1/N of it")
     add(optim, "--lr", type=float, default=0.1, help="base learning rate")
     add(optim, "--momentum", type=float, default=0.9, help="SGD Nesterov momentum")
     add(optim, "--weight-decay", type=float, default=1e-4, help="SGD weight decay")
@@ -371,6 +374,29 @@ def build_training(config: dict, device: torch.device, total_steps: int):
     scaler = torch.amp.GradScaler(device.type, enabled=config["amp_effective"] == "fp16")
     return model, units, optimizer, scheduler, scaler
 
+class Replicas:
+    """What the training step calls: the model itself in one process; under torchrun a
+    DistributedDataParallel wrapper over the parameters still training. DDP buckets only
+    parameters that require gradients, so the wrapper is rebuilt whenever units freeze (at most
+    once per unit, at the same step on every rank, since the schedule is the same): frozen
+    parameters leave the all-reduce, and no step waits for gradients that never come, without
+    find_unused_parameters. Each rebuild also re-broadcasts rank 0's weights."""
+
+    def __init__(self, model: torch.nn.Module, dist: Distributed, device: torch.device):
+        self.model, self.dist, self.device = model, dist, device
+        self.module, self.num_frozen = model, None
+
+    def sync(self, num_frozen: int) -> torch.nn.Module:
+        if self.dist.enabled and num_frozen != self.num_frozen:
+            from torch.nn.parallel import DistributedDataParallel
+            self.module = None  # release the old wrapper (and its gradient hooks) first
+            self.module = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
+            self.num_frozen = num_frozen
+        return self.module
+
+
 def effective_amp(amp: str, device: torch.device) -> str:
     """The precision autocast will really use: "off" where the device has no autocast for it."""
     if amp == "off":
@@ -395,20 +421,22 @@ def resolve_loader(config: dict, splits, device: torch.device) -> str:
     data = [d for d in (splits.train, splits.eval, splits.test) if d is not None]
     return "tensor" if fits_on_device(data, device) else "torchvision"
 
-def make_loaders(config: dict, splits, device: torch.device, kind: str):
-    """(train loader, per-epoch evaluation loader or None, test loader)."""
+def make_loaders(config: dict, splits, device: torch.device, kind: str, dist: Distributed):
+    """(train loader, per-epoch evaluation loader or None, test loader), each serving this
+    process's shard: per-rank training batches of batch_size / world_size."""
+    batch = config["batch_size"] // dist.world_size
     # Evaluation batches: larger on a GPU; on a CPU the training size runs fastest (cache).
-    batch = config["batch_size"]
     eval_batch = batch if device.type == "cpu" else max(batch, 500)
+    shard = {"rank": dist.rank, "world_size": dist.world_size}
     if kind == "tensor":
         def make(data, size, train):
             return TensorLoader(data, splits.mean, splits.std, size, train, config["augment"],
-                                device, seed=config["seed"])
+                                device, seed=config["seed"], **shard)
     else:
         def make(data, size, train):
             return TorchvisionLoader(data, splits.mean, splits.std, size, train, config["augment"],
                                      config["workers"], seed=config["seed"],
-                                     pin_memory=device.type == "cuda")
+                                     pin_memory=device.type == "cuda", **shard)
     evaluated = make(splits.eval, eval_batch, False) if splits.eval is not None else None
     test = evaluated if config["eval_mode"] == "test" else make(splits.test, eval_batch, False)
     return make(splits.train, batch, True), evaluated, test
@@ -442,14 +470,18 @@ def set_rng_state(state: dict) -> None:
                          n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
 
-def checkpoint_state(config, model, optimizer, scheduler, scaler, epoch: int, step: int,
-                     train_time: float, position: dict | None) -> dict:
+def write_checkpoint(path: Path, dist: Distributed, config, model, optimizer, scheduler, scaler,
+                     epoch: int, step: int, train_time: float, position: dict | None) -> None:
     """`epoch` epochs are complete; `position` says how far the next one got when a signal
-    stopped it (None at an epoch's end)."""
-    return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "train_time_s": train_time,
+    stopped it (None at an epoch's end). Every rank's RNG state is gathered (a collective);
+    rank 0 writes."""
+    rngs = dist.gather(rng_state())
+    if dist.is_main:
+        save_checkpoint(path, {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "train_time_s": train_time,
             "position": position, "config": config, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng_state()}
+            "scaler": scaler.state_dict(), "rng": rngs})
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write to a temporary file, fsync, then rename: a crash leaves the old file whole."""
@@ -481,12 +513,12 @@ def load_checkpoint(path: Path) -> dict:
         raise RunError(f"{path} is not a FreezeOut checkpoint of this project")
     return state
 
-def restore(checkpoint: dict, model, optimizer, scheduler, scaler) -> None:
+def restore(checkpoint: dict, model, optimizer, scheduler, scaler, dist: Distributed) -> None:
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])  # after the optimizer: re-freezes units
     scaler.load_state_dict(checkpoint["scaler"])
-    set_rng_state(checkpoint["rng"])
+    set_rng_state(checkpoint["rng"][dist.rank])
 
 # ---------------------------------------------------------------------------------------
 # Training and evaluation
@@ -531,57 +563,74 @@ def new_position(epoch: int) -> dict:
     return {"epoch": epoch, "batch": 0, "loss_sum": 0.0, "seen": 0, "time_s": 0.0}
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, config, device, position: dict,
-                    stop: StopSignals, desc: str) -> bool:
+def train_one_epoch(replicas: Replicas, loader, optimizer, scheduler, scaler, config, device,
+                    position: dict, stop: StopSignals, dist: Distributed, desc: str) -> bool:
     """Train from `position` (updated in place) to the epoch's end or until a stop signal;
-    returns whether it was stopped. A non-finite loss raises RunError naming its step: the
-    check runs on the device and is read with the progress bar, never waiting per step."""
-    model.train()
+    returns whether it was stopped. A non-finite loss raises RunError naming its first step:
+    the check runs on the device and is read with the progress bar, never waiting per step.
+
+    Under torchrun the ranks agree at those reads (one small all-reduce) on whether to stop
+    and on the first bad step, so they all stop at the same step; the epoch's loss and image
+    count are summed over the ranks at its end."""
+    replicas.model.train()
     autocast = autocast_for(config["amp_effective"], device)
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     steps_per_epoch = config["steps_per_epoch"]
     first_step = (position["epoch"] - 1) * steps_per_epoch + position["batch"]
-    loss_sum = torch.tensor(position["loss_sum"], device=device)
+    # The epoch's running sums continue from the position (on rank 0; the others add theirs at
+    # the end), in float64, so that an interrupted epoch sums exactly as an uninterrupted one.
+    exact = torch.float32 if device.type == "mps" else torch.float64
+    loss_sum = torch.tensor(position["loss_sum"] if dist.is_main else 0.0, dtype=exact, device=device)
     step_no = torch.tensor(first_step - 1, device=device)
-    bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss
-    seen, stopped = position["seen"], False
+    bad_step = torch.tensor(NO_STEP, device=device)  # first step with a non-finite loss
+    seen = position["seen"] if dist.is_main else 0
+    stopped, seen_before = False, seen
     start = time.perf_counter()
     loader.set_epoch(position["epoch"], position["batch"])
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
-               initial=position["batch"], total=steps_per_epoch)
+               initial=position["batch"], total=steps_per_epoch, disable=not dist.is_main)
     for i, (x, y) in enumerate(bar, position["batch"]):
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
-        loss = train_step(model, x, y, optimizer, scaler, autocast)
+        loss = train_step(replicas.sync(scheduler.num_frozen), x, y, optimizer, scaler, autocast)
         scheduler.step()
-        loss_sum += loss.float() * len(y)
+        loss_sum += loss.to(exact) * len(y)
         step_no += 1
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step_no, bad_step)
+        bad_step = torch.where(torch.isfinite(loss), bad_step, torch.minimum(bad_step, step_no))
         seen += len(y)
         position["batch"] = i + 1
         last = i + 1 == steps_per_epoch
-        if i % PROGRESS_EVERY == 0 or last or stop.signum is not None:
-            check_finite(bad_step, position, steps_per_epoch, config)
+        if i % PROGRESS_EVERY == 0 or last or (stop.signum is not None and not dist.enabled):
+            stop_all = agree(bad_step, stop, dist, config)
             bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.3f}", frozen=scheduler.num_frozen,
-                            img_s=f"{(seen - position['seen']) / (time.perf_counter() - start):.0f}")
-        if stop.signum is not None and not last:
-            stopped = True
-            break
+                            img_s=f"{(seen - seen_before) * dist.world_size / (time.perf_counter() - start):.0f}")
+            if stop_all and not last:
+                stopped = True
+                break
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    check_finite(bad_step, position, steps_per_epoch, config)
-    position.update(loss_sum=loss_sum.item(), seen=seen,
-                    time_s=position["time_s"] + time.perf_counter() - start)
+    totals = dist.all_reduce(torch.stack([loss_sum, torch.tensor(float(seen), dtype=exact, device=device)]))
+    elapsed = dist.all_reduce(torch.tensor(time.perf_counter() - start, dtype=exact, device=device), "max")
+    position.update(loss_sum=totals[0].item(), seen=int(totals[1].item()),
+                    time_s=position["time_s"] + elapsed.item())
     return stopped
 
 
-def check_finite(bad_step: torch.Tensor, position: dict, steps_per_epoch: int, config: dict) -> None:
-    step = int(bad_step.item())
-    if step >= 0:
+
+def agree(bad_step: torch.Tensor, stop: StopSignals, dist: Distributed, config: dict) -> bool:
+    """Read the divergence flag (and, under torchrun, agree with the other ranks on it and on
+    stopping); raise RunError at a non-finite loss; return whether to stop now."""
+    wide = torch.float32 if bad_step.device.type == "mps" else torch.float64
+    stopping = torch.tensor(float(stop.signum is not None), dtype=wide, device=bad_step.device)
+    flags = dist.all_reduce(torch.stack([stopping, -bad_step.to(wide)]), "max")
+    step = int(-flags[1].item())
+    if step < NO_STEP:
+        per_epoch = config["steps_per_epoch"]
         raise RunError(f"training diverged: the loss was not finite at step {step} (epoch "
-                       f"{position['epoch']}, batch {step - (position['epoch'] - 1) * steps_per_epoch}); "
-                       f"the last good checkpoint is kept in {config['run_dir']}")
+                       f"{step // per_epoch + 1}, batch {step % per_epoch}); the last good "
+                       f"checkpoint is kept in {config['run_dir']}")
+    return bool(flags[0].item())
 
 
 def epoch_stats(position: dict) -> dict:
@@ -590,8 +639,8 @@ def epoch_stats(position: dict) -> dict:
             "images_per_s": position["seen"] / t if t > 0 else 0.0}
 
 @torch.inference_mode()
-def evaluate(model, loader, config, device) -> tuple[float, float]:
-    """Mean cross-entropy and error (percent) over a loader."""
+def evaluate(model, loader, config, device, dist: Distributed) -> tuple[float, float]:
+    """Mean cross-entropy and error (percent) over a split (each rank holds a shard of it)."""
     model.eval()
     autocast = autocast_for(config["amp_effective"], device)
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
@@ -606,7 +655,21 @@ def evaluate(model, loader, config, device) -> tuple[float, float]:
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         wrong += (logits.argmax(1) != y).sum()
         seen += len(y)
-    return loss_sum.item() / seen, 100.0 * wrong.item() / seen
+    totals = dist.all_reduce(torch.stack([loss_sum, wrong.double(),
+                                          torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+    loss_sum, wrong, seen = totals.tolist()
+    return loss_sum / seen, 100.0 * wrong / seen
+
+
+def check_replicas_agree(model, dist: Distributed, device) -> None:
+    """Under torchrun, every rank must hold the same weights: compare a checksum."""
+    if not dist.enabled:
+        return
+    with torch.no_grad():
+        total = torch.stack([p.double().sum() for p in model.parameters()]).sum().to(device)
+    spread = dist.all_reduce(torch.stack([total, -total]), "max")
+    if spread[0].item() != -spread[1].item():
+        raise RunError("the processes' weights differ: the replicas fell out of step")
 
 
 # ---------------------------------------------------------------------------------------
@@ -627,7 +690,9 @@ def describe(config: dict, splits, loader_kind: str) -> str:
         f"first unit freezes at {config['t_i'][0]:.1%} of the run",
         f"  estimated speedup: {'n/a' if paper is None else f'{paper:.1%}'} (paper), "
         f"{config['flop_speedup']:.1%} (FLOPs)",
-        f"  device {config['device']}, amp {config['amp_effective']}, loader {loader_kind}, "
+        f"  device {config['device']}"
+        + (f" x {config['world_size']} processes" if config.get("world_size", 1) > 1 else "")
+        + f", amp {config['amp_effective']}, loader {loader_kind}, "
         f"batch {config['batch_size']}, lr {config['lr']:g}, seed {config['seed']}; "
         f"run directory {config['run_dir']}",
     ]
@@ -640,76 +705,116 @@ def epoch_line(record: dict, config: dict) -> str:
     return line + (f"  frozen {record['frozen_units']}/{config['n_units']}"
                    f"  {record['images_per_s']:.0f} img/s  {record['train_time_s']:.1f} s")
 
-def run(config: dict, run_dir: Path, checkpoint: dict | None) -> dict:
-    metrics_path = run_dir / "metrics.jsonl"
-    if checkpoint is not None and read_records(metrics_path, "summary"):
-        print(f"{run_dir} has already finished; nothing to resume")
-        return read_records(metrics_path, "summary")[-1]
+class NoLog:
+    """Stands in for the metrics file on the ranks that do not write it."""
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def log(self, event: str, **fields) -> dict:
+        return {"event": event, **fields}
+
+
+def load_data(config: dict, dist: Distributed):
+    """The splits; under torchrun rank 0 loads (and downloads) first, then the others."""
+    def load():
+        return load_splits(config["dataset"], config["data_root"], config["eval_mode"],
+                           config["subset"], config["synthetic_classes"], config["seed"])
+    if not dist.enabled:
+        return load()
+    error, splits = None, None
+    if dist.is_main:
+        try:
+            splits = load()
+        except DataError as e:
+            error = str(e)
+    error = dist.broadcast(error)  # every rank learns whether rank 0 could load the data
+    if error is not None:
+        raise DataError(error)
+    return splits if dist.is_main else load()
+
+
+def run(config: dict, run_dir: Path, checkpoint: dict | None, dist: Distributed = Distributed()) -> dict:
+    metrics_path = run_dir / "metrics.jsonl"
     seed_everything(config["seed"])
     device = torch.device(config["device"])
-    splits = load_splits(config["dataset"], config["data_root"], config["eval_mode"],
-                         config["subset"], config["synthetic_classes"], config["seed"])
-    steps_per_epoch = len(splits.train) // config["batch_size"]
+    splits = load_data(config, dist)
+    if config["batch_size"] % dist.world_size:
+        raise RunError(f"--batch_size {config['batch_size']} is not divisible by the "
+                       f"{dist.world_size} processes (it is the global batch)")
+    steps_per_epoch = (len(splits.train) // dist.world_size) // (config["batch_size"] // dist.world_size)
     if steps_per_epoch == 0:
         raise RunError(f"--batch_size {config['batch_size']} is larger than the training set "
                        f"({len(splits.train)} images)")
     total_steps = config["epochs"] * steps_per_epoch
     model, units, optimizer, scheduler, scaler = build_training(config, device, total_steps)
+    replicas = Replicas(model, dist, device)
 
     if checkpoint is None:
         config.update(num_classes=splits.num_classes, params=sum(p.numel() for p in model.parameters()),
                       n_units=len(units), t_i=scheduler.t_i, steps_per_epoch=steps_per_epoch,
                       total_steps=total_steps, train_images=len(splits.train),
+                      world_size=dist.world_size, per_rank_batch_size=config["batch_size"] // dist.world_size,
                       loader_used=resolve_loader(config, splits, device),
                       **estimates(config, model, units, scheduler.t_i, total_steps))
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunError(f"--out-dir {config['out_dir']}: cannot create {run_dir} "
-                           f"({e.strerror or e})") from None
-        with MetricsLogger(metrics_path) as log:
-            log.log("config", **config, host=host_info(device))
+        if dist.is_main:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RunError(f"--out-dir {config['out_dir']}: cannot create {run_dir} "
+                               f"({e.strerror or e})") from None
+            with MetricsLogger(metrics_path) as log:
+                log.log("config", **config, host=host_info(device))
         done_epochs, train_time, position = 0, 0.0, new_position(1)
     else:
-        restore(checkpoint, model, optimizer, scheduler, scaler)
+        restore(checkpoint, model, optimizer, scheduler, scaler, dist)
         done_epochs, train_time = checkpoint["epoch"], checkpoint["train_time_s"]
         position = checkpoint["position"] or new_position(done_epochs + 1)
-        # Epoch records after the checkpoint belong to work about to be redone: drop them.
-        kept = [r for r in read_records(metrics_path)
-                if r["event"] == "config" or (r["event"] == "epoch" and r["epoch"] <= done_epochs)]
-        write_records(metrics_path, kept)
-        print(f"resuming {run_dir} in epoch {position['epoch']} at batch {position['batch']}")
-    train_loader, eval_loader, test_loader = make_loaders(config, splits, device, config["loader_used"])
-    print(describe(config, splits, config["loader_used"]), flush=True)
+        if dist.is_main:
+            # Epoch records after the checkpoint belong to work about to be redone: drop them.
+            kept = [r for r in read_records(metrics_path) if r["event"] == "config"
+                    or (r["event"] == "epoch" and r["epoch"] <= done_epochs)]
+            write_records(metrics_path, kept)
+            print(f"resuming {run_dir} in epoch {position['epoch']} at batch {position['batch']}")
+    train_loader, eval_loader, test_loader = make_loaders(config, splits, device,
+                                                          config["loader_used"], dist)
+    if dist.is_main:
+        print(describe(config, splits, config["loader_used"]), flush=True)
 
     last_val = (None, None)
-    with StopSignals() as stop, MetricsLogger(metrics_path) as log:
+    logger = MetricsLogger(metrics_path) if dist.is_main else NoLog()
+    with StopSignals() as stop, logger as log:
         for epoch in range(done_epochs + 1, config["epochs"] + 1):
-            stopped = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config, device,
-                                      position, stop, desc=f"epoch {epoch}/{config['epochs']}")
+            stopped = train_one_epoch(replicas, train_loader, optimizer, scheduler, scaler, config,
+                                      device, position, stop, dist,
+                                      desc=f"epoch {epoch}/{config['epochs']}")
             step = (epoch - 1) * steps_per_epoch + position["batch"]
             if stopped:
-                save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(
-                    config, model, optimizer, scheduler, scaler, epoch - 1, step, train_time, position))
+                write_checkpoint(run_dir / "checkpoint.pt", dist, config, model, optimizer, scheduler,
+                                 scaler, epoch - 1, step, train_time, position)
                 raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} in epoch "
                               f"{epoch} after step {step} of {total_steps}; checkpoint written: "
                               f"continue with --resume (run directory {run_dir})")
             stats = epoch_stats(position)
             train_time += stats["train_time_s"]
             record = {"epoch": epoch, "step": step, **stats}
+            check_replicas_agree(model, dist, device)
             if eval_loader is not None:
-                last_val = evaluate(model, eval_loader, config, device)
+                last_val = evaluate(model, eval_loader, config, device, dist)
                 record.update(val_loss=last_val[0], val_err=last_val[1])
             record.update(frozen_units=scheduler.num_frozen,
                           active_units=len(units) - scheduler.num_frozen,
                           lr=[float(lr) for lr in scheduler.get_last_lr()])
             log.log("epoch", **record)
-            save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(
-                config, model, optimizer, scheduler, scaler, epoch, step, train_time, None))
-            tqdm.write(epoch_line(record, config))
+            write_checkpoint(run_dir / "checkpoint.pt", dist, config, model, optimizer, scheduler,
+                             scaler, epoch, step, train_time, None)
+            if dist.is_main:
+                tqdm.write(epoch_line(record, config))
             position = new_position(epoch + 1)
-            if stop.signum is not None and epoch < config["epochs"]:
+            if epoch < config["epochs"] and agree(torch.tensor(NO_STEP, device=device), stop, dist, config):
                 raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} after "
                               f"epoch {epoch}; checkpoint written: continue with --resume "
                               f"(run directory {run_dir})")
@@ -717,48 +822,90 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None) -> dict:
         if config["eval_mode"] == "test" and last_val[0] is not None:
             test_loss, test_err = last_val  # the last evaluation was this same test pass
         else:
-            test_loss, test_err = evaluate(model, test_loader, config, device)
+            test_loss, test_err = evaluate(model, test_loader, config, device, dist)
         summary = log.log(
             "summary", epochs=config["epochs"], steps=total_steps, train_time_s=train_time,
             val_err=last_val[1] if config["eval_mode"] == "val" else None,
             test_loss=test_loss, test_err=test_err, estimated_speedup=config["estimated_speedup"],
             paper_speedup=config["paper_speedup"], flop_speedup=config["flop_speedup"],
             frozen_at=scheduler.frozen_at)
-    print(f"done: test error {test_err:.2f}%, training time {train_time:.1f} s; "
-          f"results in {run_dir}")
+    if dist.is_main:
+        print(f"done: test error {test_err:.2f}%, training time {train_time:.1f} s; "
+              f"results in {run_dir}")
     return summary
+
+def prepare(config: dict, args, explicit: set, dist: Distributed) -> tuple:
+    """On rank 0: check the run directory, load and check the checkpoint to resume. Every
+    rank gets the outcome: ("error", message, exit code) or ("ok", config, checkpoint, summary
+    of a run that has already finished or None)."""
+    if dist.is_main:
+        try:
+            run_dir, checkpoint = prepare_run_dir(config, args.resume)
+            finished = None
+            if checkpoint is not None:
+                check_resume_args(checkpoint["config"], args, explicit)
+                saved_world = checkpoint["config"].get("world_size", 1)
+                if saved_world != dist.world_size:
+                    raise RunError(f"--resume: the run was trained by {saved_world} process(es); "
+                                   f"resume it with the same number (this is {dist.world_size})")
+                runtime = {k: config[k] for k in ("device", "workers", "data_root", "out_dir", "run_dir")}
+                config = {**checkpoint["config"], **runtime}
+                config["amp_effective"] = effective_amp(config["amp"], torch.device(config["device"]))
+                summaries = read_records(run_dir / "metrics.jsonl", "summary")
+                finished = summaries[-1] if summaries else None
+            outcome = ("ok", config, checkpoint, finished)
+        except ValueError as e:  # a flag that contradicts the saved run
+            outcome = ("error", str(e), 2)
+        except RunError as e:
+            outcome = ("error", str(e), 1)
+    else:
+        outcome = None
+    outcome = dist.broadcast(outcome)
+    if outcome[0] == "ok" and not dist.is_main:  # each rank keeps its own device
+        outcome = ("ok", {**outcome[1], "device": config["device"]}, *outcome[2:])
+    return outcome
+
 
 def main(argv=None) -> dict:
     """Train as the command line says; return the run's summary record."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, args, explicit = parse_args(argv)
 
-    def fail(message: str, code: int = 1) -> None:
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    def fail(message: str, code: int = 1, dist: Distributed = Distributed()) -> None:
+        if dist.is_main:
+            print(f"{parser.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(code)
 
     try:
         config = resolve_config(args, explicit, argv)
-        run_dir, checkpoint = prepare_run_dir(config, args.resume)
-        if checkpoint is not None:
-            check_resume_args(checkpoint["config"], args, explicit)
-            runtime = {k: config[k] for k in ("device", "workers", "data_root", "out_dir", "run_dir")}
-            config = {**checkpoint["config"], **runtime}
-            config["amp_effective"] = effective_amp(config["amp"], torch.device(config["device"]))
     except ValueError as e:  # a flag value no run can use
         parser.error(str(e))
-    except RunError as e:
-        fail(str(e))
+    dist, device = init_distributed(torch.device(config["device"]))
+    config["device"] = str(device)
     try:
-        return run(config, run_dir, checkpoint)
+        outcome = prepare(config, args, explicit, dist)
+        if outcome[0] == "error":
+            if outcome[2] == 2 and dist.is_main:
+                parser.print_usage(sys.stderr)
+            fail(outcome[1], outcome[2], dist)
+        _, config, checkpoint, finished = outcome
+        if finished is not None:
+            if dist.is_main:
+                print(f"{config['run_dir']} has already finished; nothing to resume")
+            return finished
+        return run(config, Path(config["run_dir"]), checkpoint, dist)
     except (RunError, DataError) as e:
-        fail(str(e))
+        fail(str(e), 1, dist)
     except Stopped as e:
-        print(f"{parser.prog}: {e}", file=sys.stderr)
+        if dist.is_main:
+            print(f"{parser.prog}: {e}", file=sys.stderr)
         raise SystemExit(128 + e.signum) from None
     except KeyboardInterrupt:
-        fail(f"interrupted; continue from the last checkpoint with --resume (run directory {run_dir})",
-             128 + signal.SIGINT)
+        fail(f"interrupted; continue from the last checkpoint with --resume "
+             f"(run directory {config['run_dir']})", 128 + signal.SIGINT, dist)
+    finally:
+        if dist.enabled:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

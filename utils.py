@@ -300,17 +300,26 @@ class EpochStream:
     """What makes a training epoch's data a pure function of (seed, epoch, position): the
     order and every random augmentation are drawn from seeds derived from them, never from a
     generator's history. So an epoch can start at any batch (a resumed run skips what it has
-    done) and gives what an uninterrupted run would, whatever the number of workers."""
+    done) and gives what an uninterrupted run would, whatever the number of workers.
 
-    def __init__(self, seed: int):
-        self.seed, self.epoch, self.start_batch = seed, 0, 0
+    Under torchrun every rank draws the same permutation and takes its own shard of it
+    (DistributedSampler's semantics: the tail that does not divide evenly is dropped)."""
+
+    def __init__(self, seed: int, rank: int = 0, world_size: int = 1):
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
+    def shard_size(self, n: int) -> int:
+        return n // self.world_size
+
     def order(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """This rank's share of the epoch's permutation of range(n)."""
         g = torch.Generator(device=device).manual_seed(stream_seed(self.seed, self.epoch))
-        return torch.randperm(n, device=device, generator=g)
+        order = torch.randperm(n, device=device, generator=g)
+        return order[:self.shard_size(n) * self.world_size][self.rank::self.world_size]
 
 
 class AugmentedImages(Dataset):
@@ -332,13 +341,13 @@ class AugmentedImages(Dataset):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """The epoch's permutation, from the stream's start batch on."""
+    """This rank's share of the epoch's permutation, from the stream's start batch on."""
 
     def __init__(self, n: int, batch_size: int, stream: EpochStream):
         self.n, self.batch_size, self.stream = n, batch_size, stream
 
     def __len__(self) -> int:
-        return self.n - self.stream.start_batch * self.batch_size
+        return self.stream.shard_size(self.n) - self.stream.start_batch * self.batch_size
 
     def __iter__(self):
         return iter(self.stream.order(self.n)[self.stream.start_batch * self.batch_size:].tolist())
@@ -357,13 +366,16 @@ class TorchvisionLoader:
 
     Training shuffles (a permutation per epoch) and drops the last partial batch, so an epoch
     has floor(N / batch_size) steps; `set_epoch(epoch, start_batch)` before iterating picks
-    the epoch and where it starts. Evaluation keeps every image, in order."""
+    the epoch and where it starts. Evaluation keeps every image, in order. With world_size > 1
+    each rank serves its shard: together the ranks see every evaluation image once."""
 
     def __init__(self, data: ImageSet, mean, std, batch_size: int, train: bool, augment: bool = True,
-                 workers: int = 0, seed: int = 0, pin_memory: bool = False):
-        self.stream = EpochStream(seed) if train else None
+                 workers: int = 0, seed: int = 0, pin_memory: bool = False,
+                 rank: int = 0, world_size: int = 1):
+        self.stream = EpochStream(seed, rank, world_size) if train else None
         dataset = AugmentedImages(data, make_transform(mean, std, augment and train), self.stream)
-        sampler = EpochSampler(len(data), batch_size, self.stream) if train else None
+        sampler = (EpochSampler(len(data), batch_size, self.stream) if train
+                   else list(range(rank, len(data), world_size)))
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
                                  num_workers=workers, pin_memory=pin_memory)
 
@@ -375,7 +387,6 @@ class TorchvisionLoader:
 
     def __iter__(self):
         return iter(self.loader)
-
 
 
 def random_crop_flip(images: torch.Tensor, padding: int = 4,
@@ -400,17 +411,19 @@ class TensorLoader:
     batches there: no per-image Python, no worker processes, no host-to-device copies.
 
     Same contract as `TorchvisionLoader`: training shuffles and drops the last partial batch,
-    batch b of an epoch augmented from its own seed (seed, epoch, b); evaluation keeps every
-    image, in order.
+    batch b of an epoch augmented from its own seed (seed, epoch, b, rank); evaluation keeps
+    every image (of this rank's shard), in order.
     """
 
     def __init__(self, data: ImageSet, mean, std, batch_size: int, train: bool, augment: bool = True,
-                 device: torch.device | str = "cpu", seed: int = 0):
+                 device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1):
         self.device = torch.device(device)
+        if not train:  # evaluation: this rank's strided share, each image on exactly one rank
+            data = ImageSet(data.images[rank::world_size], data.labels[rank::world_size])
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
         self.batch_size, self.train, self.augment = batch_size, train, augment and train
-        self.stream = EpochStream(seed) if train else None
+        self.stream = EpochStream(seed, rank, world_size) if train else None
         self.generator = torch.Generator(device=self.device)
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
@@ -420,7 +433,9 @@ class TensorLoader:
 
     def __len__(self) -> int:
         n = len(self.labels)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        if self.train:
+            return self.stream.shard_size(n) // self.batch_size
+        return -(-n // self.batch_size)
 
     def __iter__(self):
         n = len(self.labels)
@@ -430,7 +445,8 @@ class TensorLoader:
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[index]
             if self.augment:
-                self.generator.manual_seed(stream_seed(self.stream.seed, self.stream.epoch, i))
+                s = self.stream
+                self.generator.manual_seed(stream_seed(s.seed, s.epoch, i, s.rank))
                 x = random_crop_flip(x, 4, self.generator)
             yield (x.float() - self.mean) / self.std, self.labels[index]
 
@@ -597,3 +613,63 @@ def split_sizes(eval_mode: str, subset: Optional[int] = None) -> tuple[int, int,
     train = TRAIN_SIZE - VAL_SIZE if eval_mode == "val" else TRAIN_SIZE
     evaluated = {"val": cap(VAL_SIZE), "test": cap(TEST_SIZE), "none": 0}[eval_mode]
     return cap(train), evaluated, cap(TEST_SIZE)
+
+
+# ---------------------------------------------------------------------------------------
+# Several processes (torchrun)
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (one process, rank 0 of 1, without torchrun)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce a tensor over the ranks (in place; a no-op in one process)."""
+        if self.enabled:
+            import torch.distributed as dist
+            dist.all_reduce(values, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return values
+
+    def broadcast(self, obj):
+        """Rank 0's `obj`, on every rank."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join torchrun's process group when there is one (WORLD_SIZE > 1): NCCL with one GPU per
+    process (LOCAL_RANK), Gloo on CPUs. Returns this process's place and its device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed(), device
+    import torch.distributed as dist
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, local_rank), device
