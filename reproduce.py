@@ -1,0 +1,431 @@
+"""Reproduce the paper's FreezeOut results: run the grid, then write its table and figures.
+
+    python reproduce.py --preset quick --out /tmp/rep     # synthetic data, small DenseNet-BC:
+                                                          # under 15 minutes on 2 CPU cores
+    python reproduce.py --preset paper --out rep-paper    # the paper's Figure 3: DenseNet-BC
+                                                          # k=12 L=76, CIFAR-10, 100 epochs (GPU)
+
+The grid is the baseline (t_0 = 1) plus {linear, cubic} x {scaled, unscaled} x t_0 values (or
+target speedups) x seeds, each run by train.py's `main` in its own directory under OUT/runs:
+a finished run is skipped, an interrupted one resumed, so the command can be stopped and run
+again. Then OUT gets `results.md` and `results.csv` (per strategy and t_0: the paper's and the
+FLOP estimates, the measured wall-clock speedup against the baseline, final validation and test
+error, mean +/- std over seeds, and the change against the baseline) and three figures:
+`lr_schedules.png` (the paper's Figure 1), `error_vs_speedup.png` (Figure 3's design curve) and
+`error_vs_time.png` (Figure 4).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import train
+from freezeout import unit_lr, unit_times
+from metrics_logger import read_records
+from utils import flag_spellings
+
+STRATEGIES = {  # name: (how_scale, scale_lr)
+    "linear-scaled": ("linear", True), "linear-unscaled": ("linear", False),
+    "cubic-scaled": ("cubic", True), "cubic-unscaled": ("cubic", False),
+}
+PRESETS = {
+    # The paper's Figure 3 (DenseNet-BC k=12 L=76 on CIFAR-10, 100 epochs): 37 runs of about
+    # an hour each on one modern GPU.
+    "paper": dict(model="densenet", depth=76, growth_rate=12, dataset="cifar10", which_dataset=None,
+                  epochs=100, batch_size=50, subset=None,
+                  t0s=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], seeds=[0]),
+    # Small enough for 2 CPU cores in minutes; the synthetic set is not CIFAR.
+    "quick": dict(model="densenet", depth=22, growth_rate=12, dataset="synthetic", which_dataset=10,
+                  epochs=5, batch_size=64, subset=2048, t0s=[0.3, 0.5, 0.8], seeds=[0]),
+}
+
+
+@dataclass
+class Job:
+    """One run of the grid; strategy None is the baseline."""
+    strategy: Optional[str]
+    setting: Optional[float]  # t_0, or the target speedup when target is True
+    seed: int
+    target: bool = False
+    argv: list = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        if self.strategy is None:
+            return f"baseline_s{self.seed}"
+        key = "ts" if self.target else "t0"
+        return f"{self.strategy}_{key}-{self.setting:g}_s{self.seed}"
+
+    @property
+    def label(self) -> str:
+        if self.strategy is None:
+            return f"baseline, seed {self.seed}"
+        what = "target speedup" if self.target else "t_0"
+        return f"{self.strategy} {what} {self.setting:g}, seed {self.seed}"
+
+
+# ---------------------------------------------------------------------------------------
+# The grid
+# ---------------------------------------------------------------------------------------
+def make_grid(settings: dict, out: Path) -> list[Job]:
+    common = ["--model", settings["model"], "-L", str(settings["depth"]), "--dataset", settings["dataset"],
+              "--epochs", str(settings["epochs"]), "--batch_size", str(settings["batch_size"]),
+              "--device", settings["device"], "--amp", settings["amp"], "--data-root", settings["data_root"],
+              "--out-dir", str(out / "runs")]
+    if settings["growth_rate"] is not None and settings["model"] != "vgg":
+        common += ["-k", str(settings["growth_rate"])]
+    if settings["which_dataset"] is not None:
+        common += ["--which_dataset", str(settings["which_dataset"])]
+    if settings["subset"] is not None:
+        common += ["--subset", str(settings["subset"])]
+    targets = settings["targets"]
+    jobs = []
+    for seed in settings["seeds"]:
+        jobs.append(Job(None, 1.0, seed))
+        for strategy in settings["strategies"]:
+            for value in (targets or settings["t0s"]):
+                jobs.append(Job(strategy, value, seed, target=bool(targets)))
+    for job in jobs:
+        how, scaled = STRATEGIES[job.strategy] if job.strategy else ("cubic", True)
+        setting = ["--target-speedup", str(job.setting)] if job.target else ["--t_0", str(job.setting)]
+        job.argv = [*common, "--seed", str(job.seed), "--how_scale", how, *([] if scaled else ["--no_scale"]),
+                    *setting, "--save-weights", job.name]
+    return jobs
+
+
+def run_state(run_dir: Path) -> str:
+    """"finished" (a summary record), "interrupted" (a checkpoint, no summary) or "new"."""
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and read_records(metrics, "summary"):
+        return "finished"
+    if (run_dir / "checkpoint.pt").exists():
+        return "interrupted"
+    return "new"
+
+
+def run_grid(jobs: list[Job], out: Path) -> None:
+    """Run what is not finished, one job after another, with a progress line and an ETA."""
+    todo = [job for job in jobs if run_state(out / "runs" / job.name) != "finished"]
+    print(f"{len(jobs)} runs in the grid, {len(jobs) - len(todo)} already finished", flush=True)
+    durations = []
+    for i, job in enumerate(todo, 1):
+        run_dir = out / "runs" / job.name
+        state = run_state(run_dir)
+        if state == "new" and run_dir.exists():  # a start that failed before its first checkpoint
+            for leftover in run_dir.iterdir():
+                leftover.unlink()
+        start = time.perf_counter()
+        print(f"[{i}/{len(todo)}] {job.label}: {'resuming' if state == 'interrupted' else 'starting'}",
+              flush=True)
+        train.main(job.argv + (["--resume"] if state == "interrupted" else []))
+        durations.append(time.perf_counter() - start)
+        left = statistics.mean(durations) * (len(todo) - i)
+        print(f"[{i}/{len(todo)}] {job.label}: done in {durations[-1]:.0f} s; "
+              f"about {format_duration(left)} left", flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+
+
+# ---------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------
+def mean_std(values: list) -> tuple[Optional[float], Optional[float]]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(jobs: list[Job], out: Path) -> list[dict]:
+    """One row per (strategy, setting), seeds pooled; the baseline first. Runs that have not
+    finished are left out."""
+    groups: dict = {}
+    for job in jobs:
+        metrics = out / "runs" / job.name / "metrics.jsonl"
+        if not metrics.exists() or not read_records(metrics, "summary"):
+            continue
+        config = read_records(metrics, "config")[0]
+        summary = read_records(metrics, "summary")[-1]
+        groups.setdefault((job.strategy, job.setting, job.target), []).append((config, summary))
+    base = groups.get((None, 1.0, False), [])
+    base_time = statistics.mean(s["train_time_s"] for _, s in base) if base else None
+    base_val, _ = mean_std([s["val_err"] for _, s in base])
+    base_test, _ = mean_std([s["test_err"] for _, s in base])
+    rows = []
+    names = list(STRATEGIES)
+    order = sorted(groups, key=lambda k: (k[0] is not None, names.index(k[0]) if k[0] else 0, k[1]))
+    for strategy, setting, target in order:
+        runs = groups[(strategy, setting, target)]
+        configs, summaries = [c for c, _ in runs], [s for _, s in runs]
+        time_s = statistics.mean(s["train_time_s"] for s in summaries)
+        val, val_std = mean_std([s["val_err"] for s in summaries])
+        test, test_std = mean_std([s["test_err"] for s in summaries])
+        rows.append({
+            "strategy": strategy or "baseline",
+            "t_0": statistics.mean(c["t_0"] for c in configs),
+            "target_speedup": setting if target else None,
+            "seeds": len(runs),
+            "paper_speedup": configs[0]["paper_speedup"],
+            "flop_speedup": configs[0]["flop_speedup"],
+            "measured_speedup": None if base_time is None else 1 - time_s / base_time,
+            "train_time_s": time_s,
+            "val_err": val, "val_err_std": val_std,
+            "test_err": test, "test_err_std": test_std,
+            "delta_val_err": None if val is None or base_val is None else val - base_val,
+            "delta_test_err": None if test is None or base_test is None else test - base_test,
+            "run_dirs": [str(out / "runs" / Job(strategy, setting, c["seed"], target).name) for c in configs],
+            "device": configs[0].get("device"),
+        })
+    return rows
+
+
+COLUMNS = ["strategy", "t_0", "target_speedup", "seeds", "paper_speedup", "flop_speedup",
+           "measured_speedup", "train_time_s", "val_err", "val_err_std", "test_err", "test_err_std",
+           "delta_val_err", "delta_test_err"]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_markdown(rows: list[dict], settings: dict, path: Path) -> None:
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    def err(mean, std):
+        return "n/a" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+    def delta(x):
+        return "n/a" if x is None else f"{x:+.2f}"
+
+    arch = train.architecture_name({**settings, "bottleneck": True})
+    lines = [
+        "# FreezeOut: reproduced results", "",
+        f"{arch} on {settings['dataset']}"
+        + (f" (first {settings['subset']} images of each split)" if settings["subset"] else "")
+        + f", {settings['epochs']} epochs, batch {settings['batch_size']}, seeds {settings['seeds']}, "
+        f"device {rows[0]['device'] if rows and rows[0].get('device') else settings['device']}.", "",
+        "Speedups are fractions of the baseline's training time (evaluation excluded); errors in %, "
+        "mean ± std over seeds; Δ against the baseline.", "",
+        "| strategy | t_0 | paper est. | FLOP est. | measured | train time (s) | val err | Δ val | test err | Δ test |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t0 = f"{r['t_0']:.3g}" + (f" (target {r['target_speedup']:g})" if r["target_speedup"] is not None else "")
+        lines.append(
+            f"| {r['strategy']} | {t0} | {pct(r['paper_speedup'])} | {pct(r['flop_speedup'])} | "
+            f"{pct(r['measured_speedup'])} | {r['train_time_s']:.1f} | {err(r['val_err'], r['val_err_std'])} | "
+            f"{delta(r['delta_val_err'])} | {err(r['test_err'], r['test_err_std'])} | {delta(r['delta_test_err'])} |")
+    lines += ["", "Figures: `lr_schedules.png`, `error_vs_speedup.png`, `error_vs_time.png`.", ""]
+    path.write_text("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_lr_schedules(n_units: int, t_0: float, path: Path, base_lr: float = 0.1) -> None:
+    """Every unit's learning rate over the run for the four strategies (the paper's Figure 1)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True, layout="constrained")
+    steps = 400
+    cmap = plt.get_cmap("viridis")
+    for ax, (name, (how, scaled)) in zip(axes.flat, STRATEGIES.items()):
+        t_i = unit_times(n_units, t_0, how)
+        for i, t in enumerate(t_i):
+            alpha = base_lr / t if scaled else base_lr
+            ax.plot([k / steps for k in range(steps + 1)],
+                    [unit_lr(k, t, steps, alpha) for k in range(steps + 1)],
+                    color=cmap(i / max(n_units - 1, 1)), lw=1)
+        ax.set_title(f"{name}, t_0 = {t_0:g}")
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("learning rate")
+    for ax in axes[1]:
+        ax.set_xlabel("fraction of training")
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, n_units - 1))
+    fig.colorbar(sm, ax=axes, label="unit (0 = first layer)")
+    fig.suptitle(f"FreezeOut per-unit learning rates ({n_units} units)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_error_vs_speedup(rows: list[dict], path: Path, metric: str = "val_err") -> None:
+    """Error against speedup per strategy, estimated and measured (the paper's Figure 3)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    base = next((r for r in rows if r["strategy"] == "baseline"), None)
+    if rows and rows[0][metric] is None:
+        metric = "test_err"
+    for ax, (key, title) in zip(axes, [("estimated", "estimated speedup (paper; FLOPs where n/a)"),
+                                       ("measured_speedup", "measured wall-clock speedup")]):
+        for name in STRATEGIES:
+            own = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["t_0"])
+            if not own:
+                continue
+            xs = [100 * (r["measured_speedup"] if key == "measured_speedup" else
+                         (r["paper_speedup"] if r["paper_speedup"] is not None else r["flop_speedup"]))
+                  for r in own]
+            ys = [r[metric] for r in own]
+            errs = [r[metric + "_std"] for r in own]
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name)
+            for x, y, r in zip(xs, ys, own):
+                ax.annotate(f"{r['t_0']:.2g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if base is not None and base[metric] is not None:
+            lo, hi = base[metric] - base[metric + "_std"], base[metric] + base[metric + "_std"]
+            ax.axhspan(lo, hi, color="grey", alpha=0.25, label="baseline ± std")
+            ax.axhline(base[metric], color="grey", lw=1)
+        ax.set_xlabel(f"{title} (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{'validation' if metric == 'val_err' else 'test'} error (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Error against speedup (points labelled with t_0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_error_vs_time(rows: list[dict], path: Path) -> None:
+    """Validation error against training time for the baseline and each strategy's best run
+    (lowest final error): the paper's Figure 4."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    picks = [r for r in rows if r["strategy"] == "baseline"]
+    for name in STRATEGIES:
+        own = [r for r in rows if r["strategy"] == name and r["val_err"] is not None]
+        if own:
+            picks.append(min(own, key=lambda r: r["val_err"]))
+    for r in picks:
+        epochs = read_records(Path(r["run_dirs"][0]) / "metrics.jsonl", "epoch")
+        if not epochs or "val_err" not in epochs[0]:
+            continue
+        elapsed, xs = 0.0, []
+        for e in epochs:
+            elapsed += e["train_time_s"]
+            xs.append(elapsed / 60)
+        label = r["strategy"] if r["strategy"] == "baseline" else f"{r['strategy']} t_0={r['t_0']:.2g}"
+        ax.plot(xs, [e["val_err"] for e in epochs], marker=".",
+                lw=2 if r["strategy"] == "baseline" else 1.2, label=label)
+    ax.set_xlabel("training time (min, evaluation excluded)")
+    ax.set_ylabel("validation error (%)")
+    ax.set_title("Validation error against wall-clock time (first seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=train.HelpFormatter)
+
+    def add(*names, **kwargs):
+        p.add_argument(*flag_spellings(*names), **kwargs)
+
+    add("--preset", choices=list(PRESETS), default="quick", help="the grid's settings")
+    add("--out", default="reproduction", help="where the runs, the table and the figures go")
+    add("--model", choices=list(train.ARCHITECTURE_DEFAULTS), default=None, help="override the preset's model")
+    add("-L", "--depth", type=int, default=None, help="override the preset's depth")
+    add("-k", "--growth-rate", type=int, default=None, help="override the preset's k")
+    add("--dataset", choices=["cifar10", "cifar100", "synthetic"], default=None, help="override the data set")
+    add("--which_dataset", type=int, choices=[10, 100], default=None, help="classes of the synthetic set")
+    add("--epochs", type=int, default=None, help="override the preset's epochs")
+    add("--batch_size", type=int, default=None, help="override the preset's batch size")
+    add("--subset", type=int, default=None, help="cap every split at its first N images")
+    add("--t0s", type=float, nargs="+", default=None, help="t_0 values of the grid")
+    add("--target-speedups", type=float, nargs="+", default=None,
+        help="instead of t_0 values: target speedups, each strategy's t_0 solved from its estimate")
+    add("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES),
+        help="strategies of the grid")
+    add("--seeds", type=int, nargs="+", default=None, help="seeds (default: the preset's)")
+    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="device of every run")
+    add("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision of every run")
+    add("--data-root", default="./data", help="where CIFAR lives or is downloaded to")
+    add("--report-only", action="store_true", default=False,
+        help="write the table and figures from the runs already there, run nothing")
+    return p
+
+
+def resolve_settings(args) -> dict:
+    settings = dict(PRESETS[args.preset])
+    for key in ("model", "depth", "growth_rate", "dataset", "which_dataset", "epochs", "batch_size",
+                "subset", "t0s", "seeds"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.model is not None and args.depth is None:
+        settings["depth"], settings["growth_rate"] = train.ARCHITECTURE_DEFAULTS[args.model]
+    settings.update(strategies=args.strategies, targets=args.target_speedups, device=args.device,
+                    amp=args.amp, data_root=args.data_root, preset=args.preset)
+    return settings
+
+
+def check(args, settings: dict, parser) -> None:
+    if args.t0s is not None and args.target_speedups is not None:
+        parser.error("give --t0s or --target-speedups, not both")
+    for t in settings["t0s"]:
+        if not 0 < t <= 1:
+            parser.error(f"--t0s: every t_0 must be in (0, 1], got {t}")
+    for s in settings["targets"] or []:
+        if not 0 < s < 1:
+            parser.error(f"--target-speedups: every target must be in (0, 1), got {s}")
+    for key in ("epochs", "batch_size", "subset"):
+        if settings[key] is not None and settings[key] <= 0:
+            parser.error(f"--{key} must be a positive integer, got {settings[key]}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is not a directory")
+
+
+def report(jobs: list[Job], settings: dict, out: Path) -> list[dict]:
+    rows = summarize(jobs, out)
+    write_csv(rows, out / "results.csv")
+    write_markdown(rows, settings, out / "results.md")
+    model = train.build_model({**settings, "bottleneck": True, "reduction": 0.5, "dropout": 0.0,
+                               "num_classes": 10})
+    middle = sorted(settings["t0s"])[len(settings["t0s"]) // 2]
+    plot_lr_schedules(len(model.freeze_units()), middle, out / "lr_schedules.png")
+    plot_error_vs_speedup(rows, out / "error_vs_speedup.png")
+    plot_error_vs_time(rows, out / "error_vs_time.png")
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = resolve_settings(args)
+    check(args, settings, parser)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = make_grid(settings, out)
+    if not args.report_only:
+        run_grid(jobs, out)
+    rows = report(jobs, settings, out)
+    print(f"wrote {out / 'results.md'}, {out / 'results.csv'} and 3 figures in {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""reproduce.py and plot.py: grid bookkeeping, the table's numbers, the figures, --target-speedup."""
+import csv
+import statistics
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+import plot
+import reproduce
+import train
+from metrics_logger import MetricsLogger, read_records
+from utils import calc_speedup
+
+TINY = ["-L", "10", "-k", "4", "--dataset", "synthetic", "--which_dataset", "10", "--subset", "64",
+        "--batch_size", "32", "--epochs", "2", "--t0s", "0.5", "--strategies", "cubic-scaled",
+        "--seeds", "0", "--device", "cpu"]
+
+
+def is_png(path: Path) -> bool:
+    image = matplotlib.image.imread(path)
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[0] > 200 and image.shape[1] > 200
+
+
+def test_grid_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "rep"
+    real_save, saves = train.save_checkpoint, []
+
+    def die_after_third_save(path, state):  # baseline: 2 saves; then the strategy's first epoch
+        real_save(path, state)
+        saves.append(path)
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", die_after_third_save)
+    with pytest.raises(SystemExit):
+        reproduce.main([*TINY, "--out", str(out)])
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    cut = out / "runs" / "cubic-scaled_t0-0.5_s0"
+    assert reproduce.run_state(out / "runs" / "baseline_s0") == "finished"
+    assert reproduce.run_state(cut) == "interrupted"
+
+    capsys.readouterr()
+    rows = reproduce.main([*TINY, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "2 runs in the grid, 1 already finished" in printed
+    assert "cubic-scaled t_0 0.5, seed 0: resuming" in printed and "about" in printed
+    assert [r["epoch"] for r in read_records(cut / "metrics.jsonl", "epoch")] == [1, 2]
+    assert [r["strategy"] for r in rows] == ["baseline", "cubic-scaled"]
+
+    def must_not_train(argv):
+        raise AssertionError(f"a finished run was trained again: {argv}")
+
+    monkeypatch.setattr(train, "main", must_not_train)
+    reproduce.main([*TINY, "--out", str(out)])
+    assert "2 runs in the grid, 2 already finished" in capsys.readouterr().out
+    assert all(is_png(out / name) for name in ("lr_schedules.png", "error_vs_speedup.png", "error_vs_time.png"))
+
+
+def fabricate(out: Path, job: reproduce.Job, t_0: float, time_s: float, val: float, test: float) -> None:
+    run_dir = out / "runs" / job.name
+    with MetricsLogger(run_dir / "metrics.jsonl") as log:
+        log.log("config", t_0=t_0, seed=job.seed, paper_speedup=0.1 if job.strategy else 0.0,
+                flop_speedup=0.12 if job.strategy else 0.0)
+        for e in (1, 2):
+            log.log("epoch", epoch=e, train_time_s=time_s / 2, val_err=val + 10 * (2 - e))
+        log.log("summary", train_time_s=time_s, val_err=val, test_err=test)
+
+
+def test_table_numbers_from_fabricated_runs(tmp_path):
+    out = tmp_path
+    jobs = [reproduce.Job(None, 1.0, 0), reproduce.Job(None, 1.0, 1),
+            reproduce.Job("cubic-scaled", 0.5, 0), reproduce.Job("cubic-scaled", 0.5, 1),
+            reproduce.Job("linear-unscaled", 0.5, 0)]  # this one never finished
+    fabricate(out, jobs[0], 1.0, 100.0, 10.0, 11.0)
+    fabricate(out, jobs[1], 1.0, 110.0, 12.0, 13.0)
+    fabricate(out, jobs[2], 0.5, 70.0, 11.0, 12.0)
+    fabricate(out, jobs[3], 0.5, 80.0, 13.0, 12.0)
+    rows = reproduce.summarize(jobs, out)
+    assert [r["strategy"] for r in rows] == ["baseline", "cubic-scaled"]
+    base, cubic = rows
+    assert base["val_err"] == 11.0 and base["val_err_std"] == pytest.approx(statistics.stdev([10, 12]))
+    assert cubic["measured_speedup"] == pytest.approx(1 - 75 / 105)
+    assert cubic["val_err"] == 12.0 and cubic["delta_val_err"] == pytest.approx(1.0)
+    assert cubic["test_err"] == 12.0 and cubic["test_err_std"] == 0.0 and cubic["delta_test_err"] == 0.0
+    assert (cubic["paper_speedup"], cubic["flop_speedup"], cubic["seeds"]) == (0.1, 0.12, 2)
+
+    reproduce.write_csv(rows, out / "results.csv")
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert float(table[1]["measured_speedup"]) == pytest.approx(1 - 75 / 105)
+    settings = {"model": "densenet", "depth": 22, "growth_rate": 12, "dataset": "synthetic", "subset": 64,
+                "epochs": 2, "batch_size": 32, "seeds": [0, 1], "device": "cpu"}
+    reproduce.write_markdown(rows, settings, out / "results.md")
+    md = (out / "results.md").read_text()
+    assert "| cubic-scaled | 0.5 | 10.0% | 12.0% | 28.6% | 75.0 | 12.00 ± 1.41 | +1.00 | 12.00 ± 0.00 | +0.00 |" in md
+    assert md.count("\n| baseline |") == 1
+
+    for plot_fn, name in [(reproduce.plot_error_vs_speedup, "speed.png"), (reproduce.plot_error_vs_time, "time.png")]:
+        plot_fn(rows, out / name)
+        assert is_png(out / name)
+    reproduce.plot_lr_schedules(13, 0.5, out / "lr.png")
+    assert is_png(out / "lr.png")
+
+
+def test_target_speedups_solve_t0_per_strategy(tmp_path):
+    settings = reproduce.resolve_settings(reproduce.build_parser().parse_args(
+        ["--target-speedups", "0.2", "--strategies", "linear-unscaled"]))
+    jobs = reproduce.make_grid(settings, tmp_path)
+    assert [j.name for j in jobs] == ["baseline_s0", "linear-unscaled_ts-0.2_s0"]
+    argv = jobs[1].argv
+    assert argv[argv.index("--target-speedup") + 1] == "0.2" and "--no_scale" in argv and "--t_0" not in argv
+
+    # The train.py acceptance run: the recorded t_0 gives the paper's estimate asked for.
+    train.main(["--target-speedup", "0.25", "--dataset", "synthetic", "--subset", "64", "--epochs", "1",
+                "--device", "cpu", "--out-dir", str(tmp_path), "--save-weights", "target"])
+    config = read_records(tmp_path / "target" / "metrics.jsonl", "config")[0]
+    assert abs(calc_speedup(12, 12, config["t_0"], "cubic") - 0.25) < 0.002
+    assert config["target_speedup"] == 0.25
+
+
+def test_plot_py_draws_a_run(tmp_path, capsys):
+    train.main(["--dataset", "synthetic", "--which_dataset", "10", "--subset", "64", "-L", "10", "-k", "4",
+                "--batch_size", "16", "--epochs", "2", "--device", "cpu", "--out-dir", str(tmp_path),
+                "--save-weights", "run"])
+    paths = plot.main([str(tmp_path / "run")])
+    assert all(is_png(p) for p in paths)
+    with pytest.raises(SystemExit) as bad:
+        plot.main([str(tmp_path / "nothing")])
+    assert bad.value.code == 2 and "holds no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_bad_grid_flags_are_refused(tmp_path, capsys):
+    for argv, message in [(["--t0s", "0"], "every t_0 must be in (0, 1]"),
+                          (["--t0s", "0.5", "--target-speedups", "0.2"], "not both"),
+                          (["--epochs", "0"], "--epochs must be a positive integer")]:
+        with pytest.raises(SystemExit) as bad:
+            reproduce.main([*argv, "--out", str(tmp_path / "x")])
+        assert bad.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
