@@ -8,7 +8,6 @@ lr and scaling, as recorded in the config), with the values the epoch records lo
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from freezeout import unit_lr

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -286,12 +286,14 @@ def resolve_config(args, explicit: set, argv) -> dict:
         "argv": list(argv), "args": vars(args),
     }
 
+
 def check_resume_args(saved: dict, args, explicit: set) -> None:
     """Flags given with --resume must agree with the saved run (runtime flags aside)."""
     for flag in sorted(explicit - RUNTIME_FLAGS):
         given, was = getattr(args, flag), saved["args"].get(flag)
         if given != was:
             raise ValueError(f"--resume: --{flag} {given} contradicts the saved run's {flag} = {was}")
+
 
 def prepare_run_dir(config: dict, resume: bool) -> tuple[Path, dict | None]:
     run_dir = Path(config["run_dir"])
@@ -311,6 +313,7 @@ def prepare_run_dir(config: dict, resume: bool) -> tuple[Path, dict | None]:
         raise RunError(f"--out-dir {config['out_dir']}: cannot create {run_dir} "
                        f"({existing} is not a writable directory)")
     return run_dir, None
+
 
 # ---------------------------------------------------------------------------------------
 # Building blocks: model, optimizer, precision, data, estimates
@@ -355,12 +358,14 @@ def paper_speedup(config: dict, t_0: float) -> float | None:
     return densenet_paper_speedup(config["depth"], config["growth_rate"], t_0,
                                   config["how_scale"], config["bottleneck"])
 
+
 def make_optimizer(units, config: dict, device: torch.device) -> torch.optim.SGD:
     """SGD with Nesterov momentum, one param group per unit. On CUDA the fused kernel: one
     launch per step, and an fp16 GradScaler can skip a step without reading found-inf back."""
     return torch.optim.SGD(param_groups(units), lr=config["lr"], momentum=config["momentum"],
                            nesterov=True, weight_decay=config["weight_decay"],
                            fused=True if device.type == "cuda" else None)
+
 
 def build_training(config: dict, device: torch.device, total_steps: int):
     """Model, its units, SGD over one param group per unit, the FreezeOut scheduler, the scaler."""
@@ -373,6 +378,7 @@ def build_training(config: dict, device: torch.device, total_steps: int):
                           how_scale=config["how_scale"], scale_lr=config["scale_lr"])
     scaler = torch.amp.GradScaler(device.type, enabled=config["amp_effective"] == "fp16")
     return model, units, optimizer, scheduler, scaler
+
 
 class Replicas:
     """What the training step calls: the model itself in one process; under torchrun a
@@ -410,16 +416,19 @@ def effective_amp(amp: str, device: torch.device) -> str:
             return "off"
     return amp if getattr(context, "_enabled", True) and not caught else "off"
 
+
 def autocast_for(amp: str, device: torch.device):
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
 
 def resolve_loader(config: dict, splits, device: torch.device) -> str:
     if config["loader"] != "auto":
         return config["loader"]
     data = [d for d in (splits.train, splits.eval, splits.test) if d is not None]
     return "tensor" if fits_on_device(data, device) else "torchvision"
+
 
 def make_loaders(config: dict, splits, device: torch.device, kind: str, dist: Distributed):
     """(train loader, per-epoch evaluation loader or None, test loader), each serving this
@@ -441,6 +450,7 @@ def make_loaders(config: dict, splits, device: torch.device, kind: str, dist: Di
     test = evaluated if config["eval_mode"] == "test" else make(splits.test, eval_batch, False)
     return make(splits.train, batch, True), evaluated, test
 
+
 def estimates(config: dict, model, units, t_i, total_steps: int) -> dict:
     """The paper's estimate (DenseNet-BC) and the FLOP-based one (any model) for this run."""
     per_unit = unit_flops(model, units, ESTIMATE_INPUT)
@@ -449,6 +459,7 @@ def estimates(config: dict, model, units, t_i, total_steps: int) -> dict:
     return {"paper_speedup": paper, "flop_speedup": flop,
             "estimated_speedup": paper if paper is not None else flop,
             "unit_flops": per_unit}
+
 
 # ---------------------------------------------------------------------------------------
 # Checkpoints: every state a resumed run needs, written atomically, read safely
@@ -461,6 +472,7 @@ def rng_state() -> dict:
                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
             "python": random.getstate()}
 
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
@@ -469,6 +481,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
+
 
 def write_checkpoint(path: Path, dist: Distributed, config, model, optimizer, scheduler, scaler,
                      epoch: int, step: int, train_time: float, position: dict | None) -> None:
@@ -483,6 +496,7 @@ def write_checkpoint(path: Path, dist: Distributed, config, model, optimizer, sc
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": rngs})
 
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write to a temporary file, fsync, then rename: a crash leaves the old file whole."""
     tmp = path.with_name(path.name + ".tmp")
@@ -496,6 +510,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
 
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint of this project, read without running any pickled code."""
@@ -513,12 +528,14 @@ def load_checkpoint(path: Path) -> dict:
         raise RunError(f"{path} is not a FreezeOut checkpoint of this project")
     return state
 
+
 def restore(checkpoint: dict, model, optimizer, scheduler, scaler, dist: Distributed) -> None:
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])  # after the optimizer: re-freezes units
     scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"][dist.rank])
+
 
 # ---------------------------------------------------------------------------------------
 # Training and evaluation
@@ -548,6 +565,7 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
+
 def train_step(model, x, y, optimizer, scaler, autocast) -> torch.Tensor:
     """Forward, backward and update on one batch (the scheduler steps separately)."""
     with autocast:
@@ -557,6 +575,7 @@ def train_step(model, x, y, optimizer, scaler, autocast) -> torch.Tensor:
     scaler.step(optimizer)
     scaler.update()
     return loss.detach()
+
 
 def new_position(epoch: int) -> dict:
     """Where an epoch stands: batches done, and the sums its record is made of."""
@@ -617,7 +636,6 @@ def train_one_epoch(replicas: Replicas, loader, optimizer, scheduler, scaler, co
     return stopped
 
 
-
 def agree(bad_step: torch.Tensor, stop: StopSignals, dist: Distributed, config: dict) -> bool:
     """Read the divergence flag (and, under torchrun, agree with the other ranks on it and on
     stopping); raise RunError at a non-finite loss; return whether to stop now."""
@@ -637,6 +655,7 @@ def epoch_stats(position: dict) -> dict:
     t = position["time_s"]
     return {"train_loss": position["loss_sum"] / max(position["seen"], 1), "train_time_s": t,
             "images_per_s": position["seen"] / t if t > 0 else 0.0}
+
 
 @torch.inference_mode()
 def evaluate(model, loader, config, device, dist: Distributed) -> tuple[float, float]:
@@ -698,12 +717,14 @@ def describe(config: dict, splits, loader_kind: str) -> str:
     ]
     return "\n".join(lines)
 
+
 def epoch_line(record: dict, config: dict) -> str:
     line = (f"epoch {record['epoch']:>3}/{config['epochs']}  loss {record['train_loss']:.4f}")
     if "val_err" in record:
         line += f"  {'val' if config['eval_mode'] == 'val' else 'test'} err {record['val_err']:5.2f}%"
     return line + (f"  frozen {record['frozen_units']}/{config['n_units']}"
                    f"  {record['images_per_s']:.0f} img/s  {record['train_time_s']:.1f} s")
+
 
 class NoLog:
     """Stands in for the metrics file on the ranks that do not write it."""
@@ -833,6 +854,7 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None, dist: Distributed 
         print(f"done: test error {test_err:.2f}%, training time {train_time:.1f} s; "
               f"results in {run_dir}")
     return summary
+
 
 def prepare(config: dict, args, explicit: set, dist: Distributed) -> tuple:
     """On rank 0: check the run directory, load and check the checkpoint to resume. Every

@@ -4,8 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import benchmark
 from densenet import DenseNet
 from freezeout import unit_times
