@@ -28,8 +28,9 @@ import time
 import torch
 
 from freezeout import FreezeOut, freeze, unit_times
-from train import (ARCHITECTURE_DEFAULTS, HelpFormatter, architecture_name, autocast_for, build_model,
-                   check_architecture, effective_amp, make_optimizer, paper_speedup, train_step)
+from train import (ARCHITECTURE_DEFAULTS, HelpFormatter, apply_architecture_defaults,
+                   architecture_name, autocast_for, build_model, check_architecture, effective_amp,
+                   make_optimizer, paper_speedup, train_step)
 from utils import (first_frozen_steps, flag_spellings, resolve_device, schedule_speedup,
                    training_flops_by_level, unit_flops)
 
@@ -244,9 +245,7 @@ def table(r: dict) -> str:
 
 
 def check(args, parser) -> None:
-    default_depth, default_k = ARCHITECTURE_DEFAULTS[args.model]
-    args.depth = default_depth if args.depth is None else args.depth
-    args.growth_rate = default_k if args.growth_rate is None or args.model == "vgg" else args.growth_rate
+    apply_architecture_defaults(args)
     for flag in ("depth", "growth_rate", "batch_size", "steps", "repeats", "num_classes"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")

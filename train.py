@@ -166,10 +166,15 @@ def parse_args(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     explicit = set(vars(build_parser(with_defaults=False).parse_args(argv)))
+    apply_architecture_defaults(args)
+    return parser, args, explicit
+
+
+def apply_architecture_defaults(args) -> None:
+    """-L and -k not given: the architecture's paper defaults (VGG has no k)."""
     default_depth, default_k = ARCHITECTURE_DEFAULTS[args.model]
     args.depth = default_depth if args.depth is None else args.depth
     args.growth_rate = default_k if args.growth_rate is None or args.model == "vgg" else args.growth_rate
-    return parser, args, explicit
 
 
 def check_args(args, explicit: set) -> None:

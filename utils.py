@@ -253,14 +253,14 @@ def load_splits(dataset: str, data_root: str | os.PathLike = "./data", eval_mode
         raise ValueError(f"unknown data set {dataset!r} (choose from {', '.join(DATASETS)})")
     if eval_mode not in EVAL_MODES:
         raise ValueError(f"unknown eval_mode {eval_mode!r} (choose from {', '.join(EVAL_MODES)})")
-    cap = (lambda n: n) if subset is None else (lambda n: min(n, subset))
     if dataset == "synthetic":
         num_classes = num_classes or 100
-        n_train = TRAIN_SIZE - VAL_SIZE if eval_mode == "val" else TRAIN_SIZE
-        train = synthetic_images("train", 0, cap(n_train), num_classes, seed)
-        val = (synthetic_images("train", n_train, n_train + cap(VAL_SIZE), num_classes, seed)
+        n_train, n_eval, n_test = split_sizes(eval_mode, subset)
+        val_start = TRAIN_SIZE - VAL_SIZE
+        train = synthetic_images("train", 0, n_train, num_classes, seed)
+        val = (synthetic_images("train", val_start, val_start + n_eval, num_classes, seed)
                if eval_mode == "val" else None)
-        test = synthetic_images("test", 0, cap(TEST_SIZE), num_classes, seed)
+        test = synthetic_images("test", 0, n_test, num_classes, seed)
         mean, std = _channel_stats(train.images)
     else:
         full_train, full_test = load_cifar(dataset, data_root)
