@@ -27,12 +27,13 @@ import time
 
 import torch
 
+from cli import AMP_MODES, DEVICES, SCALINGS, HelpFormatter, check_positive, check_t_0, flag_spellings
+from engine import (autocast_for, effective_amp, make_optimizer, memory_format, resolve_device,
+                    train_step)
+from figures import mib, pct
 from freezeout import FreezeOut, freeze, unit_times
-from train import (ARCHITECTURE_DEFAULTS, HelpFormatter, apply_architecture_defaults,
-                   architecture_name, autocast_for, build_model, check_architecture, effective_amp,
-                   make_optimizer, paper_speedup, train_step)
-from utils import (first_frozen_steps, flag_spellings, resolve_device, schedule_speedup,
-                   training_flops_by_level, unit_flops)
+from models import MODELS, build_model, check_depth, model_name, paper_speedup, resolve_size
+from utils import first_frozen_steps, schedule_speedup, training_flops_by_level, unit_flops
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,29 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
     def add(*names, **kwargs):
         p.add_argument(*flag_spellings(*names), **kwargs)
 
-    add("--model", default="densenet", choices=list(ARCHITECTURE_DEFAULTS), help="architecture")
+    add("--model", default="densenet", choices=MODELS, help="architecture")
     add("-L", "--depth", type=int, default=None,
         help="depth L (default: 76 for densenet, 40 for wrn, 16 for vgg)")
     add("-k", "--growth-rate", type=int, default=None,
         help="DenseNet growth rate or WRN widening factor (default: 12 for densenet, 4 for wrn)")
     add("--bottleneck", action=argparse.BooleanOptionalAction, default=True,
-        help="DenseNet-BC bottleneck layers")
+        help="DenseNet-BC bottleneck layers, or plain DenseNet layers with --no-bottleneck "
+             "(default: bottleneck)")
     add("--num-classes", type=int, default=100, help="classifier outputs")
     add("--batch-size", type=int, default=50, help="batch size")
     add("--steps", type=int, default=100, help="training steps per run (the schedule's T)")
     add("--t_0", type=float, default=0.8, help="FreezeOut t_0 (the baseline uses 1)")
-    add("--how_scale", choices=["linear", "squared", "cubic"], default="cubic", help="t_i schedule")
+    add("--how_scale", choices=SCALINGS, default="cubic", help="t_i schedule")
     add("--no_scale", dest="scale_lr", action="store_false", default=True,
-        help="do not scale initial learning rates by 1/t_i")
+        help="start every unit at the base learning rate (default: unit i starts at lr / t_i)")
     add("--repeats", type=int, default=3, help="timed baseline/FreezeOut pairs, alternating")
     add("--level-steps", type=int, default=3,
         help="timed steps per freeze level for the ideal speedup (0: skip it)")
-    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="device")
-    add("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision")
-    add("--channels-last", action="store_true", default=False, help="channels-last memory format")
+    add("--device", choices=DEVICES, default="auto", help="device")
+    add("--amp", choices=AMP_MODES, default="off", help="mixed precision")
+    add("--channels-last", action="store_true", default=False,
+        help="channels-last memory format (default: off)")
     add("--seed", type=int, default=0, help="seed of the model and the batches")
     add("--json", action="store_true", default=False,
-        help="end stdout with one JSON object of all results")
+        help="end stdout with one JSON object of all results (default: the table only)")
     return p
 
 
@@ -77,11 +80,8 @@ class Bench:
 
     def __init__(self, args, device: torch.device):
         self.args, self.device = args, device
-        self.config = {"model": args.model, "depth": args.depth, "growth_rate": args.growth_rate,
-                       "bottleneck": args.bottleneck, "reduction": 0.5, "dropout": 0.0,
-                       "num_classes": args.num_classes, "how_scale": args.how_scale}
         self.amp = effective_amp(args.amp, device)
-        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.memory_format = memory_format(args.channels_last)
         g = torch.Generator().manual_seed(args.seed)
         n = min(args.steps, 16)  # a pool of batches, cycled: the data is not what is measured
         self.batches = [(torch.randn(args.batch_size, 3, 32, 32, generator=g)
@@ -91,9 +91,9 @@ class Bench:
 
     def setup(self, t_0: float):
         torch.manual_seed(self.args.seed)
-        model = build_model(self.config).to(self.device, memory_format=self.memory_format).train()
+        model = build(self.args).to(self.device, memory_format=self.memory_format).train()
         units = model.freeze_units()
-        optimizer = make_optimizer(units, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}, self.device)
+        optimizer = make_optimizer(units, lr=0.1, momentum=0.9, weight_decay=1e-4, device=self.device)
         scheduler = FreezeOut(optimizer, units, self.args.steps, t_0=t_0,
                               how_scale=self.args.how_scale, scale_lr=self.args.scale_lr)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
@@ -163,12 +163,16 @@ class Bench:
         return statistics.median(times[1:])
 
 
+def build(args) -> torch.nn.Module:
+    return build_model(args.model, args.depth, args.growth_rate, args.num_classes, args.bottleneck)
+
+
 def measure(args) -> dict:
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     bench = Bench(args, device)
-    model = build_model(bench.config)
+    model = build(args)
     units = model.freeze_units()
     t_i = unit_times(len(units), args.t_0, args.how_scale)
     levels = training_flops_by_level(unit_flops(model, units, (2, 3, 32, 32)))
@@ -203,7 +207,8 @@ def measure(args) -> dict:
         "freezeout_runs_s": [r["time_s"] for r in freezeout],
         "baseline_s": b_time, "freezeout_s": f_time,
         "measured_speedup": 1 - statistics.median(ratios),
-        "estimated_speedup": paper_speedup(bench.config, args.t_0),
+        "estimated_speedup": paper_speedup(args.model, args.depth, args.growth_rate, args.t_0,
+                                           args.how_scale, args.bottleneck),
         "flop_speedup": schedule_speedup(levels, t_i, args.steps),
         "ideal_speedup": ideal,
         "level_step_s": {str(n): t for n, t in level_times.items()},
@@ -217,13 +222,7 @@ def measure(args) -> dict:
 
 
 def table(r: dict) -> str:
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.1f}%"
-
-    def mib(x):
-        return "n/a" if x is None else f"{x / 2 ** 20:.1f} MiB"
-
-    arch = architecture_name(r)
+    arch = model_name(r["model"], r["depth"], r["growth_rate"], r["bottleneck"])
     lines = [
         f"{arch}, batch {r['batch_size']}, {r['steps']} steps, {r['how_scale']} "
         f"{'scaled' if r['scale_lr'] else 'unscaled'} t_0={r['t_0']:g}, {r['device']}"
@@ -245,16 +244,15 @@ def table(r: dict) -> str:
 
 
 def check(args, parser) -> None:
-    apply_architecture_defaults(args)
-    for flag in ("depth", "growth_rate", "batch_size", "steps", "repeats", "num_classes"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
-    if args.level_steps < 0:
-        parser.error(f"--level-steps must be >= 0, got {args.level_steps}")
-    if not 0.0 < args.t_0 <= 1.0:
-        parser.error(f"--t_0 must be in (0, 1], got {args.t_0}")
+    """One line naming the flag, exit 2, for a value no benchmark can use."""
+    args.depth, args.growth_rate = resolve_size(args.model, args.depth, args.growth_rate)
     try:
-        check_architecture(args.model, args.depth, args.bottleneck)
+        check_positive({f"--{flag.replace('_', '-')}": getattr(args, flag) for flag in
+                        ("depth", "growth_rate", "batch_size", "steps", "repeats", "num_classes")})
+        if args.level_steps < 0:
+            raise ValueError(f"--level-steps must be >= 0, got {args.level_steps}")
+        check_t_0("--t_0", args.t_0)
+        check_depth(args.model, args.depth, args.bottleneck)
         resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))

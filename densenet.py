@@ -12,6 +12,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from layers import Head, init_weights
+
 
 class BottleneckLayer(nn.Module):
     """BN-ReLU-Conv1x1 (4k channels) then BN-ReLU-Conv3x3 (k channels); output is the
@@ -56,18 +58,6 @@ class Transition(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(self.dropout(self.conv(F.relu(self.bn(x)))), 2)
-
-
-class Head(nn.Module):
-    """Final BN-ReLU, global average pooling and the linear classifier."""
-
-    def __init__(self, in_channels: int, num_classes: int):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(in_channels)
-        self.fc = nn.Linear(in_channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1), 1))
 
 
 def layers_per_block(depth: int, bottleneck: bool = True) -> int:
@@ -117,17 +107,7 @@ class DenseNet(nn.Module):
         # One flat sequence keeps the forward order (= the FreezeOut unit order) visible.
         self.layers = nn.Sequential(*layers)
         self.head = Head(channels, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layers(self.stem(x)))

@@ -1,4 +1,5 @@
-"""Append-only JSON-lines metrics: one record (a JSON object) per line.
+"""Append-only JSON-lines metrics (`MetricsLogger`, `read_records`, `write_records`) and
+`write_atomically`, the one way this project replaces a file (metrics and checkpoints).
 
 Every record is written with a single write of a whole line, flushed and fsynced, so an
 interrupted run leaves at worst one torn last line; `read_records` skips it and a new
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Callable, Iterable
 
 
 class MetricsLogger:
@@ -69,10 +70,22 @@ def read_records(path: str | os.PathLike, event: str | None = None) -> list[dict
 def write_records(path: str | os.PathLike, records: Iterable[dict]) -> None:
     """Replace a metrics file with `records`, atomically (used when a resumed run drops the
     records of work it is about to redo)."""
+    data = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
+    write_atomically(path, lambda f: f.write(data))
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file through `write(binary file)` so that a crash at any moment leaves either
+    the old file or the new one, whole: a temporary file, fsync, rename, fsync the directory."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    with open(tmp, "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -10,29 +10,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from freezeout import unit_lr
+from figures import plot_lr_curves, pyplot, schedule_of
 from metrics_logger import read_records
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def plot_lr(config: dict, epochs: list, path: Path) -> None:
     plt = pyplot()
     total, t_i = config["total_steps"], config["t_i"]
-    alphas = [config["lr"] / t if config["scale_lr"] else config["lr"] for t in t_i]
-    stride = max(1, total // 1000)
-    steps = list(range(0, total + 1, stride))
+    scheduler = schedule_of(len(t_i), total, config["t_0"], config["how_scale"], config["scale_lr"],
+                            config["lr"])
+    steps = list(range(0, total + 1, max(1, total // 1000)))
     cmap = plt.get_cmap("viridis")
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    for i, (t, alpha) in enumerate(zip(t_i, alphas)):
-        colour = cmap(i / max(len(t_i) - 1, 1))
-        ax.plot(steps, [unit_lr(k, t, total, alpha) for k in steps], color=colour, lw=1)
-        ax.plot([e["step"] for e in epochs], [e["lr"][i] for e in epochs], ".", color=colour, ms=4)
+    plot_lr_curves(ax, scheduler, steps, steps, cmap)
+    for i in range(len(t_i)):
+        ax.plot([e["step"] for e in epochs], [e["lr"][i] for e in epochs], ".",
+                color=cmap(i / max(len(t_i) - 1, 1)), ms=4)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, len(t_i) - 1))
     fig.colorbar(sm, ax=ax, label="unit (0 = first layer)")
     ax.set_xlabel("optimizer step")

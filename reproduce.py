@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import train
-from freezeout import unit_lr, unit_times
+from cli import AMP_MODES, DATASETS, DEVICES, HelpFormatter, check_positive, check_t_0, flag_spellings
+from figures import pct, plot_lr_curves, pyplot, schedule_of
 from metrics_logger import read_records
-from utils import flag_spellings
+from models import DEFAULTS, MODELS, build_model, model_name
+from train import main as train_main
 
 STRATEGIES = {  # name: (how_scale, scale_lr)
     "linear-scaled": ("linear", True), "linear-unscaled": ("linear", False),
@@ -122,7 +123,7 @@ def run_grid(jobs: list[Job], out: Path) -> None:
         start = time.perf_counter()
         print(f"[{i}/{len(todo)}] {job.label}: {'resuming' if state == 'interrupted' else 'starting'}",
               flush=True)
-        train.main(job.argv + (["--resume"] if state == "interrupted" else []))
+        train_main(job.argv + (["--resume"] if state == "interrupted" else []))
         durations.append(time.perf_counter() - start)
         left = statistics.mean(durations) * (len(todo) - i)
         print(f"[{i}/{len(todo)}] {job.label}: done in {durations[-1]:.0f} s; "
@@ -201,16 +202,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def write_markdown(rows: list[dict], settings: dict, path: Path) -> None:
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.1f}%"
-
     def err(mean, std):
         return "n/a" if mean is None else f"{mean:.2f} ± {std:.2f}"
 
     def delta(x):
         return "n/a" if x is None else f"{x:+.2f}"
 
-    arch = train.architecture_name({**settings, "bottleneck": True})
+    arch = model_name(settings["model"], settings["depth"], settings["growth_rate"])
     lines = [
         "# FreezeOut: reproduced results", "",
         f"{arch} on {settings['dataset']}"
@@ -235,13 +233,6 @@ def write_markdown(rows: list[dict], settings: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_lr_schedules(n_units: int, t_0: float, path: Path, base_lr: float = 0.1) -> None:
     """Every unit's learning rate over the run for the four strategies (the paper's Figure 1)."""
     plt = pyplot()
@@ -249,12 +240,8 @@ def plot_lr_schedules(n_units: int, t_0: float, path: Path, base_lr: float = 0.1
     steps = 400
     cmap = plt.get_cmap("viridis")
     for ax, (name, (how, scaled)) in zip(axes.flat, STRATEGIES.items()):
-        t_i = unit_times(n_units, t_0, how)
-        for i, t in enumerate(t_i):
-            alpha = base_lr / t if scaled else base_lr
-            ax.plot([k / steps for k in range(steps + 1)],
-                    [unit_lr(k, t, steps, alpha) for k in range(steps + 1)],
-                    color=cmap(i / max(n_units - 1, 1)), lw=1)
+        scheduler = schedule_of(n_units, steps, t_0, how, scaled, base_lr)
+        plot_lr_curves(ax, scheduler, range(steps + 1), [k / steps for k in range(steps + 1)], cmap)
         ax.set_title(f"{name}, t_0 = {t_0:g}")
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
@@ -338,17 +325,17 @@ def plot_error_vs_time(rows: list[dict], path: Path) -> None:
 # Command line
 # ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=train.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 
     def add(*names, **kwargs):
         p.add_argument(*flag_spellings(*names), **kwargs)
 
     add("--preset", choices=list(PRESETS), default="quick", help="the grid's settings")
     add("--out", default="reproduction", help="where the runs, the table and the figures go")
-    add("--model", choices=list(train.ARCHITECTURE_DEFAULTS), default=None, help="override the preset's model")
+    add("--model", choices=MODELS, default=None, help="override the preset's model")
     add("-L", "--depth", type=int, default=None, help="override the preset's depth")
     add("-k", "--growth-rate", type=int, default=None, help="override the preset's k")
-    add("--dataset", choices=["cifar10", "cifar100", "synthetic"], default=None, help="override the data set")
+    add("--dataset", choices=DATASETS, default=None, help="override the data set")
     add("--which_dataset", type=int, choices=[10, 100], default=None, help="classes of the synthetic set")
     add("--epochs", type=int, default=None, help="override the preset's epochs")
     add("--batch_size", type=int, default=None, help="override the preset's batch size")
@@ -359,11 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES),
         help="strategies of the grid")
     add("--seeds", type=int, nargs="+", default=None, help="seeds (default: the preset's)")
-    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="device of every run")
-    add("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision of every run")
+    add("--device", choices=DEVICES, default="auto", help="device of every run")
+    add("--amp", choices=AMP_MODES, default="off", help="mixed precision of every run")
     add("--data-root", default="./data", help="where CIFAR lives or is downloaded to")
     add("--report-only", action="store_true", default=False,
-        help="write the table and figures from the runs already there, run nothing")
+        help="write the table and figures from the runs already there, run nothing "
+             "(default: run what is missing first)")
     return p
 
 
@@ -374,7 +362,7 @@ def resolve_settings(args) -> dict:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.model is not None and args.depth is None:
-        settings["depth"], settings["growth_rate"] = train.ARCHITECTURE_DEFAULTS[args.model]
+        settings["depth"], settings["growth_rate"] = DEFAULTS[args.model]
     settings.update(strategies=args.strategies, targets=args.target_speedups, device=args.device,
                     amp=args.amp, data_root=args.data_root, preset=args.preset)
     return settings
@@ -383,15 +371,15 @@ def resolve_settings(args) -> dict:
 def check(args, settings: dict, parser) -> None:
     if args.t0s is not None and args.target_speedups is not None:
         parser.error("give --t0s or --target-speedups, not both")
-    for t in settings["t0s"]:
-        if not 0 < t <= 1:
-            parser.error(f"--t0s: every t_0 must be in (0, 1], got {t}")
-    for s in settings["targets"] or []:
-        if not 0 < s < 1:
-            parser.error(f"--target-speedups: every target must be in (0, 1), got {s}")
-    for key in ("epochs", "batch_size", "subset"):
-        if settings[key] is not None and settings[key] <= 0:
-            parser.error(f"--{key} must be a positive integer, got {settings[key]}")
+    try:
+        for t in settings["t0s"]:
+            check_t_0("--t0s: every t_0", t)
+        for s in settings["targets"] or []:
+            if not 0 < s < 1:
+                raise ValueError(f"--target-speedups: every target must be in (0, 1), got {s}")
+        check_positive({f"--{key}": settings[key] for key in ("epochs", "batch_size", "subset")})
+    except ValueError as e:
+        parser.error(str(e))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is not a directory")
@@ -401,8 +389,7 @@ def report(jobs: list[Job], settings: dict, out: Path) -> list[dict]:
     rows = summarize(jobs, out)
     write_csv(rows, out / "results.csv")
     write_markdown(rows, settings, out / "results.md")
-    model = train.build_model({**settings, "bottleneck": True, "reduction": 0.5, "dropout": 0.0,
-                               "num_classes": 10})
+    model = build_model(settings["model"], settings["depth"], settings["growth_rate"], num_classes=10)
     middle = sorted(settings["t0s"])[len(settings["t0s"]) // 2]
     plot_lr_schedules(len(model.freeze_units()), middle, out / "lr_schedules.png")
     plot_error_vs_speedup(rows, out / "error_vs_speedup.png")

@@ -1,22 +1,18 @@
-"""Estimates, data, seeding and device choice for FreezeOut training.
+"""The estimates and the data sets.
 
-- `calc_speedup`: the paper's speedup estimate for DenseNet-BC (same numbers as the 2017 code).
-- `load_splits`: CIFAR-10/100 (torchvision) or the synthetic CIFAR-shaped set, split as in
-  the paper, as uint8 tensors; `TensorLoader` (on the device, in batches) and
-  `TorchvisionLoader` (the reference) serve them with crop + flip + normalisation.
-- `unit_flops`, `training_flops_by_level`, `schedule_speedup`: the FLOP-based estimate.
-- `flag_spellings`, `seed_everything`, `resolve_device`, `host_info`.
+- `calc_speedup`: the paper's speedup estimate for DenseNet-BC (same numbers as the 2017 code);
+  `unit_flops`, `training_flops_by_level`, `schedule_speedup`: the FLOP-based one for any
+  model; `solve_t_0`: the t_0 at which an estimate reaches a target.
+- `load_splits` and `split_sizes`: CIFAR-10/100 (torchvision) or the synthetic CIFAR-shaped
+  set, split as in the paper, as uint8 tensors; `steps_per_epoch`.
+- `DataError` and `RunError`: problems reported to the user as one line.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import os
-import platform
-import random
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +20,16 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 
 from freezeout import SCALE_POWERS, check_how_scale, check_t_0
 
 
 class DataError(Exception):
     """A data set that cannot be found, read or verified (the message says which and how)."""
+
+
+class RunError(Exception):
+    """A problem with the run's files or its progress (divergence), reported as one line."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -66,14 +64,6 @@ def calc_speedup(growth_rate: int, n_dense_blocks: int, t_0: float, how_scale: s
     freezeout_cost = sum(costs) + sum(c * t_i for c, t_i in zip(costs, t))
     speedup = 1 - freezeout_cost / (2 * sum(costs))
     return 1.3 * speedup if how_scale == "linear" else speedup
-
-
-def densenet_paper_speedup(depth: int, growth_rate: int, t_0: float, how_scale: str,
-                           bottleneck: bool = True) -> Optional[float]:
-    """`calc_speedup` for a DenseNet-BC of depth L; None for a model it does not describe."""
-    if not bottleneck:
-        return None
-    return calc_speedup(growth_rate, (depth - 4) // 6, t_0, how_scale)
 
 
 def solve_t_0(target: float, estimate: Callable[[float], float], what: str = "the estimate") -> float:
@@ -276,6 +266,23 @@ def load_splits(dataset: str, data_root: str | os.PathLike = "./data", eval_mode
     return Splits(train, evaluated, test, num_classes, mean, std)
 
 
+def split_sizes(eval_mode: str, subset: Optional[int] = None) -> tuple[int, int, int]:
+    """(train, per-epoch evaluation, test) sizes of `load_splits` for CIFAR-sized data."""
+    cap = (lambda n: n) if subset is None else (lambda n: min(n, subset))
+    train = TRAIN_SIZE - VAL_SIZE if eval_mode == "val" else TRAIN_SIZE
+    evaluated = {"val": cap(VAL_SIZE), "test": cap(TEST_SIZE), "none": 0}[eval_mode]
+    return cap(train), evaluated, cap(TEST_SIZE)
+
+def steps_per_epoch(train_images: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps in an epoch: the last partial batch is dropped (per rank under
+    torchrun, where `batch_size` is the global batch). ValueError when there is none."""
+    steps = (train_images // world_size) // (batch_size // world_size)
+    if steps == 0:
+        raise ValueError(f"--batch_size {batch_size} is larger than the training set "
+                         f"({train_images} images)")
+    return steps
+
+
 def _channel_stats(images: torch.Tensor) -> tuple[tuple, tuple]:
     """Per-channel mean and std in [0, 1] units, summed exactly in integers, chunk by chunk."""
     total = torch.zeros(3, dtype=torch.int64)
@@ -290,231 +297,13 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple, tuple]:
     return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
 
 
-def stream_seed(*parts: int) -> int:
-    """A 63-bit seed that is a fixed function of some integers (seed, epoch, batch, ...)."""
-    digest = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-class EpochStream:
-    """What makes a training epoch's data a pure function of (seed, epoch, position): the
-    order and every random augmentation are drawn from seeds derived from them, never from a
-    generator's history. So an epoch can start at any batch (a resumed run skips what it has
-    done) and gives what an uninterrupted run would, whatever the number of workers.
-
-    Under torchrun every rank draws the same permutation and takes its own shard of it
-    (DistributedSampler's semantics: the tail that does not divide evenly is dropped)."""
-
-    def __init__(self, seed: int, rank: int = 0, world_size: int = 1):
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def shard_size(self, n: int) -> int:
-        return n // self.world_size
-
-    def order(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """This rank's share of the epoch's permutation of range(n)."""
-        g = torch.Generator(device=device).manual_seed(stream_seed(self.seed, self.epoch))
-        order = torch.randperm(n, device=device, generator=g)
-        return order[:self.shard_size(n) * self.world_size][self.rank::self.world_size]
-
-
-class AugmentedImages(Dataset):
-    """An ImageSet served image by image through a torchvision transform; with a stream,
-    image i of an epoch is augmented from its own seed (seed, epoch, i)."""
-
-    def __init__(self, data: ImageSet, transform: Callable, stream: Optional[EpochStream] = None):
-        self.data, self.transform, self.stream = data, transform, stream
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int):
-        if self.stream is None:
-            return self.transform(self.data.images[i]), self.data.labels[i]
-        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
-            torch.manual_seed(stream_seed(self.stream.seed, self.stream.epoch, i))
-            return self.transform(self.data.images[i]), self.data.labels[i]
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """This rank's share of the epoch's permutation, from the stream's start batch on."""
-
-    def __init__(self, n: int, batch_size: int, stream: EpochStream):
-        self.n, self.batch_size, self.stream = n, batch_size, stream
-
-    def __len__(self) -> int:
-        return self.stream.shard_size(self.n) - self.stream.start_batch * self.batch_size
-
-    def __iter__(self):
-        return iter(self.stream.order(self.n)[self.stream.start_batch * self.batch_size:].tolist())
-
-
-def make_transform(mean, std, augment: bool) -> Callable:
-    """Random crop (pad 4) and horizontal flip when augmenting, then normalisation."""
-    from torchvision.transforms import v2  # torchvision takes a second to import: only if used
-
-    steps = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if augment else []
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-
-
-class TorchvisionLoader:
-    """The reference loader: a DataLoader applying torchvision transforms image by image.
-
-    Training shuffles (a permutation per epoch) and drops the last partial batch, so an epoch
-    has floor(N / batch_size) steps; `set_epoch(epoch, start_batch)` before iterating picks
-    the epoch and where it starts. Evaluation keeps every image, in order. With world_size > 1
-    each rank serves its shard: together the ranks see every evaluation image once."""
-
-    def __init__(self, data: ImageSet, mean, std, batch_size: int, train: bool, augment: bool = True,
-                 workers: int = 0, seed: int = 0, pin_memory: bool = False,
-                 rank: int = 0, world_size: int = 1):
-        self.stream = EpochStream(seed, rank, world_size) if train else None
-        dataset = AugmentedImages(data, make_transform(mean, std, augment and train), self.stream)
-        sampler = (EpochSampler(len(data), batch_size, self.stream) if train
-                   else list(range(rank, len(data), world_size)))
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
-                                 num_workers=workers, pin_memory=pin_memory)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.stream.set_epoch(epoch, start_batch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        return iter(self.loader)
-
-
-def random_crop_flip(images: torch.Tensor, padding: int = 4,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Batched RandomCrop(size, padding, fill 0) + RandomHorizontalFlip on (B, C, H, W):
-    each image gets its own offset and flip, applied as one gather on the images' device."""
-    b, c, h, w = images.shape
-    device = images.device
-    padded = F.pad(images, (padding,) * 4)
-    offsets = torch.randint(0, 2 * padding + 1, (2, b), device=device, generator=generator)
-    flip = torch.rand(b, device=device, generator=generator) < 0.5
-    rows = offsets[0, :, None] + torch.arange(h, device=device)
-    cols = offsets[1, :, None] + torch.arange(w, device=device)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip reads the columns backwards
-    index = rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]
-    index = index.view(b, 1, h * w).expand(b, c, h * w)
-    return padded.view(b, c, -1).gather(2, index).view(b, c, h, w)
-
-
-class TensorLoader:
-    """Serves an ImageSet kept whole (uint8) on `device`, augmenting and normalising whole
-    batches there: no per-image Python, no worker processes, no host-to-device copies.
-
-    Same contract as `TorchvisionLoader`: training shuffles and drops the last partial batch,
-    batch b of an epoch augmented from its own seed (seed, epoch, b, rank); evaluation keeps
-    every image (of this rank's shard), in order.
-    """
-
-    def __init__(self, data: ImageSet, mean, std, batch_size: int, train: bool, augment: bool = True,
-                 device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.device = torch.device(device)
-        if not train:  # evaluation: this rank's strided share, each image on exactly one rank
-            data = ImageSet(data.images[rank::world_size], data.labels[rank::world_size])
-        self.images = data.images.to(self.device)
-        self.labels = data.labels.to(self.device)
-        self.batch_size, self.train, self.augment = batch_size, train, augment and train
-        self.stream = EpochStream(seed, rank, world_size) if train else None
-        self.generator = torch.Generator(device=self.device)
-        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.stream.set_epoch(epoch, start_batch)
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        if self.train:
-            return self.stream.shard_size(n) // self.batch_size
-        return -(-n // self.batch_size)
-
-    def __iter__(self):
-        n = len(self.labels)
-        order = self.stream.order(n, self.device) if self.train else torch.arange(n, device=self.device)
-        first = self.stream.start_batch if self.train else 0
-        for i in range(first, len(self)):
-            index = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.images[index]
-            if self.augment:
-                s = self.stream
-                self.generator.manual_seed(stream_seed(s.seed, s.epoch, i, s.rank))
-                x = random_crop_flip(x, 4, self.generator)
-            yield (x.float() - self.mean) / self.std, self.labels[index]
-
-
-def fits_on_device(data: Sequence[ImageSet], device: torch.device, fraction: float = 0.25) -> bool:
-    """Whether the uint8 images take at most `fraction` of the device's free memory."""
-    if device.type != "cuda":
-        return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return sum(d.images.numel() + 8 * d.labels.numel() for d in data) <= fraction * free
-
-
-# ---------------------------------------------------------------------------------------
-# Command lines, seeding, devices, host
-# ---------------------------------------------------------------------------------------
-def flag_spellings(*names: str) -> list[str]:
-    """A flag's names plus the other spelling of each long one: --batch_size and --batch-size."""
-    spellings = list(names)
-    for name in names:
-        if name.startswith("--"):
-            for alt in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
-                if alt not in spellings:
-                    spellings.append(alt)
-    return spellings
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)  # every device's generator too
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" picks cuda, then mps, then cpu; an explicit device must be available."""
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = mps is not None and mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available (try --device cpu or auto)")
-    if name == "mps" and not has_mps:
-        raise ValueError("--device mps: Apple's MPS backend is not available (try --device cpu or auto)")
-    if name not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name}: unknown device (choose auto, cpu, cuda or mps)")
-    return torch.device(name)
-
-
-def host_info(device: torch.device) -> dict:
-    """What ran the job: CPU model and threads, GPU name, the code's git commit."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "gpu": gpu, "git_commit": commit,
-            "torch": str(torch.__version__), "python": platform.python_version()}
-
-
 # ---------------------------------------------------------------------------------------
 # Estimates for any model: FLOPs counted by PyTorch, combined with the schedule
 # ---------------------------------------------------------------------------------------
+# Estimates count FLOPs on a (2, 3, 32, 32) batch: FLOP ratios do not depend on the batch size.
+ESTIMATE_INPUT = (2, 3, 32, 32)
+
+
 def first_frozen_steps(t_i: Sequence[float], total_steps: int) -> list[int]:
     """The step at which each unit is first frozen (FreezeOut's `k >= t_i * T`), or
     `total_steps` for a unit that trains to the end."""
@@ -605,71 +394,3 @@ def training_flops_by_level(per_unit: Sequence[dict]) -> list[int]:
         backward = sum(u["backward"] for u in per_unit[n + 1:])
         costs.append(forward + per_unit[n]["backward_no_input_grad"] + backward)
     return costs
-
-
-def split_sizes(eval_mode: str, subset: Optional[int] = None) -> tuple[int, int, int]:
-    """(train, per-epoch evaluation, test) sizes of `load_splits` for CIFAR-sized data."""
-    cap = (lambda n: n) if subset is None else (lambda n: min(n, subset))
-    train = TRAIN_SIZE - VAL_SIZE if eval_mode == "val" else TRAIN_SIZE
-    evaluated = {"val": cap(VAL_SIZE), "test": cap(TEST_SIZE), "none": 0}[eval_mode]
-    return cap(train), evaluated, cap(TEST_SIZE)
-
-
-# ---------------------------------------------------------------------------------------
-# Several processes (torchrun)
-# ---------------------------------------------------------------------------------------
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job (one process, rank 0 of 1, without torchrun)."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Reduce a tensor over the ranks (in place; a no-op in one process)."""
-        if self.enabled:
-            import torch.distributed as dist
-            dist.all_reduce(values, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
-        return values
-
-    def broadcast(self, obj):
-        """Rank 0's `obj`, on every rank."""
-        if not self.enabled:
-            return obj
-        import torch.distributed as dist
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj) -> list:
-        """Every rank's `obj`, in rank order, on every rank."""
-        if not self.enabled:
-            return [obj]
-        import torch.distributed as dist
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-
-def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
-    """Join torchrun's process group when there is one (WORLD_SIZE > 1): NCCL with one GPU per
-    process (LOCAL_RANK), Gloo on CPUs. Returns this process's place and its device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Distributed(), device
-    import torch.distributed as dist
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world_size, local_rank), device

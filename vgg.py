@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from layers import init_weights
+
 # Output channels of each convolution, "M" a 2x2 max-pool (the configurations A, B, D, E).
 CONFIGS = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -20,7 +22,8 @@ CONFIGS = {
 }
 
 
-def check_depth(depth: int) -> list:
+def config_for_depth(depth: int) -> list:
+    """The layer configuration of VGG-`depth` (ValueError for a depth VGG does not have)."""
     if depth not in CONFIGS:
         raise ValueError(f"depth {depth} is not a VGG depth (choose 11, 13, 16 or 19)")
     return CONFIGS[depth]
@@ -38,7 +41,7 @@ class VGG(nn.Module):
     def __init__(self, depth: int = 16, num_classes: int = 100, dropout: float = 0.0):
         super().__init__()
         units, channels = [], 3
-        for item in check_depth(depth):
+        for item in config_for_depth(depth):
             if item == "M":
                 units[-1].append(nn.MaxPool2d(2))
                 continue
@@ -49,16 +52,7 @@ class VGG(nn.Module):
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Dropout(dropout), nn.Linear(512, 512), nn.ReLU(inplace=True),
             nn.Dropout(dropout), nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from layers import Head, init_weights
+
 
 class BasicBlock(nn.Module):
     """BN-ReLU-Conv3x3, dropout, BN-ReLU-Conv3x3, plus the shortcut. Where the shape changes,
@@ -32,18 +34,6 @@ class BasicBlock(nn.Module):
         out = self.conv1(pre)
         out = self.conv2(self.dropout(F.relu(self.bn2(out))))
         return out + (x if self.shortcut is None else self.shortcut(pre))
-
-
-class Head(nn.Module):
-    """Final BN-ReLU, global average pooling and the linear classifier."""
-
-    def __init__(self, in_channels: int, num_classes: int):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(in_channels)
-        self.fc = nn.Linear(in_channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1), 1))
 
 
 def blocks_per_group(depth: int) -> int:
@@ -78,14 +68,7 @@ class WideResNet(nn.Module):
                 channels = width
         self.blocks = nn.Sequential(*blocks)
         self.head = Head(channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))

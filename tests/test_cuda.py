@@ -3,11 +3,13 @@ frozen units untouched under AMP, the tensor loader and train.py on the GPU."""
 import pytest
 import torch
 
+import engine
 import train
 from densenet import DenseNet
 from freezeout import FreezeOut, param_groups
 from metrics_logger import read_records
-from utils import ImageSet, TensorLoader
+from loaders import TensorLoader
+from utils import ImageSet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = torch.device("cuda")
@@ -21,16 +23,16 @@ def test_training_steps_never_wait_for_the_gpu(amp):
     loader.set_epoch(1)
     model = DenseNet(16, 6, 10).to(DEVICE)
     units = model.freeze_units()
-    optimizer = train.make_optimizer(units, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}, DEVICE)
+    optimizer = engine.make_optimizer(units, lr=0.1, momentum=0.9, weight_decay=1e-4, device=DEVICE)
     scheduler = FreezeOut(optimizer, units, total_steps=16, t_0=0.3)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-    autocast = train.autocast_for(amp, DEVICE)
+    autocast = engine.autocast_for(amp, DEVICE)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
     try:
         loss_sum = torch.zeros((), device=DEVICE)
         for x, y in loader:  # 16 steps: units freeze along the way
-            loss_sum += train.train_step(model, x, y, optimizer, scaler, autocast).float()
+            loss_sum += engine.train_step(model, x, y, optimizer, scaler, autocast).float()
             scheduler.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -45,12 +47,12 @@ def test_frozen_units_stay_bit_identical_under_amp(amp):
     optimizer = torch.optim.SGD(param_groups(units), lr=0.1, momentum=0.9, nesterov=True)
     scheduler = FreezeOut(optimizer, units, total_steps=30, t_0=0.2, how_scale="linear")
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-    autocast = train.autocast_for(amp, DEVICE)
+    autocast = engine.autocast_for(amp, DEVICE)
     x, y = torch.randn(16, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (16,), device=DEVICE)
     snapshot = None
     for _ in range(30):
         model.train()
-        train.train_step(model, x, y, optimizer, scaler, autocast)
+        engine.train_step(model, x, y, optimizer, scaler, autocast)
         scheduler.step()
         if snapshot is None and scheduler.num_frozen >= 3:
             frozen = units[:3]

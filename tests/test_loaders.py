@@ -3,7 +3,8 @@ flips half the time, same batching contract."""
 import pytest
 import torch
 
-from utils import ImageSet, TensorLoader, TorchvisionLoader
+from loaders import TensorLoader, TorchvisionLoader
+from utils import ImageSet
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 

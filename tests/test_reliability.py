@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
+import engine
 import train
 from metrics_logger import read_records
 
@@ -98,7 +100,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, uninterrupted):
 # -- in process: a stop at an exact step, torn metrics, divergence ---------------------
 def test_stop_inside_an_epoch_resumes_inside_it(tmp_path, monkeypatch, capsys):
     train.main([*TINY, "--out-dir", str(tmp_path), "--save-weights", "whole"])
-    real_step, calls = train.train_step, []
+    real_step, calls = engine.train_step, []
 
     def step_then_sigint(*args):
         calls.append(1)
@@ -106,14 +108,14 @@ def test_stop_inside_an_epoch_resumes_inside_it(tmp_path, monkeypatch, capsys):
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(*args)
 
-    monkeypatch.setattr(train, "train_step", step_then_sigint)
+    monkeypatch.setattr(engine, "train_step", step_then_sigint)
     with pytest.raises(SystemExit) as stopped:
         train.main([*TINY, "--out-dir", str(tmp_path), "--save-weights", "cut"])
     assert stopped.value.code == 128 + signal.SIGINT
     assert "stopped by SIGINT in epoch 2 after step 8 of 18" in capsys.readouterr().err
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"], ckpt["position"]["batch"]) == (1, 8, 2)
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(engine, "train_step", real_step)
 
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
         f.write('{"event": "epoch", "epoch": 2, "tr')  # as if killed while writing a record
@@ -128,14 +130,14 @@ def test_stop_inside_an_epoch_resumes_inside_it(tmp_path, monkeypatch, capsys):
 
 
 def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real_step, calls = train.train_step, []
+    real_step, calls = engine.train_step, []
 
     def nan_from_step_10(*args):
         calls.append(1)
         loss = real_step(*args)
         return loss * float("nan") if len(calls) > 10 else loss
 
-    monkeypatch.setattr(train, "train_step", nan_from_step_10)
+    monkeypatch.setattr(engine, "train_step", nan_from_step_10)
     with pytest.raises(SystemExit) as failed:
         train.main([*TINY, "--out-dir", str(tmp_path), "--save-weights", "nan"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -160,9 +162,9 @@ def test_hostile_or_foreign_checkpoints_are_refused_without_running_code(tmp_pat
     train.main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--save-weights", "run"])
     ckpt, marker = tmp_path / "run" / "checkpoint.pt", tmp_path / "pwned"
     if how == "pickle":
-        ckpt.write_bytes(pickle.dumps({"format": train.CHECKPOINT_FORMAT, "x": RunsAShellCommand(marker)}))
+        ckpt.write_bytes(pickle.dumps({"format": checkpoint.CHECKPOINT_FORMAT, "x": RunsAShellCommand(marker)}))
     elif how == "torch.save":
-        torch.save({"format": train.CHECKPOINT_FORMAT, "x": RunsAShellCommand(marker)}, ckpt)
+        torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "x": RunsAShellCommand(marker)}, ckpt)
     elif how == "foreign":
         torch.save({"state_dict": {"w": torch.zeros(2)}}, ckpt)
     else:

@@ -26,8 +26,8 @@ def test_grid_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, monkeyp
     out = tmp_path / "rep"
     real_save, saves = train.save_checkpoint, []
 
-    def die_after_third_save(path, state):  # baseline: 2 saves; then the strategy's first epoch
-        real_save(path, state)
+    def die_after_third_save(path, *rest):  # baseline: 2 saves; then the strategy's first epoch
+        real_save(path, *rest)
         saves.append(path)
         if len(saves) == 3:
             raise KeyboardInterrupt

@@ -12,6 +12,7 @@ import torchvision.datasets.cifar as tv_cifar
 import train
 from densenet import DenseNet
 from metrics_logger import read_records
+from models import build_model
 from freezeout import unit_times
 from utils import calc_speedup, schedule_speedup, training_flops_by_level, unit_flops
 
@@ -76,9 +77,9 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, mon
 
     real_save, saves = train.save_checkpoint, []
 
-    def save_then_die(path, state):
-        real_save(path, state)
-        saves.append(state["epoch"])
+    def save_then_die(path, training, config, epoch, *rest):
+        real_save(path, training, config, epoch, *rest)
+        saves.append(epoch)
         if len(saves) == 1:
             raise KeyboardInterrupt  # as if stopped right after the first checkpoint
 
@@ -157,7 +158,7 @@ def test_other_architectures_train_with_the_flop_estimate(tmp_path, capsys, mode
     argv = ["--model", model, "-L", depth, *(["-k", k] if k else []), "--epochs", "1", "--dropout", "0.2"]
     run_train(tmp_path, *argv)
     config = read_records(tmp_path / "run" / "metrics.jsonl", "config")[0]
-    built = train.build_model(config)
+    built = build_model(config["model"], config["depth"], config["growth_rate"], config["num_classes"])
     assert config["params"] == sum(p.numel() for p in built.parameters())
     assert config["paper_speedup"] is None and 0 < config["flop_speedup"] == config["estimated_speedup"]
     assert config["n_units"] == len(built.freeze_units()) and config["dropout"] == 0.2

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torchvision.datasets.cifar as tv_cifar
 
-from utils import (DataError, TorchvisionLoader, calc_speedup, load_cifar, load_splits, resolve_device,
-                   seed_everything, solve_t_0, synthetic_images)
+from engine import resolve_device, seed_everything
+from loaders import TorchvisionLoader
+from utils import DataError, calc_speedup, load_cifar, load_splits, solve_t_0, synthetic_images
 
 
 # -- the paper's estimate ---------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""What the scripts' command lines share: the choice lists, both spellings of every flag, the
+help format, and the checks of numeric values (one line naming the flag)."""
+from __future__ import annotations
+
+import argparse
+import math
+
+from freezeout import SCALE_POWERS
+from utils import DATASETS  # noqa: F401  (re-exported: the choice list of --dataset)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+AMP_MODES = ("off", "bf16", "fp16")
+SCALINGS = tuple(SCALE_POWERS)
+LOADERS = ("auto", "tensor", "torchvision")
+CUDA_GRAPHS = ("auto", "on", "off")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to a flag's help unless the help already says what happens
+    when the flag is not given, or the flag is a switch (its help says what it turns on)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
+def flag_spellings(*names: str) -> list[str]:
+    """A flag's names plus the other spelling of each long one: --batch_size and --batch-size."""
+    spellings = list(names)
+    for name in names:
+        if name.startswith("--"):
+            for alt in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                if alt not in spellings:
+                    spellings.append(alt)
+    return spellings
+
+
+def check_positive(flags: dict) -> None:
+    """ValueError naming the first flag ({"--epochs": value, ...}) whose integer value is not
+    positive; None means not given."""
+    for flag, value in flags.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+
+
+def check_range(flag: str, value, low: float, high: float, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """ValueError naming the flag unless low <= value <= high (ends open as asked); NaN and
+    infinities never pass. None means not given."""
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) \
+        and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{flag} must be in {interval}, got {value}")
+
+
+def check_t_0(flag: str, value: float) -> None:
+    """The t_0 range, (0, 1], as every script states it."""
+    check_range(flag, value, 0.0, 1.0, low_open=True)

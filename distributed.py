@@ -1,0 +1,104 @@
+"""Several processes under torchrun: this process's place in the job, the collectives the run
+needs, and the model wrapped in DistributedDataParallel over the parameters still training.
+
+- `Distributed`, `init_distributed`: rank, world size, all_reduce / broadcast / gather.
+- `DDPModel`: the module the training step calls, rebuilt over the trainable parameters when
+  units freeze; `check_replicas_agree`: the ranks' weights are the same.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (one process, rank 0 of 1, without torchrun)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce a tensor over the ranks (in place; a no-op in one process)."""
+        if self.enabled:
+            import torch.distributed as dist
+            dist.all_reduce(values, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return values
+
+    def broadcast(self, obj):
+        """Rank 0's `obj`, on every rank."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join torchrun's process group when there is one (WORLD_SIZE > 1): NCCL with one GPU per
+    process (LOCAL_RANK), Gloo on CPUs. Returns this process's place and its device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed(), device
+    import torch.distributed as dist
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, local_rank), device
+
+
+class DDPModel:
+    """What the training step calls: the model itself in one process; under torchrun a
+    DistributedDataParallel wrapper over the parameters still training. DDP buckets only
+    parameters that require gradients, so the wrapper is rebuilt whenever units freeze (at most
+    once per unit, at the same step on every rank, since the schedule is the same): frozen
+    parameters leave the all-reduce, and no step waits for gradients that never come, without
+    find_unused_parameters. Each rebuild also re-broadcasts rank 0's weights."""
+
+    def __init__(self, model: torch.nn.Module, dist: Distributed, device: torch.device):
+        self.model, self.dist, self.device = model, dist, device
+        self.module, self.num_frozen = model, None
+
+    def for_frozen(self, num_frozen: int) -> torch.nn.Module:
+        """The module to call with `num_frozen` units frozen (a new DDP wrapper if that changed)."""
+        if self.dist.enabled and num_frozen != self.num_frozen:
+            from torch.nn.parallel import DistributedDataParallel
+            self.module = None  # release the old wrapper (and its gradient hooks) first
+            self.module = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
+            self.num_frozen = num_frozen
+        return self.module
+
+
+def check_replicas_agree(model: torch.nn.Module, dist: Distributed, device: torch.device) -> bool:
+    """Under torchrun, whether every rank holds the same weights (a checksum compared)."""
+    if not dist.enabled:
+        return True
+    with torch.no_grad():
+        total = torch.stack([p.double().sum() for p in model.parameters()]).sum().to(device)
+    spread = dist.all_reduce(torch.stack([total, -total]), "max")
+    return spread[0].item() == -spread[1].item()

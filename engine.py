@@ -1,0 +1,280 @@
+"""The training machinery, free of flags and files: device and precision choices, the
+optimizer, the training step, the epoch loop with its stop signals and divergence check, and
+evaluation.
+
+- `resolve_device`, `seed_everything`, `effective_amp`, `autocast_for`, `memory_format`.
+- `make_optimizer`, `build_training` -> `Training` (model, units, optimizer, FreezeOut
+  scheduler, GradScaler, the DDP view, device, precision): what the loop works on.
+- `train_step`, `train_one_epoch` (from any position inside an epoch), `evaluate`.
+- `StopSignals` (SIGINT / SIGTERM: stop after the current step), `Diverged`.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from distributed import DDPModel, Distributed
+from freezeout import FreezeOut, param_groups
+from utils import RunError
+
+PROGRESS_EVERY = 20  # steps between reads of the loss (each read waits for the device)
+NO_STEP = 2 ** 62  # "no non-finite loss yet": larger than any step
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Diverged(RunError):
+    """The loss was not finite; `step` is the first step where it was not."""
+
+    def __init__(self, step: int):
+        super().__init__(f"training diverged: the loss was not finite at step {step}")
+        self.step = step
+
+
+# ---------------------------------------------------------------------------------------
+# Device, seeds, precision
+# ---------------------------------------------------------------------------------------
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" picks cuda, then mps, then cpu; an explicit device must be available."""
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = mps is not None and mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available (try --device cpu or auto)")
+    if name == "mps" and not has_mps:
+        raise ValueError("--device mps: Apple's MPS backend is not available (try --device cpu or auto)")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: unknown device (choose auto, cpu, cuda or mps)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)  # every device's generator too
+
+
+def effective_amp(amp: str, device: torch.device) -> str:
+    """The precision autocast will really use: "off" where the device has no autocast for it."""
+    if amp == "off":
+        return amp
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:  # an unsupported pair warns and disables itself (or raises, in older torch)
+            context = torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+        except RuntimeError:
+            return "off"
+    return amp if getattr(context, "_enabled", True) and not caught else "off"
+
+
+def autocast_for(amp: str, device: torch.device, cache: bool = True):
+    """The autocast context of an (effective) precision; a no-op context for "off". A CUDA
+    graph needs cache=False: cached casts of the weights would be stale on replay."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp], cache_enabled=cache)
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+# ---------------------------------------------------------------------------------------
+# What a run trains
+# ---------------------------------------------------------------------------------------
+def make_optimizer(units, lr: float, momentum: float, weight_decay: float,
+                   device: torch.device) -> torch.optim.SGD:
+    """SGD with Nesterov momentum, one param group per unit. On CUDA the fused kernel: one
+    launch per group, learning rates that may live on the device (what a CUDA graph needs),
+    and an fp16 GradScaler can skip a step without reading found-inf back."""
+    return torch.optim.SGD(param_groups(units), lr=lr, momentum=momentum, nesterov=True,
+                           weight_decay=weight_decay, fused=True if device.type == "cuda" else None)
+
+
+@dataclass
+class Training:
+    """The objects one training run works on."""
+    model: torch.nn.Module
+    units: list
+    optimizer: torch.optim.Optimizer
+    scheduler: FreezeOut
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp: str = "off"                      # the effective precision
+    channels_last: bool = False
+    dist: Distributed = field(default_factory=Distributed)
+    ddp: DDPModel = None
+
+    def __post_init__(self):
+        if self.ddp is None:
+            self.ddp = DDPModel(self.model, self.dist, self.device)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return memory_format(self.channels_last)
+
+
+def build_training(model: torch.nn.Module, device: torch.device, total_steps: int, *,
+                   lr: float, momentum: float, weight_decay: float, t_0: float, how_scale: str,
+                   scale_lr: bool, amp: str = "off", channels_last: bool = False,
+                   dist: Distributed = Distributed()) -> Training:
+    """Put the model on the device; SGD over one param group per unit; the FreezeOut
+    scheduler; a GradScaler that is active for fp16 only."""
+    model = model.to(device, memory_format=memory_format(channels_last))
+    units = model.freeze_units()
+    optimizer = make_optimizer(units, lr, momentum, weight_decay, device)
+    scheduler = FreezeOut(optimizer, units, total_steps=total_steps, t_0=t_0, how_scale=how_scale,
+                          scale_lr=scale_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    return Training(model, units, optimizer, scheduler, scaler, device, amp, channels_last, dist)
+
+
+# ---------------------------------------------------------------------------------------
+# Training and evaluation
+# ---------------------------------------------------------------------------------------
+class StopSignals:
+    """While active, SIGINT and SIGTERM ask the run to stop after the current step; a second
+    signal stops it at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        with contextlib.suppress(ValueError):  # only the main thread may set handlers
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def train_step(model, x, y, optimizer, scaler, autocast) -> torch.Tensor:
+    """Forward, backward and update on one batch (the scheduler steps separately)."""
+    with autocast:
+        loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def new_position(epoch: int) -> dict:
+    """Where an epoch stands: batches done, and the sums its record is made of."""
+    return {"epoch": epoch, "batch": 0, "loss_sum": 0.0, "seen": 0, "time_s": 0.0}
+
+
+def epoch_stats(position: dict) -> dict:
+    t = position["time_s"]
+    return {"train_loss": position["loss_sum"] / max(position["seen"], 1), "train_time_s": t,
+            "images_per_s": position["seen"] / t if t > 0 else 0.0}
+
+
+def train_one_epoch(training: Training, loader, position: dict, steps_per_epoch: int,
+                    stop: StopSignals, desc: str) -> bool:
+    """Train from `position` (updated in place) to the epoch's end or until a stop signal;
+    returns whether it was stopped. A non-finite loss raises `Diverged` naming its first
+    step: the check runs on the device and is read with the progress bar, never waiting per
+    step.
+
+    Under torchrun the ranks agree at those reads (one small all-reduce) on whether to stop
+    and on the first bad step, so they all stop at the same step; the epoch's loss and image
+    count are summed over the ranks at its end."""
+    device, dist, scheduler = training.device, training.dist, training.scheduler
+    training.model.train()
+    autocast = autocast_for(training.amp, device)
+    first_step = (position["epoch"] - 1) * steps_per_epoch + position["batch"]
+    # The epoch's running sums continue from the position (on rank 0; the others add theirs at
+    # the end), in float64, so that an interrupted epoch sums exactly as an uninterrupted one.
+    exact = torch.float32 if device.type == "mps" else torch.float64
+    loss_sum = torch.tensor(position["loss_sum"] if dist.is_main else 0.0, dtype=exact, device=device)
+    step_no = torch.tensor(first_step - 1, device=device)
+    bad_step = torch.tensor(NO_STEP, device=device)  # first step with a non-finite loss
+    seen = position["seen"] if dist.is_main else 0
+    stopped, seen_before = False, seen
+    start = time.perf_counter()
+    loader.set_epoch(position["epoch"], position["batch"])
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
+               initial=position["batch"], total=steps_per_epoch, disable=not dist.is_main)
+    for i, (x, y) in enumerate(bar, position["batch"]):
+        x = x.to(device, non_blocking=True, memory_format=training.memory_format)
+        y = y.to(device, non_blocking=True)
+        model = training.ddp.for_frozen(scheduler.num_frozen)
+        loss = train_step(model, x, y, training.optimizer, training.scaler, autocast)
+        scheduler.step()
+        loss_sum += loss.to(exact) * len(y)
+        step_no += 1
+        bad_step = torch.where(torch.isfinite(loss), bad_step, torch.minimum(bad_step, step_no))
+        seen += len(y)
+        position["batch"] = i + 1
+        last = i + 1 == steps_per_epoch
+        if i % PROGRESS_EVERY == 0 or last or (stop.signum is not None and not dist.enabled):
+            stop_all = stop_or_diverged(bad_step, stop, dist)
+            bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.3f}", frozen=scheduler.num_frozen,
+                            img_s=f"{(seen - seen_before) * dist.world_size / (time.perf_counter() - start):.0f}")
+            if stop_all and not last:
+                stopped = True
+                break
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    totals = dist.all_reduce(torch.stack([loss_sum, torch.tensor(float(seen), dtype=exact, device=device)]))
+    elapsed = dist.all_reduce(torch.tensor(time.perf_counter() - start, dtype=exact, device=device), "max")
+    position.update(loss_sum=totals[0].item(), seen=int(totals[1].item()),
+                    time_s=position["time_s"] + elapsed.item())
+    return stopped
+
+
+def stop_or_diverged(bad_step: torch.Tensor, stop: StopSignals, dist: Distributed) -> bool:
+    """Read the divergence flag and the stop request, agreed over the ranks under torchrun
+    (one all-reduce, the only wait for the device): raise `Diverged` at a non-finite loss,
+    else return whether every rank should stop now."""
+    wide = torch.float32 if bad_step.device.type == "mps" else torch.float64
+    stopping = torch.tensor(float(stop.signum is not None), dtype=wide, device=bad_step.device)
+    flags = dist.all_reduce(torch.stack([stopping, -bad_step.to(wide)]), "max")
+    step = int(-flags[1].item())
+    if step < NO_STEP:
+        raise Diverged(step)
+    return bool(flags[0].item())
+
+
+@torch.inference_mode()
+def evaluate(training: Training, loader) -> tuple[float, float]:
+    """Mean cross-entropy and error (percent) over a split (each rank holds a shard of it)."""
+    device, model = training.device, training.model
+    model.eval()
+    autocast = autocast_for(training.amp, device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    wrong = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    for x, y in loader:
+        x = x.to(device, non_blocking=True, memory_format=training.memory_format)
+        y = y.to(device, non_blocking=True)
+        with autocast:
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        wrong += (logits.argmax(1) != y).sum()
+        seen += len(y)
+    totals = training.dist.all_reduce(torch.stack([
+        loss_sum, wrong.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+    loss_sum, wrong, seen = totals.tolist()
+    return loss_sum / seen, 100.0 * wrong / seen
