@@ -27,13 +27,14 @@ import time
 
 import torch
 
-from cli import AMP_MODES, DEVICES, SCALINGS, HelpFormatter, check_positive, check_t_0, flag_spellings
-from engine import (autocast_for, effective_amp, make_optimizer, memory_format, resolve_device,
-                    train_step)
+from cli import (AMP_MODES, CUDA_GRAPHS, DEVICES, SCALINGS, HelpFormatter, check_positive, check_t_0,
+                 flag_spellings)
+from engine import (CudaGraphs, GraphedStep, Training, build_training, effective_amp, memory_format,
+                    resolve_device, use_cuda_graphs)
 from figures import mib, pct
-from freezeout import FreezeOut, freeze, unit_times
+from freezeout import freeze, unit_times
 from models import MODELS, build_model, check_depth, model_name, paper_speedup, resolve_size
-from utils import first_frozen_steps, schedule_speedup, training_flops_by_level, unit_flops
+from utils import ESTIMATE_INPUT, first_frozen_steps, schedule_speedup, training_flops_by_level, unit_flops
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--amp", choices=AMP_MODES, default="off", help="mixed precision")
     add("--channels-last", action="store_true", default=False,
         help="channels-last memory format (default: off)")
+    add("--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
+        help="auto/on: measure the graphed step beside the eager one (on: an error where it cannot "
+             "run); off: eager only")
     add("--seed", type=int, default=0, help="seed of the model and the batches")
     add("--json", action="store_true", default=False,
         help="end stdout with one JSON object of all results (default: the table only)")
@@ -75,11 +79,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Bench:
-    """One model configuration, its batches, and the runs measured on them."""
+# A paper run, for the share of the training time that captures take: 100 epochs of
+# 45,000 images at batch 50.
+PAPER_RUN_STEPS = 100 * (45_000 // 50)
 
-    def __init__(self, args, device: torch.device):
-        self.args, self.device = args, device
+
+class Bench:
+    """One model configuration, its batches, and the runs measured on them. `graphs` makes the
+    graphed step's capturer (engine.CudaGraphs on a GPU; engine.EagerGraphs lets the CPU test
+    the same code)."""
+
+    def __init__(self, args, device: torch.device, graphs=CudaGraphs):
+        self.args, self.device, self.graphs = args, device, graphs
         self.amp = effective_amp(args.amp, device)
         self.memory_format = memory_format(args.channels_last)
         g = torch.Generator().manual_seed(args.seed)
@@ -89,20 +100,26 @@ class Bench:
                          torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device))
                         for _ in range(n)]
 
-    def setup(self, t_0: float):
+    def setup(self, t_0: float, graphed: bool = False) -> Training:
+        """A fresh model and its training objects; the graphed step captures every freeze
+        level (however short: a real run's levels are long, and capture time is reported
+        apart), after two eager warm-up steps."""
         torch.manual_seed(self.args.seed)
-        model = build(self.args).to(self.device, memory_format=self.memory_format).train()
-        units = model.freeze_units()
-        optimizer = make_optimizer(units, lr=0.1, momentum=0.9, weight_decay=1e-4, device=self.device)
-        scheduler = FreezeOut(optimizer, units, self.args.steps, t_0=t_0,
-                              how_scale=self.args.how_scale, scale_lr=self.args.scale_lr)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
-        return model, units, optimizer, scheduler, scaler
+        training = build_training(
+            build(self.args), self.device, self.args.steps, lr=0.1, momentum=0.9, weight_decay=1e-4,
+            t_0=t_0, how_scale=self.args.how_scale, scale_lr=self.args.scale_lr, amp=self.amp,
+            channels_last=self.args.channels_last, fused=True if graphed else None)
+        training.model.train()
+        if graphed:
+            training.step = GraphedStep(training, self.args.batch_size, self.args.steps,
+                                        graphs=self.graphs(), warmup=2, min_steps=1)
+            training.step.start_epoch(0, 0)
+        return training
 
-    def timed_run(self, t_0: float) -> dict:
-        """Wall time of `steps` training steps, the scheduler's share, CUDA peak of the last quarter."""
-        model, _, optimizer, scheduler, scaler = self.setup(t_0)
-        autocast = autocast_for(self.amp, self.device)
+    def timed_run(self, t_0: float, graphed: bool = False) -> dict:
+        """Wall time of `steps` training steps (captures excluded, reported apart), the
+        scheduler's share, CUDA peak of the last quarter."""
+        training = self.setup(t_0, graphed)
         steps, quarter = self.args.steps, (3 * self.args.steps) // 4
         sched = 0.0
         sync(self.device)
@@ -110,27 +127,27 @@ class Bench:
         for k in range(steps):
             if k == quarter and self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
-            x, y = self.batches[k % len(self.batches)]
-            train_step(model, x, y, optimizer, scaler, autocast)
+            training.step(*self.batches[k % len(self.batches)])
             t = time.perf_counter()
-            scheduler.step()
+            training.scheduler.step()
             sched += time.perf_counter() - t
         sync(self.device)
-        elapsed = time.perf_counter() - start
+        captured = training.step.capture_time_s
+        elapsed = time.perf_counter() - start - captured
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return {"time_s": elapsed, "scheduler_s": sched, "cuda_peak_bytes": peak}
+        return {"time_s": elapsed, "scheduler_s": sched, "cuda_peak_bytes": peak,
+                "captures": training.step.captures, "capture_s": captured}
 
     def saved_tensor_peak(self, t_0: float) -> int:
         """Largest per-step total of tensors autograd saves for backward (parameters aside),
-        over the last quarter of the steps."""
-        model, _, optimizer, scheduler, scaler = self.setup(t_0)
-        autocast = autocast_for(self.amp, self.device)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        over the last quarter of the steps (the eager step: a graph saves the same tensors)."""
+        training = self.setup(t_0)
+        params = {p.untyped_storage().data_ptr() for p in training.model.parameters()}
         peak = 0
         for k in range(self.args.steps):
-            x, y = self.batches[k % len(self.batches)]
+            batch = self.batches[k % len(self.batches)]
             if k < (3 * self.args.steps) // 4:
-                train_step(model, x, y, optimizer, scaler, autocast)
+                training.step(*batch)
             else:
                 storages = {}
 
@@ -141,60 +158,93 @@ class Bench:
                     return t
 
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    train_step(model, x, y, optimizer, scaler, autocast)
+                    training.step(*batch)
                 peak = max(peak, sum(storages.values()))
-            scheduler.step()
+            training.scheduler.step()
         return peak
 
-    def level_step_time(self, n_frozen: int) -> float:
-        """Median time of one training step with the first n units frozen (after a warm-up step)."""
-        model, units, optimizer, _, scaler = self.setup(1.0)
-        for unit in units[:n_frozen]:
+    def level_step_time(self, n_frozen: int, graphed: bool = False) -> float:
+        """Median time of one training step with the first n units frozen (after warm-up
+        steps and, graphed, the capture)."""
+        training = self.setup(1.0, graphed)
+        for unit in training.units[:n_frozen]:
             freeze(unit)
-        autocast = autocast_for(self.amp, self.device)
         times = []
-        for k in range(self.args.level_steps + 1):
-            x, y = self.batches[k % len(self.batches)]
+        warmup = 3 if graphed else 1  # graphed: two eager steps, then the capture
+        for k in range(self.args.level_steps + warmup):
             sync(self.device)
             start = time.perf_counter()
-            train_step(model, x, y, optimizer, scaler, autocast)
+            training.step(*self.batches[k % len(self.batches)])
             sync(self.device)
             times.append(time.perf_counter() - start)
-        return statistics.median(times[1:])
+        return statistics.median(times[warmup:])
 
 
 def build(args) -> torch.nn.Module:
     return build_model(args.model, args.depth, args.growth_rate, args.num_classes, args.bottleneck)
 
 
-def measure(args) -> dict:
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    bench = Bench(args, device)
-    model = build(args)
-    units = model.freeze_units()
-    t_i = unit_times(len(units), args.t_0, args.how_scale)
-    levels = training_flops_by_level(unit_flops(model, units, (2, 3, 32, 32)))
+def capture_share(n_units: int, per_capture_s: float, step_s: float,
+                  steps: int = PAPER_RUN_STEPS) -> float:
+    """The share of a run's training time spent capturing graphs: one capture per freeze
+    level (n_units of them) against `steps` steps of `step_s` seconds."""
+    return n_units * per_capture_s / (steps * step_s)
 
+
+def compare(bench: Bench, args, t_i, graphed: bool) -> dict:
+    """Baseline and FreezeOut, alternating after a warm-up run of each, and the ideal speedup
+    from the step time at every freeze level the schedule visits."""
     for t_0 in (1.0, args.t_0):  # warm-up: allocator, cuDNN autotuning, first-call costs
-        bench.timed_run(t_0)
+        bench.timed_run(t_0, graphed)
     baseline, freezeout = [], []
     for _ in range(args.repeats):
-        baseline.append(bench.timed_run(1.0))
-        freezeout.append(bench.timed_run(args.t_0))
+        baseline.append(bench.timed_run(1.0, graphed))
+        freezeout.append(bench.timed_run(args.t_0, graphed))
     ratios = [f["time_s"] / b["time_s"] for b, f in zip(baseline, freezeout)]
-
     ideal, level_times = None, {}
     if args.level_steps > 0:
         first = first_frozen_steps(t_i, args.steps)
         visited = sorted({sum(f <= k for f in first) for k in range(args.steps)})
-        level_times = {n: bench.level_step_time(n) for n in visited}
-        ideal = schedule_speedup([level_times.get(n, 0.0) for n in range(len(units))], t_i, args.steps)
-
+        level_times = {n: bench.level_step_time(n, graphed) for n in visited}
+        ideal = schedule_speedup([level_times.get(n, 0.0) for n in range(len(t_i))], t_i, args.steps)
     b_time = statistics.median(r["time_s"] for r in baseline)
     f_time = statistics.median(r["time_s"] for r in freezeout)
     images = args.steps * args.batch_size
+    result = {
+        "baseline_runs_s": [r["time_s"] for r in baseline],
+        "freezeout_runs_s": [r["time_s"] for r in freezeout],
+        "baseline_s": b_time, "freezeout_s": f_time,
+        "measured_speedup": 1 - statistics.median(ratios), "ideal_speedup": ideal,
+        "level_step_s": {str(n): t for n, t in level_times.items()},
+        "baseline_images_per_s": images / b_time, "freezeout_images_per_s": images / f_time,
+        "overhead_frac": statistics.median(r["scheduler_s"] / r["time_s"] for r in freezeout),
+        "peak_mem_baseline": baseline[-1]["cuda_peak_bytes"],
+        "peak_mem_freezeout": freezeout[-1]["cuda_peak_bytes"],
+    }
+    if graphed:
+        captures = freezeout[-1]["captures"]
+        per_capture = statistics.median(r["capture_s"] / r["captures"] for r in freezeout)
+        result.update(captures=captures, capture_s_per_capture=per_capture,
+                      paper_run_capture_share=capture_share(len(t_i), per_capture, f_time / args.steps))
+    return result
+
+
+def measure(args) -> dict:
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    graphed, _ = use_cuda_graphs(args.cuda_graphs, device, effective_amp(args.amp, device), False)
+    return measure_on(args, device, graphed)
+
+
+def measure_on(args, device: torch.device, graphed: bool, graphs=CudaGraphs) -> dict:
+    """Eager, and graphed beside it when `graphed`: the results as one dict (the eager
+    figures at the top level, the graphed ones under "graphed")."""
+    bench = Bench(args, device, graphs)
+    model = build(args)
+    units = model.freeze_units()
+    t_i = unit_times(len(units), args.t_0, args.how_scale)
+    levels = training_flops_by_level(unit_flops(model, units, ESTIMATE_INPUT))
     return {
         "model": args.model, "depth": args.depth, "growth_rate": args.growth_rate,
         "bottleneck": args.bottleneck, "batch_size": args.batch_size, "steps": args.steps,
@@ -203,21 +253,13 @@ def measure(args) -> dict:
         else None, "amp": bench.amp, "channels_last": args.channels_last, "threads": torch.get_num_threads(),
         "torch": str(torch.__version__), "n_units": len(units),
         "params": sum(p.numel() for p in model.parameters()),
-        "baseline_runs_s": [r["time_s"] for r in baseline],
-        "freezeout_runs_s": [r["time_s"] for r in freezeout],
-        "baseline_s": b_time, "freezeout_s": f_time,
-        "measured_speedup": 1 - statistics.median(ratios),
+        **compare(bench, args, t_i, graphed=False),
         "estimated_speedup": paper_speedup(args.model, args.depth, args.growth_rate, args.t_0,
                                            args.how_scale, args.bottleneck),
         "flop_speedup": schedule_speedup(levels, t_i, args.steps),
-        "ideal_speedup": ideal,
-        "level_step_s": {str(n): t for n, t in level_times.items()},
-        "baseline_images_per_s": images / b_time, "freezeout_images_per_s": images / f_time,
-        "overhead_frac": statistics.median(r["scheduler_s"] / r["time_s"] for r in freezeout),
-        "peak_mem_baseline": baseline[-1]["cuda_peak_bytes"],
-        "peak_mem_freezeout": freezeout[-1]["cuda_peak_bytes"],
         "saved_bytes_baseline": bench.saved_tensor_peak(1.0),
         "saved_bytes_freezeout": bench.saved_tensor_peak(args.t_0),
+        "graphed": compare(bench, args, t_i, graphed=True) if graphed else None,
     }
 
 
@@ -240,6 +282,22 @@ def table(r: dict) -> str:
         f"FreezeOut {mib(r['peak_mem_freezeout'])}",
         f"  FreezeOut bookkeeping: {100 * r['overhead_frac']:.3f}% of the step time",
     ]
+    g = r["graphed"]
+    if g is not None:
+        lines += [
+            "  CUDA graphs (one per freeze level; capture time excluded from the runs, given below):",
+            f"    baseline runs   {', '.join(f'{t:.3f}' for t in g['baseline_runs_s'])} s"
+            f"   median {g['baseline_s']:.3f} s  ({g['baseline_images_per_s']:.0f} img/s, "
+            f"{g['baseline_images_per_s'] / r['baseline_images_per_s']:.2f}x eager)",
+            f"    FreezeOut runs  {', '.join(f'{t:.3f}' for t in g['freezeout_runs_s'])} s"
+            f"   median {g['freezeout_s']:.3f} s  ({g['freezeout_images_per_s']:.0f} img/s)",
+            f"    speedup: measured {pct(g['measured_speedup'])} | FLOPs {pct(r['flop_speedup'])}"
+            f" | ideal (graphed step time per freeze level) {pct(g['ideal_speedup'])}",
+            f"    {g['captures']} captures, {1000 * g['capture_s_per_capture']:.1f} ms each: "
+            f"{100 * g['paper_run_capture_share']:.3f}% of a 100-epoch paper run's training time",
+            f"    CUDA max allocated, last quarter: baseline {mib(g['peak_mem_baseline'])}, "
+            f"FreezeOut {mib(g['peak_mem_freezeout'])}",
+        ]
     return "\n".join(lines)
 
 
@@ -253,7 +311,8 @@ def check(args, parser) -> None:
             raise ValueError(f"--level-steps must be >= 0, got {args.level_steps}")
         check_t_0("--t_0", args.t_0)
         check_depth(args.model, args.depth, args.bottleneck)
-        resolve_device(args.device)
+        device = resolve_device(args.device)
+        use_cuda_graphs(args.cuda_graphs, device, effective_amp(args.amp, device), False)
     except ValueError as e:
         parser.error(str(e))
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cli import AMP_MODES, DATASETS, DEVICES, HelpFormatter, check_positive, check_t_0, flag_spellings
+from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, HelpFormatter, check_positive, check_t_0,
+                 flag_spellings)
 from figures import pct, plot_lr_curves, pyplot, schedule_of
 from metrics_logger import read_records
 from models import DEFAULTS, MODELS, build_model, model_name
@@ -77,6 +78,7 @@ def make_grid(settings: dict, out: Path) -> list[Job]:
     common = ["--model", settings["model"], "-L", str(settings["depth"]), "--dataset", settings["dataset"],
               "--epochs", str(settings["epochs"]), "--batch_size", str(settings["batch_size"]),
               "--device", settings["device"], "--amp", settings["amp"], "--data-root", settings["data_root"],
+              "--cuda-graphs", settings["cuda_graphs"],
               "--out-dir", str(out / "runs")]
     if settings["growth_rate"] is not None and settings["model"] != "vgg":
         common += ["-k", str(settings["growth_rate"])]
@@ -348,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seeds", type=int, nargs="+", default=None, help="seeds (default: the preset's)")
     add("--device", choices=DEVICES, default="auto", help="device of every run")
     add("--amp", choices=AMP_MODES, default="off", help="mixed precision of every run")
+    add("--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
+        help="every run's training step: one CUDA graph per freeze level (on), eager (off), or on "
+             "wherever supported (auto)")
     add("--data-root", default="./data", help="where CIFAR lives or is downloaded to")
     add("--report-only", action="store_true", default=False,
         help="write the table and figures from the runs already there, run nothing "
@@ -364,7 +369,7 @@ def resolve_settings(args) -> dict:
     if args.model is not None and args.depth is None:
         settings["depth"], settings["growth_rate"] = DEFAULTS[args.model]
     settings.update(strategies=args.strategies, targets=args.target_speedups, device=args.device,
-                    amp=args.amp, data_root=args.data_root, preset=args.preset)
+                    amp=args.amp, data_root=args.data_root, preset=args.preset, cuda_graphs=args.cuda_graphs)
     return settings
 
 

@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,12 +28,12 @@ import torch.distributed
 from tqdm import tqdm
 
 from checkpoint import check_resume_flags, host_info, open_run, restore, save_checkpoint
-from cli import (AMP_MODES, DATASETS, DEVICES, LOADERS, SCALINGS, HelpFormatter, check_positive,
-                 check_range, check_t_0, flag_spellings)
+from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, LOADERS, SCALINGS, HelpFormatter,
+                 check_positive, check_range, check_t_0, flag_spellings)
 from distributed import Distributed, check_replicas_agree, init_distributed
-from engine import (NO_STEP, Diverged, StopSignals, Training, build_training, effective_amp, evaluate,
-                    epoch_stats, new_position, resolve_device, seed_everything, stop_or_diverged,
-                    train_one_epoch)
+from engine import (NO_STEP, Diverged, GraphedStep, StopSignals, Training, build_training,
+                    effective_amp, epoch_stats, evaluate, new_position, resolve_device, seed_everything,
+                    stop_or_diverged, train_one_epoch, use_cuda_graphs)
 from loaders import choose_loader, load_data, make_loaders
 from metrics_logger import MetricsLogger, read_records, write_records
 from models import (MODELS, build_model, check_depth, model_name, paper_speedup, resolve_size,
@@ -137,6 +138,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         help="mixed precision (off where the device does not support it)")
     add(run, "--channels-last", action="store_true", default=False,
         help="channels-last memory format for the model and inputs (default: off)")
+    add(run, "--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
+        help="on: the whole training step as one CUDA graph per freeze level; off: eager; "
+             "auto: on wherever supported (CUDA, no fp16 scaler, one process)")
     return parser, defaults
 
 
@@ -212,6 +216,8 @@ def resolve_config(args, explicit: set, argv) -> dict:
         if args.const_time:  # as many epochs as fit in the baseline's time, by the estimate
             epochs = math.ceil(args.epochs / (1 - estimate(t_0)))
     device = resolve_device(args.device)
+    amp = effective_amp(args.amp, device)
+    use_cuda_graphs(args.cuda_graphs, device, amp, int(os.environ.get("WORLD_SIZE", "1")) > 1)
     name = args.name or default_run_name(args, dataset)
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise ValueError(f"--name {name!r}: a run name must be a plain file name")
@@ -227,8 +233,8 @@ def resolve_config(args, explicit: set, argv) -> dict:
         "weight_decay": args.weight_decay, "seed": args.seed,
         "t_0": t_0, "how_scale": args.how_scale, "scale_lr": args.scale_lr,
         "const_time": args.const_time, "target_speedup": args.target_speedup,
-        "device": str(device), "amp": args.amp, "amp_effective": effective_amp(args.amp, device),
-        "channels_last": args.channels_last,
+        "device": str(device), "amp": args.amp, "amp_effective": amp,
+        "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs,
         "workers": args.workers if args.workers is not None else (0 if device.type == "cpu" else 4),
         "out_dir": args.out_dir, "name": name, "run_dir": str(Path(args.out_dir) / name),
         "paper_speedup": args_paper_speedup(args, t_0),
@@ -256,7 +262,7 @@ def describe(config: dict, splits) -> str:
         f"{config['flop_speedup']:.1%} (FLOPs)",
         f"  device {config['device']}"
         + (f" x {config['world_size']} processes" if config.get("world_size", 1) > 1 else "")
-        + f", amp {config['amp_effective']}, loader {config['loader_used']}, "
+        + f", amp {config['amp_effective']}, {config['training_step']} step, loader {config['loader_used']}, "
         f"batch {config['batch_size']}, lr {config['lr']:g}, seed {config['seed']}; "
         f"run directory {config['run_dir']}",
     ])
@@ -337,6 +343,7 @@ def fit(config: dict, training: Training, loaders, run_dir: Path, done_epochs: i
     checkpoint_path, last_eval = run_dir / "checkpoint.pt", (None, None)
     with StopSignals() as stop:
         for epoch in range(done_epochs + 1, config["epochs"] + 1):
+            captures, capture_time = training.step.captures, training.step.capture_time_s
             stopped = train_one_epoch(training, train_loader, position, per_epoch, stop,
                                       desc=f"epoch {epoch}/{config['epochs']}")
             step = (epoch - 1) * per_epoch + position["batch"]
@@ -346,12 +353,16 @@ def fit(config: dict, training: Training, loaders, run_dir: Path, done_epochs: i
                                  f"{scheduler.total_steps}", run_dir)
             stats = epoch_stats(position)
             train_time += stats["train_time_s"]
-            record = {"epoch": epoch, "step": step, **stats}
+            record = {"epoch": epoch, "step": step, **stats, "training_step": config["training_step"],
+                      "captures": training.step.captures - captures,
+                      "capture_time_s": training.step.capture_time_s - capture_time}
             if not check_replicas_agree(training.model, dist, training.device):
                 raise RunError("the processes' weights differ: the replicas fell out of step")
             if eval_loader is not None:
+                started = time.perf_counter()
                 last_eval = evaluate(training, eval_loader)
-                record.update(val_loss=last_eval[0], val_err=last_eval[1])
+                record.update(val_loss=last_eval[0], val_err=last_eval[1],
+                              eval_time_s=time.perf_counter() - started)
             record.update(frozen_units=scheduler.num_frozen,
                           active_units=len(training.units) - scheduler.num_frozen,
                           lr=[float(lr) for lr in scheduler.get_last_lr()])
@@ -387,6 +398,8 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None, dist: Distributed 
         weight_decay=config["weight_decay"], t_0=config["t_0"], how_scale=config["how_scale"],
         scale_lr=config["scale_lr"], amp=config["amp_effective"], channels_last=config["channels_last"],
         dist=dist)
+    if config["training_step"] == "graphed":
+        training.step = GraphedStep(training, config["batch_size"], per_epoch)
     if checkpoint is None:
         start_run(config, training, splits, run_dir, per_epoch)
         done_epochs, train_time, position = 0, 0.0, new_position(1)
@@ -416,6 +429,19 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None, dist: Distributed 
     return summary
 
 
+def choose_step(config: dict, device: torch.device, dist: Distributed, parser) -> dict:
+    """The precision autocast really uses here and the training step (graphed or eager) for
+    this invocation: a resumed run may change device or --cuda-graphs."""
+    amp = effective_amp(config["amp"], device)
+    try:
+        graphed, why_not = use_cuda_graphs(config.get("cuda_graphs", "auto"), device, amp, dist.enabled)
+    except ValueError as e:
+        parser.error(str(e))
+    if why_not is not None and dist.is_main:
+        print(f"eager training step: {why_not}")
+    return {"amp_effective": amp, "training_step": "graphed" if graphed else "eager"}
+
+
 def main(argv=None) -> dict:
     """Train as the command line says; return the run's summary record."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -435,11 +461,11 @@ def main(argv=None) -> dict:
     try:
         prepared = open_run(config, dist, args.resume, "--name",
                             lambda saved: check_resume_flags(saved["args"], args, explicit))
-        config = {**prepared.config, "amp_effective": effective_amp(prepared.config["amp"], device)}
         if prepared.error is not None:
             if prepared.exit_code == 2 and dist.is_main:
                 parser.print_usage(sys.stderr)
             fail(prepared.error, prepared.exit_code)
+        config = {**prepared.config, **choose_step(prepared.config, device, dist, parser)}
         if prepared.finished is not None:
             if dist.is_main:
                 print(f"{config['run_dir']} has already finished; nothing to resume")

@@ -1,0 +1,158 @@
+"""The graphed training step's logic on the CPU: rates on the device equal the schedule at
+every step, the graphed step computes exactly what the eager one does, one capture per freeze
+level, resume, and the fallbacks and their messages. (Real CUDA graphs: tests/test_cuda.py.)"""
+import math
+
+import pytest
+import torch
+
+import train
+from densenet import DenseNet
+from distributed import Distributed
+from engine import (EagerGraphs, EagerStep, GraphedStep, build_training, graphs_unsupported,
+                    use_cuda_graphs)
+from metrics_logger import read_records
+
+CPU = torch.device("cpu")
+T, PER_EPOCH, BATCH = 24, 8, 4
+
+
+def make_training(seed=0, t_0=0.5, dropout=0.1, total=T):
+    torch.manual_seed(seed)
+    model = DenseNet(10, 4, 10, dropout=dropout)  # 7 units
+    return build_training(model, CPU, total, lr=0.1, momentum=0.9, weight_decay=1e-4, t_0=t_0,
+                          how_scale="cubic", scale_lr=True, fused=True)
+
+
+def batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (BATCH,), generator=g))
+            for _ in range(n)]
+
+
+def graphed(training, **kw):
+    return GraphedStep(training, BATCH, PER_EPOCH, graphs=EagerGraphs(), **kw)
+
+
+def train_steps(training, step, data, first=0):
+    """Steps first..len(data)-1 as train_one_epoch takes them: rates uploaded per epoch."""
+    losses, rates = [], []
+    training.model.train()
+    for k in range(first, len(data)):
+        if k == first or k % PER_EPOCH == 0:
+            step.start_epoch(k - k % PER_EPOCH, k % PER_EPOCH)
+        x, y = data[k]
+        losses.append(step(x, y).clone())
+        if isinstance(step, GraphedStep):
+            rates.append(step.lr.tolist())
+        training.scheduler.step()
+    return losses, rates
+
+
+def closed_form_lr(k, i, n=7, total=T, t_0=0.5, base=0.1):
+    t_i = (t_0 + (1 - t_0) * i / (n - 1)) ** 3
+    return 0.0 if k >= t_i * total else 0.5 * (base / t_i) * (1 + math.cos(math.pi * k / (t_i * total)))
+
+
+def test_device_rates_are_the_schedule_at_every_step():
+    training = make_training()
+    _, rates = train_steps(training, graphed(training, warmup=0, min_steps=1), batches(T))
+    for k, row in enumerate(rates):
+        # float32 on the device, from the same Python floats the host scheduler gives
+        expected = torch.tensor([closed_form_lr(k, i) for i in range(7)], dtype=torch.float32)
+        assert row == expected.tolist(), k
+    assert training.scheduler.num_frozen > 3  # the schedule crossed several freeze points
+
+
+def test_graphed_step_computes_exactly_what_the_eager_step_does():
+    data = batches(T)
+    eager = make_training()
+    eager_losses, _ = train_steps(eager, EagerStep(eager), data)
+    run = make_training()
+    step = graphed(run, warmup=0, min_steps=1)
+    losses, _ = train_steps(run, step, data)
+    assert all(torch.equal(a, b) for a, b in zip(losses, eager_losses))
+    a, b = eager.model.state_dict(), run.model.state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)  # BN statistics too
+    assert eager.scheduler.frozen_at == run.scheduler.frozen_at
+    # One capture per freeze level the run went through: the freeze events + 1.
+    assert step.captures == run.scheduler.num_frozen + 1 and step.eager_steps == 0
+
+
+def test_a_level_is_captured_only_when_it_lasts_long_enough():
+    training = make_training(total=60)
+    step = GraphedStep(training, BATCH, 60, graphs=EagerGraphs(), warmup=2, min_steps=8)
+    data = batches(60)
+    train_steps(training, step, data)
+    t_i = [(0.5 + 0.5 * i / 6) ** 3 for i in range(7)]
+    starts = [0] + [math.ceil(t * 60) for t in t_i[:-1]] + [60]  # where each level begins
+    lengths = [b - a for a, b in zip(starts, starts[1:])]
+    # level 0 spends its first 2 steps warming up; a later level is captured at its first step
+    replayed = [length - (2 if n == 0 else 0) for n, length in enumerate(lengths)]
+    replayed = [r for r in replayed if r >= 8]
+    assert lengths == [8, 4, 6, 8, 9, 12, 13]  # by hand from t_i = (0.5 + i/12) ** 3
+    assert step.captures == len(replayed) == 4
+    assert step.eager_steps == 60 - sum(replayed) == 18
+
+
+def test_a_resumed_graphed_run_continues_bit_for_bit(tmp_path):
+    data = batches(T)
+    whole = make_training()
+    train_steps(whole, graphed(whole, warmup=1, min_steps=2), data)
+
+    first = make_training()
+    train_steps(first, graphed(first, warmup=1, min_steps=2), data[:11])
+    saved = {"model": first.model.state_dict(), "optimizer": first.optimizer.state_dict(),
+             "scheduler": first.scheduler.state_dict(), "rng": torch.get_rng_state()}
+    torch.save(saved, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed = make_training(seed=123)  # other initial weights: all of it must come from the checkpoint
+    resumed.model.load_state_dict(saved["model"])
+    resumed.optimizer.load_state_dict(saved["optimizer"])
+    resumed.scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    train_steps(resumed, graphed(resumed, warmup=1, min_steps=2), data, first=11)
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert whole.scheduler.frozen_at == resumed.scheduler.frozen_at
+
+
+def test_the_graphed_step_needs_a_fused_optimizer():
+    torch.manual_seed(0)
+    training = build_training(DenseNet(10, 4, 10), CPU, T, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                              t_0=0.5, how_scale="cubic", scale_lr=True)  # foreach SGD on the CPU
+    with pytest.raises(ValueError, match="fused=True"):
+        graphed(training)
+
+
+def test_when_graphs_are_used_and_why_not():
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert use_cuda_graphs("auto", cuda, "bf16", False) == (True, None)
+    assert use_cuda_graphs("on", cuda, "off", False) == (True, None)
+    assert use_cuda_graphs("off", cuda, "off", False) == (False, None)
+    assert use_cuda_graphs("auto", CPU, "off", False) == (False, None)  # nothing to say on a CPU
+    graphed_, why = use_cuda_graphs("auto", cuda, "fp16", False)
+    assert not graphed_ and "fp16" in why and "eagerly" in why
+    graphed_, why = use_cuda_graphs("auto", cuda, "off", True)
+    assert not graphed_ and "torchrun" in why
+    for args, message in [((CPU, "off", False), "need a CUDA device"), ((cuda, "fp16", False), "GradScaler"),
+                          ((cuda, "bf16", True), "torchrun")]:
+        with pytest.raises(ValueError, match=f"--cuda-graphs on: .*{message}"):
+            use_cuda_graphs("on", *args)
+    assert graphs_unsupported(cuda, "bf16", Distributed().enabled) is None
+
+
+def test_train_py_records_the_step_it_ran_and_refuses_graphs_it_cannot_run(tmp_path, capsys):
+    tiny = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "48", "-L", "10", "-k", "4",
+            "--batch_size", "16", "--device", "cpu", "--epochs", "1", "--out-dir", str(tmp_path)]
+    train.main([*tiny, "--name", "auto"])
+    config = read_records(tmp_path / "auto" / "metrics.jsonl", "config")[0]
+    epoch = read_records(tmp_path / "auto" / "metrics.jsonl", "epoch")[0]
+    assert (config["cuda_graphs"], config["training_step"]) == ("auto", "eager")
+    assert (epoch["training_step"], epoch["captures"], epoch["capture_time_s"]) == ("eager", 0, 0.0)
+    assert epoch["eval_time_s"] > 0
+    with pytest.raises(SystemExit) as failed:
+        train.main([*tiny, "--name", "on", "--cuda-graphs", "on"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert failed.value.code == 2 and "--cuda-graphs on: CUDA graphs need a CUDA device, not cpu" in err[-1]
+    assert not (tmp_path / "on").exists()
