@@ -29,8 +29,8 @@ import torch
 
 from cli import (AMP_MODES, CUDA_GRAPHS, DEVICES, SCALINGS, HelpFormatter, check_positive, check_t_0,
                  flag_spellings)
-from engine import (CudaGraphs, GraphedStep, Training, build_training, effective_amp, memory_format,
-                    resolve_device, use_cuda_graphs)
+from engine import Training, build_training, effective_amp, memory_format, resolve_device
+from graphs import CudaGraphs, GraphedStep, use_cuda_graphs
 from figures import mib, pct
 from freezeout import freeze, unit_times
 from models import MODELS, build_model, check_depth, model_name, paper_speedup, resolve_size

@@ -31,9 +31,10 @@ from checkpoint import check_resume_flags, host_info, open_run, restore, save_ch
 from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, LOADERS, SCALINGS, HelpFormatter,
                  check_positive, check_range, check_t_0, flag_spellings)
 from distributed import Distributed, check_replicas_agree, init_distributed
-from engine import (NO_STEP, Diverged, GraphedStep, StopSignals, Training, build_training,
-                    effective_amp, epoch_stats, evaluate, new_position, resolve_device, seed_everything,
-                    stop_or_diverged, train_one_epoch, use_cuda_graphs)
+from engine import (NO_STEP, Diverged, StopSignals, Training, build_training, effective_amp,
+                    epoch_stats, evaluate, new_position, resolve_device, seed_everything,
+                    stop_or_diverged, train_one_epoch)
+from graphs import GraphedStep, use_cuda_graphs
 from loaders import choose_loader, load_data, make_loaders
 from metrics_logger import MetricsLogger, read_records, write_records
 from models import (MODELS, build_model, check_depth, model_name, paper_speedup, resolve_size,

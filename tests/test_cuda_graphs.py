@@ -7,10 +7,11 @@ import signal
 import pytest
 import torch
 
-import engine
+import graphs
 import train
 from densenet import DenseNet
-from engine import EagerStep, GraphedStep, build_training
+from engine import EagerStep, build_training
+from graphs import GraphedStep
 from metrics_logger import read_records
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -123,4 +124,4 @@ def test_a_resumed_graphed_run_is_bit_identical(tmp_path, monkeypatch):
     assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
     assert whole["scheduler"] == cut["scheduler"]
     cut_epochs = read_records(tmp_path / "cut" / "metrics.jsonl", "epoch")
-    assert [e["epoch"] for e in cut_epochs] == [1, 2, 3] and engine.GRAPH_WARMUP_STEPS > 0
+    assert [e["epoch"] for e in cut_epochs] == [1, 2, 3] and graphs.GRAPH_WARMUP_STEPS > 0

@@ -9,8 +9,8 @@ import torch
 import train
 from densenet import DenseNet
 from distributed import Distributed
-from engine import (EagerGraphs, EagerStep, GraphedStep, build_training, graphs_unsupported,
-                    use_cuda_graphs)
+from engine import EagerStep, build_training
+from graphs import EagerGraphs, GraphedStep, graphs_unsupported, use_cuda_graphs
 from metrics_logger import read_records
 
 CPU = torch.device("cpu")

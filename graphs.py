@@ -1,0 +1,197 @@
+"""The training step as CUDA graphs: one graph per freeze level, replayed from static input
+buffers, with the learning rates on the device.
+
+- `use_cuda_graphs`, `graphs_unsupported`: --cuda-graphs, and why a step runs eagerly.
+- `GraphedStep`: the step object `engine.train_one_epoch` calls, in place of `EagerStep`.
+- `CudaGraphs` captures on a GPU; `EagerGraphs` stands in for it on a CPU, so that the CPU
+  tests the same logic (rates table, static buffers, when to capture).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from engine import Training, autocast_for
+
+GRAPH_WARMUP_STEPS = 2    # eager steps before a process's first capture (cuDNN, allocator, lazy init)
+GRAPH_MIN_STEPS = 8       # capture a level only if it lasts this many steps: a capture costs a few
+
+
+def graphs_unsupported(device: torch.device, amp: str, distributed: bool) -> str | None:
+    """Why the graphed step cannot run here (one line), or None where it can."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, not {device.type}"
+    if amp == "fp16":
+        return ("fp16's GradScaler decides on the host whether to skip each step, which a CUDA "
+                "graph cannot; fp16 runs eagerly (bf16 needs no scaler and runs graphed)")
+    if distributed:
+        return ("under torchrun the DDP wrapper is rebuilt as units freeze and its all-reduce "
+                "hooks run on the host; the step runs eagerly")
+    return None
+
+
+def use_cuda_graphs(mode: str, device: torch.device, amp: str, distributed: bool) -> tuple[bool, str | None]:
+    """--cuda-graphs: "off"; "on" (ValueError where unsupported); "auto" (on wherever
+    supported). Returns (graphed, why not: a line to print where CUDA runs eagerly under auto)."""
+    why = graphs_unsupported(device, amp, distributed)
+    if mode == "off":
+        return False, None
+    if mode == "on" and why is not None:
+        raise ValueError(f"--cuda-graphs on: {why}")
+    return why is None, why if device.type == "cuda" else None
+
+
+class CudaGraphs:
+    """Captures steps as CUDA graphs, all in one memory pool (a level's graph reuses the
+    memory of the one before it, which is never replayed again), and runs the eager steps
+    before a capture on a side stream, as capture asks."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+        self.side = torch.cuda.Stream()
+
+    def run(self, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            out = step()
+        torch.cuda.current_stream().wait_stream(self.side)
+        return out
+
+    def capture(self, step: Callable[[], torch.Tensor]):
+        """(the graph, the output tensor that each replay overwrites, seconds the capture took);
+        `step` is recorded, not run. The clock starts once the work already queued is done
+        (capture waits for it anyway), so the seconds are the capture's own."""
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the DataLoader's pin-memory thread may allocate while we capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = step()
+        return graph, out, time.perf_counter() - start
+
+
+class EagerGraph:
+    """What a captured graph does, kernel by kernel: nothing runs at capture, each replay runs
+    the step and writes its output into the same tensor."""
+
+    def __init__(self, step: Callable[[], torch.Tensor]):
+        self.step, self.output = step, torch.zeros(())
+
+    def replay(self) -> None:
+        self.output.copy_(self.step())
+
+
+class EagerGraphs:
+    """Stands in for `CudaGraphs` where no graph can be captured, so that the CPU tests the
+    graphed step's logic: rates on the device, static buffers, when to capture."""
+
+    def run(self, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return step()
+
+    def capture(self, step: Callable[[], torch.Tensor]):
+        start = time.perf_counter()
+        graph = EagerGraph(step)
+        return graph, graph.output, time.perf_counter() - start
+
+
+class GraphedStep:
+    """The whole training step (forward, loss, backward, SGD update) as one CUDA graph per
+    freeze level, replayed from static input buffers: one launch instead of about a thousand.
+
+    Learning rates live on the device: each epoch's rates (`FreezeOut.lr_at`, the host
+    scheduler staying the one source of truth) are uploaded as a (steps, units) table, and the
+    graph itself picks the step's row and advances its row index, so no step waits for the
+    host and none is captured again for a new rate. The fused SGD reads each unit's rate from a
+    0-dim view of that row: the views are put into the param groups only while a step is
+    traced or run here, so the optimizer's and scheduler's state stays plain floats.
+
+    When units freeze, the graph is dropped and the smaller step captured anew (in the same
+    memory pool), if the level lasts at least `min_steps`; a process's first capture comes
+    after `warmup` eager steps. Every step, eager or replayed, runs the same code in the same
+    order, so a resumed run gives what an uninterrupted one does."""
+
+    def __init__(self, training: Training, batch_size: int, steps_per_epoch: int,
+                 image_shape: Sequence[int] = (3, 32, 32), graphs=None,
+                 warmup: int = GRAPH_WARMUP_STEPS, min_steps: int = GRAPH_MIN_STEPS):
+        t = self.training = training
+        device = t.device
+        if not all(group.get("fused") for group in t.optimizer.param_groups):
+            raise ValueError("the graphed step needs torch.optim.SGD(..., fused=True), which reads "
+                             "learning rates from the device")
+        self.autocast = autocast_for(t.amp, device, cache=False)  # cached casts go stale in a graph
+        self.x = torch.zeros(batch_size, *image_shape, device=device).contiguous(
+            memory_format=t.memory_format)
+        self.y = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        n = len(t.optimizer.param_groups)
+        self.rates = torch.zeros(steps_per_epoch, n, dtype=torch.float32, device=device)
+        self.row = torch.zeros(1, dtype=torch.int64, device=device)
+        self.lr = torch.zeros(n, dtype=torch.float32, device=device)
+        self.lr_views = list(self.lr.unbind(0))
+        self.steps_per_epoch = steps_per_epoch
+        self.graphs = graphs if graphs is not None else CudaGraphs()
+        self.warmup, self.min_steps = warmup, min_steps
+        self.graph = self.loss = None
+        self.level, self.eager_steps = None, 0
+        self.captures, self.capture_time_s = 0, 0.0
+
+    def start_epoch(self, first_step: int, start_batch: int) -> None:
+        """Upload the epoch's rates (first_step: the epoch's step 0) and point at start_batch."""
+        lr_at = self.training.scheduler.lr_at
+        table = [lr_at(first_step + b) for b in range(self.steps_per_epoch)]
+        self.rates.copy_(torch.tensor(table, dtype=torch.float32))
+        self.row.fill_(start_batch)
+
+    def steps_left_at_level(self) -> int:
+        """Steps from the coming one until the next unit freezes (or the run ends)."""
+        s = self.training.scheduler
+        k = s.last_epoch
+        if s.num_frozen + 1 >= len(s.units):  # the output unit never freezes
+            return s.total_steps - k
+        return min(math.ceil(s.t_i[s.num_frozen] * s.total_steps), s.total_steps) - k
+
+    def should_capture(self) -> bool:
+        return self.eager_steps >= self.warmup and self.steps_left_at_level() >= self.min_steps
+
+    def traced_step(self) -> torch.Tensor:
+        """What one step does, in the order a graph records it: the row's rates, forward,
+        backward, update, next row."""
+        t = self.training
+        groups = t.optimizer.param_groups
+        floats = [g["lr"] for g in groups]
+        for group, lr in zip(groups, self.lr_views):
+            group["lr"] = lr
+        try:
+            # Gradients are made anew each step: in a graph, backward writes them into the
+            # memory it wrote at capture, without zeroing or accumulating.
+            t.optimizer.zero_grad(set_to_none=True)
+            self.lr.copy_(self.rates.index_select(0, self.row).view(-1))
+            with self.autocast:
+                loss = F.cross_entropy(t.model(self.x), self.y)
+            loss.backward()
+            t.optimizer.step()
+            self.row.add_(1)
+        finally:
+            for group, lr in zip(groups, floats):
+                group["lr"] = lr
+        return loss.detach()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        level = self.training.scheduler.num_frozen
+        if level != self.level:  # units froze: the graph computes too much now
+            self.graph = self.loss = None
+            self.level = level
+        self.x.copy_(x, non_blocking=True)
+        self.y.copy_(y, non_blocking=True)
+        if self.graph is None and self.should_capture():
+            self.graph, self.loss, seconds = self.graphs.capture(self.traced_step)
+            self.captures += 1
+            self.capture_time_s += seconds
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss
+        self.eager_steps += 1
+        return self.graphs.run(self.traced_step)
