@@ -154,6 +154,7 @@ class FreezeOut(LRScheduler):
         self.frozen_at: list[int | None] = [None] * len(self.units)
         self.num_frozen = 0
         self._order_watch = None
+        self._warned_past_end = False  # a loop that runs past total_steps is told once
         super().__init__(optimizer, last_epoch)
         self._watch_forward_order()
 
@@ -164,15 +165,26 @@ class FreezeOut(LRScheduler):
             return [base / t for base, t in zip(self.base_lrs, self.t_i)]
         return [float(base) for base in self.base_lrs]
 
+    def lr_at(self, step: int) -> list[float]:
+        """Every unit's learning rate for optimizer step `step` (counted from 0), from the formula
+        alone: the one source of the rates, for the scheduler itself and for anything that needs
+        them ahead of time (a table of rates uploaded once, a figure)."""
+        return [unit_lr(step, t_i, self.total_steps, alpha)
+                for t_i, alpha in zip(self.t_i, self.alphas())]
+
     def get_lr(self) -> list[float]:
-        k = self.last_epoch
-        return [unit_lr(k, t, self.total_steps, alpha) for t, alpha in zip(self.t_i, self.alphas())]
+        return self.lr_at(self.last_epoch)
 
     def step(self, epoch: None = None) -> None:
         if epoch is not None:
             raise TypeError("FreezeOut.step() takes no epoch; call it once per optimizer step")
         if self._order_watch is not None:
             self._check_forward_order()
+        if self.last_epoch >= self.total_steps and not self._warned_past_end:
+            self._warned_past_end = True
+            warnings.warn(f"FreezeOut.step() after optimizer step {self.last_epoch}, past the end of "
+                          f"the run (total_steps={self.total_steps}: steps 0 to "
+                          f"{self.total_steps - 1}); every learning rate stays 0", stacklevel=2)
         super().step()
         self._freeze_due_units()
 

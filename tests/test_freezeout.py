@@ -1,6 +1,7 @@
 """The schedule and the freezing: learning rates, freezing times, frozen units left untouched."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -80,11 +81,12 @@ def test_learning_rates_follow_the_formula_exactly(how_scale, power, scale_lr, o
     model = Small()
     total, t_0 = 37, 0.3
     optimizer, scheduler = make(model, model.units(), total, t_0, how_scale, scale_lr, opt=opt)
-    for k in range(total + 3):  # a few steps past the end: everything stays at zero
-        lrs = [g["lr"] for g in optimizer.param_groups]
-        assert lrs == [expected_lr(k, i, 5, total, t_0, power, scale_lr) for i in range(5)], k
-        assert scheduler.get_last_lr() == lrs
-        train_step(model, optimizer, scheduler, k)
+    with pytest.warns(UserWarning, match="past the end"):
+        for k in range(total + 3):  # a few steps past the end: everything stays at zero
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            assert lrs == [expected_lr(k, i, 5, total, t_0, power, scale_lr) for i in range(5)], k
+            assert scheduler.get_last_lr() == lrs
+            train_step(model, optimizer, scheduler, k)
     assert [g["lr"] for g in optimizer.param_groups] == [0.0] * 5
 
 
@@ -254,3 +256,34 @@ def test_list_units_freeze_every_module_in_them():
     model.train()
     assert not block[0].training and not block[1].training
     assert not any(p.requires_grad for p in block[:2].parameters())
+
+
+def test_lr_at_is_the_schedule_the_scheduler_follows():
+    torch.manual_seed(0)
+    model = Small()
+    total = 25
+    optimizer, scheduler = make(model, model.units(), total, t_0=0.3, how_scale="squared")
+    table = [scheduler.lr_at(k) for k in range(total)]  # ahead of time, from the formula alone
+    for k in range(total):
+        assert scheduler.get_last_lr() == table[k] == [g["lr"] for g in optimizer.param_groups], k
+        train_step(model, optimizer, scheduler, k)
+    assert scheduler.lr_at(total) == [0.0] * 5
+
+
+def test_stepping_past_total_steps_warns_once():
+    torch.manual_seed(0)
+    model = Small()
+    total = 6
+    optimizer, scheduler = make(model, model.units(), total)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in range(total):  # the whole run: no warning
+            train_step(model, optimizer, scheduler, k)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(total, total + 3):
+            train_step(model, optimizer, scheduler, k)
+    assert len(caught) == 1 and caught[0].category is UserWarning
+    message = str(caught[0].message)
+    assert "after optimizer step 6" in message and "total_steps=6" in message
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0] * 5
