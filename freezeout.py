@@ -19,6 +19,7 @@ where the wall-clock saving comes from.
 
 t_0 = 1 gives every unit t_i = 1: plain per-step cosine annealing with no freezing, the
 baseline, through the same code.
+
 """
 from __future__ import annotations
 
@@ -99,6 +100,30 @@ def param_groups(units: Iterable[Unit], **group_options) -> list[dict]:
     return groups
 
 
+def _owns_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def _owns_state(module: nn.Module) -> bool:
+    return _owns_parameters(module) or next(module.buffers(recurse=False), None) is not None
+
+
+def _module_units(units: Sequence[Unit]) -> dict[int, int]:
+    """id of every module whose call shows a unit running -> that unit's index: the unit's own
+    modules, and every module inside them that holds parameters or buffers itself. A slice of an
+    nn.Sequential is a new container that the model never calls, so its modules must speak for
+    it; a parameter-free module (one ReLU reused all over the model) says nothing about which
+    unit is running, so it does not count. A module inside two units counts for the first."""
+    unit_of: dict[int, int] = {}
+    for i, unit in enumerate(units):
+        for top in unit_modules(unit):
+            unit_of.setdefault(id(top), i)
+            for module in top.modules():
+                if _owns_state(module):
+                    unit_of.setdefault(id(module), i)
+    return unit_of
+
+
 def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
     # Bound onto every submodule of a frozen unit: model.train() must not bring back
     # batch statistics or dropout, or the frozen weights would no longer be what was learned.
@@ -122,7 +147,8 @@ class FreezeOut(LRScheduler):
 
     Args:
         optimizer: any torch.optim optimizer whose param groups are `param_groups(units)`.
-        units: modules (or lists of modules) in forward order; the last is the output unit.
+        units: modules (or lists of modules, or slices of an nn.Sequential) in forward order;
+            the last is the output unit.
         total_steps: T, the number of scheduler steps (training iterations) of the whole run.
         t_0: fraction of the run (before scaling) at which unit 0 freezes, in (0, 1].
         how_scale: "linear", "squared" or "cubic": t_i = tau_i ** (1, 2, 3).
@@ -190,27 +216,30 @@ class FreezeOut(LRScheduler):
 
     # -- the units must be listed in forward order ------------------------------------------
     def _watch_forward_order(self) -> None:
-        """Record which units run first until the first step: freezing saves work only if the
-        frozen units are a prefix of the forward pass. A process-wide hook, so that copies of
-        the model (an EMA, a FLOP count) neither carry it nor feed it."""
-        unit_of = {id(m): i for i, u in enumerate(self.units) for m in unit_modules(u)}
-        first_calls: list[int] = []
+        """Record which modules run until the first step: freezing saves work only if the frozen
+        units are a prefix of the forward pass. A process-wide hook, so that copies of the model
+        (an EMA, a FLOP count) neither carry it nor feed it, and so that units the model never
+        calls itself (slices of an nn.Sequential) are seen running through their modules."""
+        # Every module called, in the order of its first call; held until the first step, so
+        # that no id is reused by another module meanwhile.
+        ran: dict[int, nn.Module] = {}
 
         def record(module, args):
-            i = unit_of.get(id(module))
-            if i is not None and i not in first_calls:
-                first_calls.append(i)
+            if id(module) not in ran:
+                ran[id(module)] = module
 
         handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
-        self._order_watch = (handle, first_calls)
+        self._order_watch = (handle, ran)
         weakref.finalize(self, handle.remove)
 
     def _check_forward_order(self) -> None:
-        handle, first_calls = self._order_watch
+        handle, ran = self._order_watch
         handle.remove()
         self._order_watch = None
-        if not first_calls:  # no forward pass before the first step: nothing to judge
+        if not ran:  # no forward pass before the first step: nothing to judge
             return
+        unit_of = _module_units(self.units)
+        first_calls = list(dict.fromkeys(unit_of[key] for key in ran if key in unit_of))
         for a, b in zip(first_calls, first_calls[1:]):
             if b < a:
                 raise ValueError(f"FreezeOut units are not in forward order: unit {a} ran before "

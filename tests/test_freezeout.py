@@ -270,6 +270,63 @@ def test_lr_at_is_the_schedule_the_scheduler_follows():
     assert scheduler.lr_at(total) == [0.0] * 5
 
 
+def sequential_model(shared_relu=True):
+    """Three conv+BN+ReLU stages and a classifier in one nn.Sequential; by default one ReLU
+    module is reused by every stage, as models often do."""
+    relus = [nn.ReLU()] * 3 if shared_relu else [nn.ReLU() for _ in range(3)]
+    layers = []
+    for i, relu in enumerate(relus):
+        layers += [nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), nn.BatchNorm2d(8), relu]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+
+@pytest.mark.parametrize("shared_relu", [True, False])
+def test_slices_of_a_sequential_are_units_in_forward_order(shared_relu):
+    torch.manual_seed(0)
+    model = sequential_model(shared_relu)
+    units = [model[0:3], model[3:6], model[6:9], model[11]]  # new containers the model never calls
+    optimizer, scheduler = make(model, units, 12, t_0=0.1, how_scale="linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no false "did not run" nor any other warning
+        k = 0
+        while scheduler.num_frozen < 2:
+            train_step(model, optimizer, scheduler, k)
+            k += 1
+        snapshot = copy.deepcopy(model[0:6].state_dict())
+        for _ in range(2):
+            train_step(model, optimizer, scheduler, k)
+            k += 1
+    after = model[0:6].state_dict()
+    assert all(torch.equal(snapshot[key], after[key]) for key in snapshot)
+    assert not model[1].training and not model[4].training
+    assert model[7].training is (scheduler.num_frozen < 3)
+    assert not any(p.requires_grad for p in model[0:6].parameters())
+
+
+def test_slices_of_a_sequential_out_of_order_are_caught():
+    torch.manual_seed(0)
+    model = sequential_model()
+    units = [model[0:3], model[6:9], model[3:6], model[11]]
+    optimizer, scheduler = make(model, units, 12)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    with pytest.raises(ValueError, match="not in forward order: unit 2 ran before unit 1"):
+        scheduler.step()
+
+
+def test_a_shared_relu_listed_only_in_a_later_unit_is_no_order_error():
+    # The one ReLU first runs in unit 0's stage but only unit 2 (a slice) holds it: a
+    # parameter-free module says nothing about which unit is running.
+    torch.manual_seed(0)
+    model = sequential_model()
+    units = [[model[0], model[1]], [model[3], model[4]], model[6:9], model[11]]
+    optimizer, scheduler = make(model, units, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in range(3):
+            train_step(model, optimizer, scheduler, k)
+
+
 def test_stepping_past_total_steps_warns_once():
     torch.manual_seed(0)
     model = Small()
