@@ -108,6 +108,10 @@ def _owns_state(module: nn.Module) -> bool:
     return _owns_parameters(module) or next(module.buffers(recurse=False), None) is not None
 
 
+def _owns_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
 def _module_units(units: Sequence[Unit]) -> dict[int, int]:
     """id of every module whose call shows a unit running -> that unit's index: the unit's own
     modules, and every module inside them that holds parameters or buffers itself. A slice of an
@@ -122,6 +126,35 @@ def _module_units(units: Sequence[Unit]) -> dict[int, int]:
                 if _owns_state(module):
                     unit_of.setdefault(id(module), i)
     return unit_of
+
+
+def _trainable_modules_outside(ran: list[nn.Module],
+                               unit_of: dict[int, int]) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of the modules in `ran` that hold trainable parameters themselves
+    but belong to no unit. Only modules inside something that ran and holds units count (the
+    model, or a wrapper around it): another network trained beside it, say a GAN's
+    discriminator, is none of FreezeOut's business."""
+    names: dict[int, str] = {}
+    for root in ran:  # outermost first: a module runs before the modules it calls
+        if id(root) in names:
+            continue
+        subtree = list(root.named_modules())
+        if any(id(m) in unit_of for _, m in subtree):
+            for name, m in subtree:
+                names.setdefault(id(m), name)
+    return [(names[id(m)], m) for m in ran
+            if id(m) in names and id(m) not in unit_of and _owns_trainable(m)]
+
+
+def _describe(named_modules: list[tuple[str, nn.Module]], limit: int = 10) -> str:
+    def one(name: str, module: nn.Module) -> str:
+        pname, p = next(module.named_parameters(recurse=False))
+        shape = "x".join(map(str, p.shape))
+        return f"{name or 'the model itself'}: {type(module).__name__}({pname} {shape})"
+
+    text = ", ".join(one(name, m) for name, m in named_modules[:limit])
+    more = len(named_modules) - limit
+    return text + (f" and {more} more" if more > 0 else "")
 
 
 def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -250,6 +283,11 @@ class FreezeOut(LRScheduler):
             warnings.warn(f"FreezeOut units {missing} did not run in the first training step; "
                           "freezing them saves nothing if they are not part of the forward pass",
                           stacklevel=3)
+        left_out = _trainable_modules_outside(list(ran.values()), unit_of)
+        if left_out:
+            warnings.warn("FreezeOut: modules that ran in the first step hold trainable parameters "
+                          "but belong to no unit, so they are never annealed or frozen: "
+                          + _describe(left_out), stacklevel=3)
 
     # -- freezing -----------------------------------------------------------------------
     @property

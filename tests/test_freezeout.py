@@ -327,6 +327,29 @@ def test_a_shared_relu_listed_only_in_a_later_unit_is_no_order_error():
             train_step(model, optimizer, scheduler, k)
 
 
+def test_a_trainable_module_in_no_unit_is_named_in_a_warning():
+    torch.manual_seed(0)
+    model = Small()
+    units = [*model.blocks[:3], model.fc]  # blocks[3] forgotten: it would train at lr 0.1 forever
+    optimizer, scheduler = make(model, units, 12)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    with pytest.warns(UserWarning, match=r"belong to no unit.*blocks\.3\.0: Conv2d\(weight 8x8x3x3\), "
+                                         r"blocks\.3\.1: BatchNorm2d\(weight 8\)$"):
+        scheduler.step()
+
+
+def test_another_network_trained_beside_the_model_is_not_warned_about():
+    torch.manual_seed(0)
+    model, critic = Small(), nn.Linear(5, 1)  # say a GAN's discriminator, with its own optimizer
+    optimizer, scheduler = make(model, model.units(), 12)
+    critic(model(torch.randn(2, 3, 8, 8))).sum().backward()
+    optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.step()
+
+
 def test_stepping_past_total_steps_warns_once():
     torch.manual_seed(0)
     model = Small()
