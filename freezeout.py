@@ -20,6 +20,13 @@ where the wall-clock saving comes from.
 t_0 = 1 gives every unit t_i = 1: plain per-step cosine annealing with no freezing, the
 baseline, through the same code.
 
+What the module holds:
+    FreezeOut     the scheduler: per-unit learning rates (lr_at), freezing, checkpointing.
+    param_groups  one optimizer param group per unit, what FreezeOut expects.
+    unit_times    t_i of every unit, from t_0 and how_scale.
+    unit_lr       one unit's learning rate at one step: the formula, nothing else.
+    freeze        take a unit out of training for good.
+    find_units    a model's units found by running it once, for models that do not list them.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import math
 import types
 import warnings
 import weakref
+from collections import Counter
 from typing import Iterable, Sequence, Union
 
 import torch
@@ -181,7 +189,7 @@ class FreezeOut(LRScheduler):
     Args:
         optimizer: any torch.optim optimizer whose param groups are `param_groups(units)`.
         units: modules (or lists of modules, or slices of an nn.Sequential) in forward order;
-            the last is the output unit.
+            the last is the output unit. find_units(model, example_input) finds them for any model.
         total_steps: T, the number of scheduler steps (training iterations) of the whole run.
         t_0: fraction of the run (before scaling) at which unit 0 freezes, in (0, 1].
         how_scale: "linear", "squared" or "cubic": t_i = tau_i ** (1, 2, 3).
@@ -347,3 +355,150 @@ class FreezeOut(LRScheduler):
         self._last_lr = list(state_dict["_last_lr"])
         for group, lr in zip(self.optimizer.param_groups, self._last_lr):
             group["lr"] = lr
+
+
+# -- units for any model -------------------------------------------------------------------
+def find_units(model: nn.Module, example_input, groups: int | None = None) -> list[Unit]:
+    """The units of any model, found by running it once on `example_input` (a tensor, or a tuple
+    of positional arguments): the modules that own parameters themselves, in the order they
+    first run. With groups=n they are cut into n contiguous lists of modules of about equal
+    parameter count (the largest as small as can be). A module that owns parameters and holds
+    submodules that own some too is one unit with all of them, since a unit is a whole module.
+
+        units = find_units(model, torch.randn(2, 3, 32, 32), groups=8)
+        optimizer = torch.optim.SGD(param_groups(units), lr=0.1, momentum=0.9)
+        scheduler = FreezeOut(optimizer, units, total_steps=T)
+
+    Only the order of execution is judged, not the dataflow: freezing a prefix of that order
+    saves work as long as no later unit feeds an earlier one, which one pass cannot check
+    cheaply (a ResNet's shortcut convolution runs after the block's main path but reads the
+    block's input: still a valid prefix). What the order itself rules out is refused with a
+    ValueError: a module that runs at two places with other units in between (weight sharing
+    across the network), and a trainable parameter that would be in two units (tied weights).
+    Modules with trainable parameters that never run are left out, with a warning.
+
+    The pass runs without gradients, in the model's current mode, and leaves nothing behind:
+    the buffers (batch-norm statistics) and the random number generators are restored.
+    """
+    unit_of = _owner_units(model)
+    calls = _calls_in_one_pass(model, example_input, _owners(model))
+    names = {id(m): name for name, m in model.named_modules()}
+    units = _units_in_order([unit_of[id(m)] for m in calls], names)
+    ran = {id(u) for u in units}
+    never_ran = [(names[id(m)], m) for m in _owners(model) if id(unit_of[id(m)]) not in ran]
+    if any(_owns_trainable(m) for _, m in never_ran):
+        warnings.warn("find_units: modules with trainable parameters did not run on the example "
+                      "input and are left out of the units: "
+                      + _describe([(n, m) for n, m in never_ran if _owns_trainable(m)]), stacklevel=2)
+    if groups is not None:
+        units = _balanced_groups(units, groups)
+    left_out = {id(p) for _, m in never_ran for p in m.parameters(recurse=False)}
+    _check_every_parameter_once(model, units, left_out)
+    return units
+
+
+def _owners(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if _owns_parameters(m)]
+
+
+def _owner_units(model: nn.Module) -> dict[int, nn.Module]:
+    """id of every module that owns parameters -> its unit: the module itself, or the outermost
+    module above it that owns parameters too. The model itself cannot be that module: one unit
+    for the whole model would freeze nothing until the end."""
+    unit_of: dict[int, nn.Module] = {}
+    for module in model.modules():  # parents before children
+        if _owns_parameters(module) and id(module) not in unit_of:
+            if module is model and sum(map(_owns_parameters, model.modules())) > 1:
+                own = ", ".join(n for n, _ in model.named_parameters(recurse=False))
+                raise ValueError(f"find_units: {type(model).__name__} owns parameters itself ({own}) "
+                                 "besides those of its submodules, and a unit is a whole module, so "
+                                 "the whole model would be one unit; move them into a submodule, or "
+                                 "list the units by hand")
+            for inner in module.modules():
+                if _owns_parameters(inner):
+                    unit_of.setdefault(id(inner), module)
+    return unit_of
+
+
+def _calls_in_one_pass(model: nn.Module, example_input, watched: list[nn.Module]) -> list[nn.Module]:
+    """Every call of a `watched` module during one forward pass, in order. Without gradients;
+    the buffers and the random number generators are put back, so finding the units changes
+    nothing in the run that follows (dropout and batch statistics still work as in training)."""
+    calls: list[nn.Module] = []
+    handles = [m.register_forward_pre_hook(lambda module, args: calls.append(module))
+               for m in watched]
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    cuda = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+    return calls
+
+
+def _units_in_order(called_units: list[nn.Module], names: dict[int, str]) -> list[nn.Module]:
+    """The units in order of first run; a unit that runs again after another one has run cannot
+    be part of a frozen prefix (or of the trained rest) and is refused."""
+    order: list[nn.Module] = []
+    for unit in called_units:
+        if order and order[-1] is unit:
+            continue  # called again straight away (a loop over one layer): still one place
+        if any(u is unit for u in order):
+            raise ValueError(f"find_units: module {names[id(unit)] or 'the model'!r} "
+                             f"({type(unit).__name__}) runs at two places of the forward pass with "
+                             f"{names[id(order[-1])]!r} and maybe others in between (weight "
+                             "sharing); no frozen prefix of the forward pass can hold it, so FreezeOut cannot "
+                             "use it as a unit")
+        order.append(unit)
+    return order
+
+
+def _balanced_groups(units: list[nn.Module], n: int) -> list[list[nn.Module]]:
+    """The units cut into n contiguous non-empty groups whose largest parameter count is as
+    small as can be: a binary search on that largest count, each try cut greedily."""
+    if isinstance(n, bool) or int(n) != n or not 1 <= n <= len(units):
+        raise ValueError(f"groups must be an integer between 1 and {len(units)} (the number of "
+                         f"modules that own parameters), got {n}")
+    n = int(n)
+    sizes = [sum(p.numel() for p in unit_parameters(u)) for u in units]
+    low, high = max(sizes), sum(sizes)
+    while low < high:
+        cap = (low + high) // 2
+        if len(_cuts(sizes, n, cap)) == n:
+            high = cap
+        else:
+            low = cap + 1
+    starts = _cuts(sizes, n, low)
+    return [units[a:b] for a, b in zip(starts, starts[1:] + [len(units)])]
+
+
+def _cuts(sizes: list[int], n: int, cap: int) -> list[int]:
+    """Where each group starts when a group closes before it would exceed `cap`, or when the
+    items left are only just enough for one group each. At least n groups; exactly n when
+    `cap` allows n groups at all."""
+    starts, total = [0], 0
+    for j, size in enumerate(sizes):
+        if j > starts[-1] and (total + size > cap or len(sizes) - j == n - len(starts)):
+            starts.append(j)
+            total = 0
+        total += size
+    return starts
+
+
+def _check_every_parameter_once(model: nn.Module, units: list, left_out: set[int]) -> None:
+    """Every trainable parameter of the model, but those of modules that never ran, must be in
+    exactly one unit, or param_groups(units) would not cover the model (or would refuse it)."""
+    count = Counter(id(p) for unit in units for p in unit_parameters(unit))
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in left_out and count[id(p)] != 1:
+            holders = ", ".join(repr(n) for n, m in model.named_modules()
+                                if any(q is p for q in m.parameters(recurse=False)))
+            raise ValueError(f"find_units: trainable parameter {name!r} (held by {holders}) would be "
+                             f"in {count[id(p)]} units, not exactly one (tied weights?); "
+                             "FreezeOut needs every parameter in exactly one unit")
