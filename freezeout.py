@@ -19,6 +19,14 @@ where the wall-clock saving comes from.
 
 t_0 = 1 gives every unit t_i = 1: plain per-step cosine annealing with no freezing, the
 baseline, through the same code.
+
+What the module holds:
+    FreezeOut     the scheduler: per-unit learning rates (lr_at), freezing, checkpointing.
+    param_groups  one optimizer param group per unit, what FreezeOut expects.
+    unit_times    t_i of every unit, from t_0 and how_scale.
+    unit_lr       one unit's learning rate at one step: the formula, nothing else.
+    freeze        take a unit out of training for good.
+    find_units    a model's units found by running it once, for models that do not list them.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import math
 import types
 import warnings
 import weakref
+from collections import Counter
 from typing import Iterable, Sequence, Union
 
 import torch
@@ -99,6 +108,63 @@ def param_groups(units: Iterable[Unit], **group_options) -> list[dict]:
     return groups
 
 
+def _owns_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def _owns_state(module: nn.Module) -> bool:
+    return _owns_parameters(module) or next(module.buffers(recurse=False), None) is not None
+
+
+def _owns_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _module_units(units: Sequence[Unit]) -> dict[int, int]:
+    """id of every module whose call shows a unit running -> that unit's index: the unit's own
+    modules, and every module inside them that holds parameters or buffers itself. A slice of an
+    nn.Sequential is a new container that the model never calls, so its modules must speak for
+    it; a parameter-free module (one ReLU reused all over the model) says nothing about which
+    unit is running, so it does not count. A module inside two units counts for the first."""
+    unit_of: dict[int, int] = {}
+    for i, unit in enumerate(units):
+        for top in unit_modules(unit):
+            unit_of.setdefault(id(top), i)
+            for module in top.modules():
+                if _owns_state(module):
+                    unit_of.setdefault(id(module), i)
+    return unit_of
+
+
+def _trainable_modules_outside(ran: list[nn.Module],
+                               unit_of: dict[int, int]) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of the modules in `ran` that hold trainable parameters themselves
+    but belong to no unit. Only modules inside something that ran and holds units count (the
+    model, or a wrapper around it): another network trained beside it, say a GAN's
+    discriminator, is none of FreezeOut's business."""
+    names: dict[int, str] = {}
+    for root in ran:  # outermost first: a module runs before the modules it calls
+        if id(root) in names:
+            continue
+        subtree = list(root.named_modules())
+        if any(id(m) in unit_of for _, m in subtree):
+            for name, m in subtree:
+                names.setdefault(id(m), name)
+    return [(names[id(m)], m) for m in ran
+            if id(m) in names and id(m) not in unit_of and _owns_trainable(m)]
+
+
+def _describe(named_modules: list[tuple[str, nn.Module]], limit: int = 10) -> str:
+    def one(name: str, module: nn.Module) -> str:
+        pname, p = next(module.named_parameters(recurse=False))
+        shape = "x".join(map(str, p.shape))
+        return f"{name or 'the model itself'}: {type(module).__name__}({pname} {shape})"
+
+    text = ", ".join(one(name, m) for name, m in named_modules[:limit])
+    more = len(named_modules) - limit
+    return text + (f" and {more} more" if more > 0 else "")
+
+
 def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
     # Bound onto every submodule of a frozen unit: model.train() must not bring back
     # batch statistics or dropout, or the frozen weights would no longer be what was learned.
@@ -122,7 +188,8 @@ class FreezeOut(LRScheduler):
 
     Args:
         optimizer: any torch.optim optimizer whose param groups are `param_groups(units)`.
-        units: modules (or lists of modules) in forward order; the last is the output unit.
+        units: modules (or lists of modules, or slices of an nn.Sequential) in forward order;
+            the last is the output unit. find_units(model, example_input) finds them for any model.
         total_steps: T, the number of scheduler steps (training iterations) of the whole run.
         t_0: fraction of the run (before scaling) at which unit 0 freezes, in (0, 1].
         how_scale: "linear", "squared" or "cubic": t_i = tau_i ** (1, 2, 3).
@@ -154,6 +221,7 @@ class FreezeOut(LRScheduler):
         self.frozen_at: list[int | None] = [None] * len(self.units)
         self.num_frozen = 0
         self._order_watch = None
+        self._warned_past_end = False  # a loop that runs past total_steps is told once
         super().__init__(optimizer, last_epoch)
         self._watch_forward_order()
 
@@ -164,41 +232,55 @@ class FreezeOut(LRScheduler):
             return [base / t for base, t in zip(self.base_lrs, self.t_i)]
         return [float(base) for base in self.base_lrs]
 
+    def lr_at(self, step: int) -> list[float]:
+        """Every unit's learning rate for optimizer step `step` (counted from 0), from the formula
+        alone: the one source of the rates, for the scheduler itself and for anything that needs
+        them ahead of time (a table of rates uploaded once, a figure)."""
+        return [unit_lr(step, t_i, self.total_steps, alpha)
+                for t_i, alpha in zip(self.t_i, self.alphas())]
+
     def get_lr(self) -> list[float]:
-        k = self.last_epoch
-        return [unit_lr(k, t, self.total_steps, alpha) for t, alpha in zip(self.t_i, self.alphas())]
+        return self.lr_at(self.last_epoch)
 
     def step(self, epoch: None = None) -> None:
         if epoch is not None:
             raise TypeError("FreezeOut.step() takes no epoch; call it once per optimizer step")
         if self._order_watch is not None:
             self._check_forward_order()
+        if self.last_epoch >= self.total_steps and not self._warned_past_end:
+            self._warned_past_end = True
+            warnings.warn(f"FreezeOut.step() after optimizer step {self.last_epoch}, past the end of "
+                          f"the run (total_steps={self.total_steps}: steps 0 to "
+                          f"{self.total_steps - 1}); every learning rate stays 0", stacklevel=2)
         super().step()
         self._freeze_due_units()
 
     # -- the units must be listed in forward order ------------------------------------------
     def _watch_forward_order(self) -> None:
-        """Record which units run first until the first step: freezing saves work only if the
-        frozen units are a prefix of the forward pass. A process-wide hook, so that copies of
-        the model (an EMA, a FLOP count) neither carry it nor feed it."""
-        unit_of = {id(m): i for i, u in enumerate(self.units) for m in unit_modules(u)}
-        first_calls: list[int] = []
+        """Record which modules run until the first step: freezing saves work only if the frozen
+        units are a prefix of the forward pass. A process-wide hook, so that copies of the model
+        (an EMA, a FLOP count) neither carry it nor feed it, and so that units the model never
+        calls itself (slices of an nn.Sequential) are seen running through their modules."""
+        # Every module called, in the order of its first call; held until the first step, so
+        # that no id is reused by another module meanwhile.
+        ran: dict[int, nn.Module] = {}
 
         def record(module, args):
-            i = unit_of.get(id(module))
-            if i is not None and i not in first_calls:
-                first_calls.append(i)
+            if id(module) not in ran:
+                ran[id(module)] = module
 
         handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
-        self._order_watch = (handle, first_calls)
+        self._order_watch = (handle, ran)
         weakref.finalize(self, handle.remove)
 
     def _check_forward_order(self) -> None:
-        handle, first_calls = self._order_watch
+        handle, ran = self._order_watch
         handle.remove()
         self._order_watch = None
-        if not first_calls:  # no forward pass before the first step: nothing to judge
+        if not ran:  # no forward pass before the first step: nothing to judge
             return
+        unit_of = _module_units(self.units)
+        first_calls = list(dict.fromkeys(unit_of[key] for key in ran if key in unit_of))
         for a, b in zip(first_calls, first_calls[1:]):
             if b < a:
                 raise ValueError(f"FreezeOut units are not in forward order: unit {a} ran before "
@@ -209,6 +291,11 @@ class FreezeOut(LRScheduler):
             warnings.warn(f"FreezeOut units {missing} did not run in the first training step; "
                           "freezing them saves nothing if they are not part of the forward pass",
                           stacklevel=3)
+        left_out = _trainable_modules_outside(list(ran.values()), unit_of)
+        if left_out:
+            warnings.warn("FreezeOut: modules that ran in the first step hold trainable parameters "
+                          "but belong to no unit, so they are never annealed or frozen: "
+                          + _describe(left_out), stacklevel=3)
 
     # -- freezing -----------------------------------------------------------------------
     @property
@@ -268,3 +355,150 @@ class FreezeOut(LRScheduler):
         self._last_lr = list(state_dict["_last_lr"])
         for group, lr in zip(self.optimizer.param_groups, self._last_lr):
             group["lr"] = lr
+
+
+# -- units for any model -------------------------------------------------------------------
+def find_units(model: nn.Module, example_input, groups: int | None = None) -> list[Unit]:
+    """The units of any model, found by running it once on `example_input` (a tensor, or a tuple
+    of positional arguments): the modules that own parameters themselves, in the order they
+    first run. With groups=n they are cut into n contiguous lists of modules of about equal
+    parameter count (the largest as small as can be). A module that owns parameters and holds
+    submodules that own some too is one unit with all of them, since a unit is a whole module.
+
+        units = find_units(model, torch.randn(2, 3, 32, 32), groups=8)
+        optimizer = torch.optim.SGD(param_groups(units), lr=0.1, momentum=0.9)
+        scheduler = FreezeOut(optimizer, units, total_steps=T)
+
+    Only the order of execution is judged, not the dataflow: freezing a prefix of that order
+    saves work as long as no later unit feeds an earlier one, which one pass cannot check
+    cheaply (a ResNet's shortcut convolution runs after the block's main path but reads the
+    block's input: still a valid prefix). What the order itself rules out is refused with a
+    ValueError: a module that runs at two places with other units in between (weight sharing
+    across the network), and a trainable parameter that would be in two units (tied weights).
+    Modules with trainable parameters that never run are left out, with a warning.
+
+    The pass runs without gradients, in the model's current mode, and leaves nothing behind:
+    the buffers (batch-norm statistics) and the random number generators are restored.
+    """
+    unit_of = _owner_units(model)
+    calls = _calls_in_one_pass(model, example_input, _owners(model))
+    names = {id(m): name for name, m in model.named_modules()}
+    units = _units_in_order([unit_of[id(m)] for m in calls], names)
+    ran = {id(u) for u in units}
+    never_ran = [(names[id(m)], m) for m in _owners(model) if id(unit_of[id(m)]) not in ran]
+    if any(_owns_trainable(m) for _, m in never_ran):
+        warnings.warn("find_units: modules with trainable parameters did not run on the example "
+                      "input and are left out of the units: "
+                      + _describe([(n, m) for n, m in never_ran if _owns_trainable(m)]), stacklevel=2)
+    if groups is not None:
+        units = _balanced_groups(units, groups)
+    left_out = {id(p) for _, m in never_ran for p in m.parameters(recurse=False)}
+    _check_every_parameter_once(model, units, left_out)
+    return units
+
+
+def _owners(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if _owns_parameters(m)]
+
+
+def _owner_units(model: nn.Module) -> dict[int, nn.Module]:
+    """id of every module that owns parameters -> its unit: the module itself, or the outermost
+    module above it that owns parameters too. The model itself cannot be that module: one unit
+    for the whole model would freeze nothing until the end."""
+    unit_of: dict[int, nn.Module] = {}
+    for module in model.modules():  # parents before children
+        if _owns_parameters(module) and id(module) not in unit_of:
+            if module is model and sum(map(_owns_parameters, model.modules())) > 1:
+                own = ", ".join(n for n, _ in model.named_parameters(recurse=False))
+                raise ValueError(f"find_units: {type(model).__name__} owns parameters itself ({own}) "
+                                 "besides those of its submodules, and a unit is a whole module, so "
+                                 "the whole model would be one unit; move them into a submodule, or "
+                                 "list the units by hand")
+            for inner in module.modules():
+                if _owns_parameters(inner):
+                    unit_of.setdefault(id(inner), module)
+    return unit_of
+
+
+def _calls_in_one_pass(model: nn.Module, example_input, watched: list[nn.Module]) -> list[nn.Module]:
+    """Every call of a `watched` module during one forward pass, in order. Without gradients;
+    the buffers and the random number generators are put back, so finding the units changes
+    nothing in the run that follows (dropout and batch statistics still work as in training)."""
+    calls: list[nn.Module] = []
+    handles = [m.register_forward_pre_hook(lambda module, args: calls.append(module))
+               for m in watched]
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    cuda = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+    return calls
+
+
+def _units_in_order(called_units: list[nn.Module], names: dict[int, str]) -> list[nn.Module]:
+    """The units in order of first run; a unit that runs again after another one has run cannot
+    be part of a frozen prefix (or of the trained rest) and is refused."""
+    order: list[nn.Module] = []
+    for unit in called_units:
+        if order and order[-1] is unit:
+            continue  # called again straight away (a loop over one layer): still one place
+        if any(u is unit for u in order):
+            raise ValueError(f"find_units: module {names[id(unit)] or 'the model'!r} "
+                             f"({type(unit).__name__}) runs at two places of the forward pass with "
+                             f"{names[id(order[-1])]!r} and maybe others in between (weight "
+                             "sharing); no frozen prefix of the forward pass can hold it, so FreezeOut cannot "
+                             "use it as a unit")
+        order.append(unit)
+    return order
+
+
+def _balanced_groups(units: list[nn.Module], n: int) -> list[list[nn.Module]]:
+    """The units cut into n contiguous non-empty groups whose largest parameter count is as
+    small as can be: a binary search on that largest count, each try cut greedily."""
+    if isinstance(n, bool) or int(n) != n or not 1 <= n <= len(units):
+        raise ValueError(f"groups must be an integer between 1 and {len(units)} (the number of "
+                         f"modules that own parameters), got {n}")
+    n = int(n)
+    sizes = [sum(p.numel() for p in unit_parameters(u)) for u in units]
+    low, high = max(sizes), sum(sizes)
+    while low < high:
+        cap = (low + high) // 2
+        if len(_cuts(sizes, n, cap)) == n:
+            high = cap
+        else:
+            low = cap + 1
+    starts = _cuts(sizes, n, low)
+    return [units[a:b] for a, b in zip(starts, starts[1:] + [len(units)])]
+
+
+def _cuts(sizes: list[int], n: int, cap: int) -> list[int]:
+    """Where each group starts when a group closes before it would exceed `cap`, or when the
+    items left are only just enough for one group each. At least n groups; exactly n when
+    `cap` allows n groups at all."""
+    starts, total = [0], 0
+    for j, size in enumerate(sizes):
+        if j > starts[-1] and (total + size > cap or len(sizes) - j == n - len(starts)):
+            starts.append(j)
+            total = 0
+        total += size
+    return starts
+
+
+def _check_every_parameter_once(model: nn.Module, units: list, left_out: set[int]) -> None:
+    """Every trainable parameter of the model, but those of modules that never ran, must be in
+    exactly one unit, or param_groups(units) would not cover the model (or would refuse it)."""
+    count = Counter(id(p) for unit in units for p in unit_parameters(unit))
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in left_out and count[id(p)] != 1:
+            holders = ", ".join(repr(n) for n, m in model.named_modules()
+                                if any(q is p for q in m.parameters(recurse=False)))
+            raise ValueError(f"find_units: trainable parameter {name!r} (held by {holders}) would be "
+                             f"in {count[id(p)]} units, not exactly one (tied weights?); "
+                             "FreezeOut needs every parameter in exactly one unit")

@@ -1,6 +1,7 @@
 """The schedule and the freezing: learning rates, freezing times, frozen units left untouched."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -80,11 +81,12 @@ def test_learning_rates_follow_the_formula_exactly(how_scale, power, scale_lr, o
     model = Small()
     total, t_0 = 37, 0.3
     optimizer, scheduler = make(model, model.units(), total, t_0, how_scale, scale_lr, opt=opt)
-    for k in range(total + 3):  # a few steps past the end: everything stays at zero
-        lrs = [g["lr"] for g in optimizer.param_groups]
-        assert lrs == [expected_lr(k, i, 5, total, t_0, power, scale_lr) for i in range(5)], k
-        assert scheduler.get_last_lr() == lrs
-        train_step(model, optimizer, scheduler, k)
+    with pytest.warns(UserWarning, match="past the end"):
+        for k in range(total + 3):  # a few steps past the end: everything stays at zero
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            assert lrs == [expected_lr(k, i, 5, total, t_0, power, scale_lr) for i in range(5)], k
+            assert scheduler.get_last_lr() == lrs
+            train_step(model, optimizer, scheduler, k)
     assert [g["lr"] for g in optimizer.param_groups] == [0.0] * 5
 
 
@@ -254,3 +256,114 @@ def test_list_units_freeze_every_module_in_them():
     model.train()
     assert not block[0].training and not block[1].training
     assert not any(p.requires_grad for p in block[:2].parameters())
+
+
+def test_lr_at_is_the_schedule_the_scheduler_follows():
+    torch.manual_seed(0)
+    model = Small()
+    total = 25
+    optimizer, scheduler = make(model, model.units(), total, t_0=0.3, how_scale="squared")
+    table = [scheduler.lr_at(k) for k in range(total)]  # ahead of time, from the formula alone
+    for k in range(total):
+        assert scheduler.get_last_lr() == table[k] == [g["lr"] for g in optimizer.param_groups], k
+        train_step(model, optimizer, scheduler, k)
+    assert scheduler.lr_at(total) == [0.0] * 5
+
+
+def sequential_model(shared_relu=True):
+    """Three conv+BN+ReLU stages and a classifier in one nn.Sequential; by default one ReLU
+    module is reused by every stage, as models often do."""
+    relus = [nn.ReLU()] * 3 if shared_relu else [nn.ReLU() for _ in range(3)]
+    layers = []
+    for i, relu in enumerate(relus):
+        layers += [nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), nn.BatchNorm2d(8), relu]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+
+@pytest.mark.parametrize("shared_relu", [True, False])
+def test_slices_of_a_sequential_are_units_in_forward_order(shared_relu):
+    torch.manual_seed(0)
+    model = sequential_model(shared_relu)
+    units = [model[0:3], model[3:6], model[6:9], model[11]]  # new containers the model never calls
+    optimizer, scheduler = make(model, units, 12, t_0=0.1, how_scale="linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no false "did not run" nor any other warning
+        k = 0
+        while scheduler.num_frozen < 2:
+            train_step(model, optimizer, scheduler, k)
+            k += 1
+        snapshot = copy.deepcopy(model[0:6].state_dict())
+        for _ in range(2):
+            train_step(model, optimizer, scheduler, k)
+            k += 1
+    after = model[0:6].state_dict()
+    assert all(torch.equal(snapshot[key], after[key]) for key in snapshot)
+    assert not model[1].training and not model[4].training
+    assert model[7].training is (scheduler.num_frozen < 3)
+    assert not any(p.requires_grad for p in model[0:6].parameters())
+
+
+def test_slices_of_a_sequential_out_of_order_are_caught():
+    torch.manual_seed(0)
+    model = sequential_model()
+    units = [model[0:3], model[6:9], model[3:6], model[11]]
+    optimizer, scheduler = make(model, units, 12)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    with pytest.raises(ValueError, match="not in forward order: unit 2 ran before unit 1"):
+        scheduler.step()
+
+
+def test_a_shared_relu_listed_only_in_a_later_unit_is_no_order_error():
+    # The one ReLU first runs in unit 0's stage but only unit 2 (a slice) holds it: a
+    # parameter-free module says nothing about which unit is running.
+    torch.manual_seed(0)
+    model = sequential_model()
+    units = [[model[0], model[1]], [model[3], model[4]], model[6:9], model[11]]
+    optimizer, scheduler = make(model, units, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in range(3):
+            train_step(model, optimizer, scheduler, k)
+
+
+def test_a_trainable_module_in_no_unit_is_named_in_a_warning():
+    torch.manual_seed(0)
+    model = Small()
+    units = [*model.blocks[:3], model.fc]  # blocks[3] forgotten: it would train at lr 0.1 forever
+    optimizer, scheduler = make(model, units, 12)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    with pytest.warns(UserWarning, match=r"belong to no unit.*blocks\.3\.0: Conv2d\(weight 8x8x3x3\), "
+                                         r"blocks\.3\.1: BatchNorm2d\(weight 8\)$"):
+        scheduler.step()
+
+
+def test_another_network_trained_beside_the_model_is_not_warned_about():
+    torch.manual_seed(0)
+    model, critic = Small(), nn.Linear(5, 1)  # say a GAN's discriminator, with its own optimizer
+    optimizer, scheduler = make(model, model.units(), 12)
+    critic(model(torch.randn(2, 3, 8, 8))).sum().backward()
+    optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.step()
+
+
+def test_stepping_past_total_steps_warns_once():
+    torch.manual_seed(0)
+    model = Small()
+    total = 6
+    optimizer, scheduler = make(model, model.units(), total)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in range(total):  # the whole run: no warning
+            train_step(model, optimizer, scheduler, k)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(total, total + 3):
+            train_step(model, optimizer, scheduler, k)
+    assert len(caught) == 1 and caught[0].category is UserWarning
+    message = str(caught[0].message)
+    assert "after optimizer step 6" in message and "total_steps=6" in message
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0] * 5
