@@ -31,3 +31,13 @@ def test_notebook_estimate_example_gives_the_papers_numbers():
         call, _, expected = line.partition("#")
         value = eval(call.strip(), namespace)
         assert f"{value:.4f}" == expected.split(":")[0].strip()
+
+
+def test_find_units_example_runs_and_prints_what_the_readme_says(capsys):
+    section = README[README.index("## FreezeOut for any model without listing units"):]
+    blocks = re.findall(r"```(?:python)?\n(.*?)```", section, re.S)
+    code, printed = blocks[0], blocks[1]
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert capsys.readouterr().out == printed
+    assert len(namespace["units"]) == 8 and namespace["scheduler"].num_frozen == 6
