@@ -142,6 +142,7 @@ def test_when_graphs_are_used_and_why_not():
     assert graphs_unsupported(cuda, "bf16", Distributed().enabled) is None
 
 
+@pytest.mark.slow
 def test_train_py_records_the_step_it_ran_and_refuses_graphs_it_cannot_run(tmp_path, capsys):
     tiny = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "48", "-L", "10", "-k", "4",
             "--batch_size", "16", "--device", "cpu", "--epochs", "1", "--out-dir", str(tmp_path)]
@@ -156,3 +157,49 @@ def test_train_py_records_the_step_it_ran_and_refuses_graphs_it_cannot_run(tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert failed.value.code == 2 and "--cuda-graphs on: CUDA graphs need a CUDA device, not cpu" in err[-1]
     assert not (tmp_path / "on").exists()
+
+
+@pytest.mark.slow
+def test_benchmark_measures_the_graphed_step_beside_the_eager_one():
+    import benchmark
+    parser = benchmark.build_parser()
+    args = parser.parse_args(["-L", "10", "-k", "4", "--batch-size", "4", "--steps", "12", "--repeats", "1",
+                              "--level-steps", "1", "--device", "cpu", "--num-classes", "10"])
+    benchmark.check(args, parser)
+    result = benchmark.measure_on(args, CPU, graphed=True, graphs=EagerGraphs)
+    g = result["graphed"]
+    # cubic t_0 = 0.8, 7 units, 12 steps: units 0..5 freeze at ceil(12 * t_i) = 7, 7, 8, 9, 10,
+    # 11, so the run visits levels 0, 2, 3, 4, 5, 6, each captured (level 0 after 2 warm-up steps).
+    assert g["captures"] == 6 and sorted(g["level_step_s"], key=int) == ["0", "2", "3", "4", "5", "6"]
+    assert len(g["baseline_runs_s"]) == len(g["freezeout_runs_s"]) == 1
+    assert g["measured_speedup"] == 1 - g["freezeout_runs_s"][0] / g["baseline_runs_s"][0]
+    assert "CUDA graphs" in benchmark.table(result)
+    eager_only = benchmark.measure_on(args, CPU, graphed=False)
+    assert eager_only["graphed"] is None and "CUDA graphs" not in benchmark.table(eager_only)
+
+
+def test_capture_share_of_a_paper_run():
+    import benchmark
+    # 40 captures of 50 ms against 90,000 steps of 10 ms: 2 s of 900 s
+    assert benchmark.capture_share(40, 0.05, 0.01) == pytest.approx(2 / 900)
+    assert benchmark.PAPER_RUN_STEPS == 90_000
+
+
+@pytest.mark.slow
+def test_train_speed_tool_compares_runs(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "train_speed", Path(__file__).resolve().parents[1] / "tools" / "train_speed.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tiny = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "48", "-L", "10", "-k", "4",
+            "--batch_size", "16", "--device", "cpu", "--epochs", "2", "--no-validate", "--out-dir", str(tmp_path)]
+    for name in ("a", "b"):
+        train.main([*tiny, "--name", name])
+    capsys.readouterr()
+    rows = tool.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    epochs = read_records(tmp_path / "b" / "metrics.jsonl", "epoch")
+    assert rows[1]["images_per_s"] == 2 * 3 * 16 / sum(e["train_time_s"] for e in epochs)
+    assert rows[1]["captures"] == 0 and rows[1]["training_step"] == "eager"
+    assert "1.00x a" in capsys.readouterr().out.splitlines()[0]
