@@ -190,7 +190,7 @@ class EagerStep:
     def __init__(self, training: Training):
         self.training = training
         self.autocast = autocast_for(training.amp, training.device)
-        self.captures, self.capture_time_s = 0, 0.0
+        self.captures, self.capture_time_s, self.eager_steps = 0, 0.0, 0
 
     def start_epoch(self, first_step: int, start_batch: int) -> None:
         pass
@@ -200,6 +200,7 @@ class EagerStep:
         x = x.to(t.device, non_blocking=True, memory_format=t.memory_format)
         y = y.to(t.device, non_blocking=True)
         model = t.ddp.for_frozen(t.scheduler.num_frozen)
+        self.eager_steps += 1
         return train_step(model, x, y, t.optimizer, t.scaler, self.autocast)
 
 

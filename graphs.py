@@ -111,8 +111,9 @@ class GraphedStep:
 
     When units freeze, the graph is dropped and the smaller step captured anew (in the same
     memory pool), if the level lasts at least `min_steps`; a process's first capture comes
-    after `warmup` eager steps. Every step, eager or replayed, runs the same code in the same
-    order, so a resumed run gives what an uninterrupted one does."""
+    after `warmup` eager steps. Every step, eager or replayed, runs the same kernels in the same
+    order, so a resumed run gives what an uninterrupted one does (bit for bit where those
+    kernels are deterministic: cuDNN's are with torch.backends.cudnn.deterministic)."""
 
     def __init__(self, training: Training, batch_size: int, steps_per_epoch: int,
                  image_shape: Sequence[int] = (3, 32, 32), graphs=None,

@@ -344,7 +344,8 @@ def fit(config: dict, training: Training, loaders, run_dir: Path, done_epochs: i
     checkpoint_path, last_eval = run_dir / "checkpoint.pt", (None, None)
     with StopSignals() as stop:
         for epoch in range(done_epochs + 1, config["epochs"] + 1):
-            captures, capture_time = training.step.captures, training.step.capture_time_s
+            step_fn = training.step
+            before = (step_fn.captures, step_fn.capture_time_s, step_fn.eager_steps)
             stopped = train_one_epoch(training, train_loader, position, per_epoch, stop,
                                       desc=f"epoch {epoch}/{config['epochs']}")
             step = (epoch - 1) * per_epoch + position["batch"]
@@ -355,8 +356,9 @@ def fit(config: dict, training: Training, loaders, run_dir: Path, done_epochs: i
             stats = epoch_stats(position)
             train_time += stats["train_time_s"]
             record = {"epoch": epoch, "step": step, **stats, "training_step": config["training_step"],
-                      "captures": training.step.captures - captures,
-                      "capture_time_s": training.step.capture_time_s - capture_time}
+                      "captures": step_fn.captures - before[0],
+                      "capture_time_s": step_fn.capture_time_s - before[1],
+                      "eager_steps": step_fn.eager_steps - before[2]}
             if not check_replicas_agree(training.model, dist, training.device):
                 raise RunError("the processes' weights differ: the replicas fell out of step")
             if eval_loader is not None:

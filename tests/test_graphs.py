@@ -151,6 +151,7 @@ def test_train_py_records_the_step_it_ran_and_refuses_graphs_it_cannot_run(tmp_p
     epoch = read_records(tmp_path / "auto" / "metrics.jsonl", "epoch")[0]
     assert (config["cuda_graphs"], config["training_step"]) == ("auto", "eager")
     assert (epoch["training_step"], epoch["captures"], epoch["capture_time_s"]) == ("eager", 0, 0.0)
+    assert epoch["eager_steps"] == 3  # 48 images in batches of 16
     assert epoch["eval_time_s"] > 0
     with pytest.raises(SystemExit) as failed:
         train.main([*tiny, "--name", "on", "--cuda-graphs", "on"])
