@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+import freezeout
 from freezeout import SCALE_POWERS
 from utils import DATASETS  # noqa: F401  (re-exported: the choice list of --dataset)
 
@@ -59,5 +60,8 @@ def check_range(flag: str, value, low: float, high: float, low_open: bool = Fals
 
 
 def check_t_0(flag: str, value: float) -> None:
-    """The t_0 range, (0, 1], as every script states it."""
-    check_range(flag, value, 0.0, 1.0, low_open=True)
+    """FreezeOut's own t_0 check, its message naming the flag as the user spelled it."""
+    try:
+        freezeout.check_t_0(value)
+    except ValueError:
+        raise ValueError(f"{flag} must be in (0, 1], got {value}") from None
