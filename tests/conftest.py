@@ -92,6 +92,20 @@ def error_of(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return 100.0 * wrong / len(labels)
 
 
+# Forward FLOPs per image (2 x multiply-adds of the convolutions and the linear layer) of the
+# plain DenseNet L=13 k=4 with 10 classes, unit by unit, counted by hand: 3 layers a block,
+# a 3x3 convolution c -> 4 at 32x32, 16x16, 8x8 for c = 8, 12, 16 | 10, 14, 18 | 11, 15, 19;
+# transitions 20 -> 10 at 32x32 and 22 -> 11 at 16x16 (1x1, before the pool); stem 3 -> 8 (3x3);
+# head 23 -> 10.
+PLAIN_L13_K4_FORWARD = [
+    2 * 27 * 8 * 1024,                                                      # stem
+    *(2 * 9 * c * 4 * 1024 for c in (8, 12, 16)), 2 * 20 * 10 * 1024,       # block 1, transition
+    *(2 * 9 * c * 4 * 256 for c in (10, 14, 18)), 2 * 22 * 11 * 256,       # block 2, transition
+    *(2 * 9 * c * 4 * 64 for c in (11, 15, 19)),                            # block 3
+    2 * 23 * 10,                                                            # head
+]
+
+
 # -- FLOPs of the whole model, counted level by level ------------------------------------------
 def counted_step_flops(model: torch.nn.Module, input_shape) -> list[int]:
     """FLOPs of one forward + backward of the whole model with its first n units frozen,
@@ -123,3 +137,31 @@ def continuous_speedup(levels: list, n_units: int, t_0: float, power: int) -> fl
     t = [closed_form_t(i, n_units, t_0, power) for i in range(n_units)]
     cost = sum((t[n] - (t[n - 1] if n else 0.0)) * levels[n] for n in range(n_units))
     return 1 - cost / levels[0]
+
+
+# -- what the training step really computes ---------------------------------------------------
+def spy_on_step(monkeypatch) -> list[dict]:
+    """Wrap engine.train_step; for every step record the input batch, whether it is in the
+    channels-last layout, the dtype of the logits as computed inside the step, the loss's dtype
+    and whether the GradScaler is on."""
+    import engine
+    real, seen = engine.train_step, []
+
+    def spy(model, x, y, optimizer, scaler, autocast):
+        record = {"x": x, "channels_last": x.is_contiguous(memory_format=torch.channels_last)
+                  and not x.is_contiguous(), "scaler": scaler.is_enabled()}
+
+        def hook(module, args, out):
+            record["logits"] = out.dtype
+
+        handle = model.register_forward_hook(hook)
+        try:
+            loss = real(model, x, y, optimizer, scaler, autocast)
+        finally:
+            handle.remove()
+        record["loss"] = loss.dtype
+        seen.append(record)
+        return loss
+
+    monkeypatch.setattr(engine, "train_step", spy)
+    return seen

@@ -8,26 +8,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import continuous_speedup, counted_step_flops, stepped_speedup
+from conftest import PLAIN_L13_K4_FORWARD, continuous_speedup, counted_step_flops, stepped_speedup
 from densenet import DenseNet
 from freezeout import freeze, unit_times
 from utils import (calc_speedup, first_frozen_steps, schedule_speedup, solve_t_0,
                    training_flops_by_level, unit_flops)
-
-# Forward FLOPs per image (2 x multiply-adds of the convolutions and the linear layer) of the
-# plain DenseNet L=13 k=4 with 10 classes, unit by unit, counted by hand: 3 layers a block,
-# a 3x3 convolution c -> 4 at 32x32, 16x16, 8x8 for c = 8, 12, 16 | 10, 14, 18 | 11, 15, 19;
-# transitions 20 -> 10 at 32x32 and 22 -> 11 at 16x16 (1x1, before the pool); stem 3 -> 8 (3x3);
-# head 23 -> 10.
-PLAIN_L13_K4_FORWARD = [
-    2 * 27 * 8 * 1024,                                                      # stem
-    *(2 * 9 * c * 4 * 1024 for c in (8, 12, 16)), 2 * 20 * 10 * 1024,       # block 1, transition
-    *(2 * 9 * c * 4 * 256 for c in (10, 14, 18)), 2 * 22 * 11 * 256,       # block 2, transition
-    *(2 * 9 * c * 4 * 64 for c in (11, 15, 19)),                            # block 3
-    2 * 23 * 10,                                                            # head
-]
-assert PLAIN_L13_K4_FORWARD[:2] == [442_368, 589_824] and PLAIN_L13_K4_FORWARD[-1] == 460
-
 
 # -- the paper's estimate ---------------------------------------------------------------
 @pytest.mark.parametrize("t_0,how,value", [
