@@ -165,3 +165,18 @@ def spy_on_step(monkeypatch) -> list[dict]:
 
     monkeypatch.setattr(engine, "train_step", spy)
     return seen
+
+
+# -- what a figure draws -----------------------------------------------------------------------
+class KeptFigures:
+    """Stands in for matplotlib.pyplot, except that closing a figure keeps it (in `figures`)
+    for the test to read what was drawn."""
+
+    def __init__(self, plt):
+        self.plt, self.figures = plt, []
+
+    def __getattr__(self, name):
+        return getattr(self.plt, name)
+
+    def close(self, fig):
+        self.figures.append(fig)
