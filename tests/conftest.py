@@ -79,15 +79,16 @@ def epochs_logged(run_dir: Path) -> list[int]:
 
 
 def error_of(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std,
-             batch: int) -> float:
+             batch: int, device="cpu", memory_format=torch.contiguous_format) -> float:
     """Percent of misclassified images, normalised as (x - 255 mean) / (255 std), in batches."""
-    m = torch.tensor(mean).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std).view(1, 3, 1, 1) * 255
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+    images, labels = images.to(device), labels.to(device)
     model.eval()
     wrong = 0
     with torch.no_grad():
         for start in range(0, len(labels), batch):
-            x = (images[start:start + batch].float() - m) / s
+            x = ((images[start:start + batch].float() - m) / s).contiguous(memory_format=memory_format)
             wrong += int((model(x).argmax(1) != labels[start:start + batch]).sum())
     return 100.0 * wrong / len(labels)
 
