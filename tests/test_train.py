@@ -17,6 +17,7 @@ from conftest import (PLAIN_L13_K4_FORWARD, ROOT, TINY, TINY_PARAMS, TINY_STEPS_
                       error_of, run_train, same_state, spy_on_step, stepped_speedup)
 from densenet import DenseNet
 from metrics_logger import read_records
+from models import build_model
 from utils import calc_speedup, load_splits
 
 
@@ -186,7 +187,10 @@ def test_other_architectures_train_with_the_flop_estimate(tmp_path, capsys, mode
     run_train(tmp_path, *argv)
     config = read_records(tmp_path / "run" / "metrics.jsonl", "config")[0]
     assert (config["params"], config["n_units"]) == (params, units)  # counted by hand in test_models.py
-    assert config["paper_speedup"] is None and 0 < config["flop_speedup"] == config["estimated_speedup"]
+    # The FLOP estimate over the run's 6 steps, against the whole model counted at every level.
+    counted = counted_step_flops(build_model(model, int(depth), int(k) if k else None, 10), (2, 3, 32, 32))
+    assert config["flop_speedup"] == pytest.approx(stepped_speedup(counted, units, 6, 0.8, 3), rel=1e-12)
+    assert config["paper_speedup"] is None and config["flop_speedup"] == config["estimated_speedup"] > 0
     assert config["dropout"] == 0.2 and expected in capsys.readouterr().out
 
 
