@@ -47,17 +47,18 @@ T_I = unit_times(4, 0.5, "linear")
 @pytest.mark.parametrize("graphed", [False, True])
 def test_speedups_and_overhead_are_computed_from_the_times_measured(graphed):
     runs = [run(9.0), run(9.0),                          # the warm-up pair: not counted
-            run(2.0), run(1.5, 0.015, 4, 0.4), run(2.2), run(1.7, 0.034, 4, 0.8),
+            run(2.0), run(1.6, 0.016, 4, 0.4), run(2.2), run(1.5, 0.03, 4, 0.8),
             run(1.8), run(1.2, 0.006, 4, 0.2)]
     bench = GivenTimes(runs, levels={0: 1.0, 1: 0.8, 2: 0.6, 3: 0.5})
     r = benchmark.compare(bench, ARGS, T_I, graphed)
     assert bench.calls == [("run", 1.0, graphed), ("run", 0.5, graphed)] + \
         [("run", t, graphed) for _ in range(3) for t in (1.0, 0.5)] + \
         [("level", n, graphed) for n in range(4)]
-    assert r["baseline_runs_s"] == [2.0, 2.2, 1.8] and r["freezeout_runs_s"] == [1.5, 1.7, 1.2]
+    assert r["baseline_runs_s"] == [2.0, 2.2, 1.8] and r["freezeout_runs_s"] == [1.6, 1.5, 1.2]
     assert (r["baseline_s"], r["freezeout_s"]) == (2.0, 1.5)  # medians
-    # Ratios 1.5/2.0, 1.7/2.2, 1.2/1.8 = 0.75, 0.773, 0.667: the median pair ratio, not the ratio of medians.
-    assert r["measured_speedup"] == pytest.approx(0.25, abs=1e-12)
+    # Pair ratios 1.6/2.0, 1.5/2.2, 1.2/1.8 = 0.8, 0.682, 0.667: 1 - their median, not 1 - the
+    # ratio of the medians (0.25).
+    assert r["measured_speedup"] == pytest.approx(1 - 1.5 / 2.2, abs=1e-12)
     # 4 steps at 1.0, 2 at 0.8, 1 at 0.6, 1 at 0.5 against 8 at 1.0.
     assert r["ideal_speedup"] == pytest.approx(1 - 6.7 / 8, abs=1e-12)
     assert r["level_step_s"] == {"0": 1.0, "1": 0.8, "2": 0.6, "3": 0.5}
