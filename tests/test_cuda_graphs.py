@@ -89,6 +89,7 @@ TINY = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "512", "-
         "--batch_size", "32", "--epochs", "3", "--t_0", "0.5", "--device", "cuda", "--cuda-graphs", "on"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--amp", "bf16", "--channels-last"], ["--dropout", "0.2"],
                                    ["--loader", "torchvision", "--workers", "2"]])
 def test_train_py_graphed(tmp_path, extra):
@@ -100,6 +101,7 @@ def test_train_py_graphed(tmp_path, extra):
     assert summary["frozen_at"][0] is not None and summary["test_err"] < 90
 
 
+@pytest.mark.slow
 def test_a_resumed_graphed_run_is_bit_identical(tmp_path, monkeypatch):
     # cuDNN may pick non-deterministic kernels (atomics in weight gradients): bit-identity
     # across processes needs the deterministic ones, eager or graphed alike.

@@ -1,5 +1,4 @@
 """torchrun with 2 CPU processes (gloo): the schedule, one writer, replicas in step, resume."""
-import math
 import signal
 import subprocess
 import sys
@@ -10,9 +9,10 @@ import pytest
 import torch
 
 import train
+from conftest import ROOT, closed_form_frozen_at, closed_form_lrs
 from metrics_logger import read_records
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # torchrun
 # Global batch 32 (16 per process), 128 images: 4 steps per epoch, 32 in all (enough epochs
 # for a signal sent after the first to land before the end).
 EPOCHS = 8
@@ -20,9 +20,12 @@ ARGS = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "128", "-
         "--epochs", str(EPOCHS), "--batch_size", "32", "--device", "cpu", "--t_0", "0.5", "--dropout", "0.1"]
 
 
-def torchrun(out: Path, name: str, *extra) -> subprocess.Popen:
+def torchrun(out: Path, name: str, *extra, pause_at: int = 0) -> subprocess.Popen:
+    """train.py's main in 2 processes; with pause_at, both wait before that step until a
+    signal has reached them (tests/train_paused.py)."""
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", "train.py", *ARGS, "--out-dir", str(out),
+                             "--nproc_per_node=2", "tests/train_paused.py", str(pause_at),
+                             str(out / f"{name}.paused"), *ARGS, "--out-dir", str(out),
                              "--save-weights", name, *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -31,7 +34,7 @@ def torchrun(out: Path, name: str, *extra) -> subprocess.Popen:
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     p = torchrun(out, "whole")
-    stdout, stderr = p.communicate(timeout=180)
+    stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr[-3000:]
     return out, stdout
 
@@ -48,32 +51,38 @@ def test_two_processes_follow_the_schedule_with_one_writer(two_process_run):
     total = config["total_steps"]
     assert total == 4 * EPOCHS and config["steps_per_epoch"] == 4
     t = [(0.5 + 0.5 * i / 6) ** 3 for i in range(7)]
-    for record in records[1:-1]:
+    for e, record in enumerate(records[1:-1], 1):
         k = record["step"]
-        expected = [0.0 if k >= t_i * total else 0.5 * (0.1 / t_i) * (1 + math.cos(math.pi * k / (t_i * total)))
-                    for t_i in t]
-        assert record["lr"] == expected
+        assert k == 4 * e and record["lr"] == closed_form_lrs(k, 7, total, 0.5, 3)
         assert record["frozen_units"] == sum(t_i * total <= min(k, total - 1) for t_i in t)
-        assert 0 <= record["val_err"] <= 100
+        # The two shards together: every one of the 128 validation images once, so the error
+        # is a whole number of wrong answers out of 128 (a batch seen twice or missed would show).
+        wrong = record["val_err"] * 128 / 100
+        assert abs(wrong - round(wrong)) < 1e-9, record["val_err"]
+    wrong = records[-1]["test_err"] * 128 / 100
+    assert abs(wrong - round(wrong)) < 1e-9
     # Every epoch ended with the ranks' weights compared (the run fails if they differ);
     # the frozen units froze on both ranks at the same step.
-    assert records[-1]["frozen_at"][:5] == [next(k for k in range(total) if k >= t_i * total) for t_i in t[:5]]
+    assert records[-1]["frozen_at"] == closed_form_frozen_at(7, total, 0.5, 3)
 
 
 def test_sigterm_to_torchrun_then_resume_matches_the_uninterrupted_run(tmp_path, two_process_run):
     out, _ = two_process_run
-    p = torchrun(tmp_path, "cut")
+    p = torchrun(tmp_path, "cut", pause_at=6)  # epoch 2, its second step
     metrics = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and read_records(metrics, "epoch")):
+    deadline = time.time() + 600
+    while not (tmp_path / "cut.paused").exists():
         assert p.poll() is None and time.time() < deadline, p.stderr.read()[-3000:]
         time.sleep(0.02)
     p.send_signal(signal.SIGTERM)
-    p.communicate(timeout=120)
+    p.communicate(timeout=600)
+    assert p.returncode != 0
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] < 4 * EPOCHS and len(ckpt["rng"]) == 2  # stopped early; both ranks' RNG
+    # The ranks agree to stop at the next progress read, epoch 2's last step: stopped after it.
+    assert (ckpt["epoch"], ckpt["step"], ckpt["position"]) == (2, 8, None)
+    assert len(ckpt["rng"]) == 2  # both ranks' generators
     p = torchrun(tmp_path, "cut", "--resume")
-    _, stderr = p.communicate(timeout=180)
+    _, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr[-3000:]
     whole = torch.load(out / "whole" / "checkpoint.pt", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)

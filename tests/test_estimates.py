@@ -1,17 +1,48 @@
-"""The FLOP-based estimate: per-unit counts, freeze levels, and the schedule."""
+"""utils.py's estimates: the paper's `calc_speedup`, the t_0 solver, and the FLOP-based
+estimate (per-unit counts, freeze levels, the schedule), against numbers counted by hand or
+counted on the whole model."""
 import copy
-import math
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import PLAIN_L13_K4_FORWARD, continuous_speedup, counted_step_flops, stepped_speedup
 from densenet import DenseNet
 from freezeout import freeze, unit_times
-from utils import first_frozen_steps, schedule_speedup, training_flops_by_level, unit_flops
+from utils import (calc_speedup, first_frozen_steps, schedule_speedup, solve_t_0,
+                   training_flops_by_level, unit_flops)
 
+# -- the paper's estimate ---------------------------------------------------------------
+@pytest.mark.parametrize("t_0,how,value", [
+    (0.8, "cubic", 0.177813), (0.8, "linear", 0.089955), (0.8, "squared", 0.127914),
+    (0.5, "cubic", 0.348430), (0.5, "linear", 0.224888), (1.0, "cubic", 0.0), (1.0, "linear", 0.0)])
+def test_calc_speedup_matches_the_paper(t_0, how, value):
+    assert round(calc_speedup(12, 12, t_0, how), 6) == pytest.approx(value, abs=1e-12)
+
+
+def test_calc_speedup_refuses_bad_strategy_and_t_0():
+    with pytest.raises(ValueError, match="how_scale"):
+        calc_speedup(12, 12, 0.8, "quadratic")
+    with pytest.raises(ValueError, match="t_0"):
+        calc_speedup(12, 12, 0.0, "cubic")
+
+
+@pytest.mark.parametrize("how", ["linear", "cubic"])
+def test_solve_t_0_inverts_the_estimate(how):
+    estimate = lambda t: calc_speedup(12, 12, t, how)  # noqa: E731
+    for target in (0.05, 0.1777, 0.25):
+        t_0 = solve_t_0(target, estimate)
+        assert 0 < t_0 <= 1 and estimate(t_0) == pytest.approx(target, abs=1e-9)
+    assert solve_t_0(0.0, estimate) == 1.0
+    with pytest.raises(ValueError, match="no t_0 in"):
+        solve_t_0(0.9, estimate)
+
+
+# -- the FLOP-based estimate --------------------------------------------------------------
 B, D, C = 8, 16, 5
+
 
 
 def linear_chain():
@@ -66,7 +97,20 @@ def test_schedule_speedup_counts_the_real_steps():
     assert schedule_speedup(levels, t, 10**6) == pytest.approx(continuous, abs=1e-5)
 
 
-def test_flop_estimate_for_densenet_bc_is_above_the_papers():
+def test_per_unit_flops_of_a_plain_densenet_are_the_hand_counted_ones():
+    model = DenseNet(depth=13, growth_rate=4, num_classes=10, bottleneck=False)
+    per_unit = unit_flops(model, model.freeze_units(), (2, 3, 32, 32))
+    assert [u["forward"] for u in per_unit] == [2 * f for f in PLAIN_L13_K4_FORWARD]  # batch 2
+    # Backward: the weight gradient and the input gradient cost one forward each.
+    assert [u["backward"] for u in per_unit] == [4 * f for f in PLAIN_L13_K4_FORWARD]
+    # As the first active unit, only the stem (a convolution of the data) skips its input
+    # gradient: every later unit starts with a batch norm whose weights need the gradient
+    # through the convolution's input all the same.
+    first, *rest = PLAIN_L13_K4_FORWARD
+    assert [u["backward_no_input_grad"] for u in per_unit] == [2 * first, *(4 * f for f in rest)]
+
+
+def test_flop_estimate_for_densenet_bc_is_the_whole_model_count_and_above_the_papers():
     # The paper takes backward = forward and counts no transitions; real backward passes
     # cost twice the forward (FLOPs of convolutions and products), so counting them saves more.
     model = DenseNet(depth=40, growth_rate=12, num_classes=100)
@@ -75,7 +119,11 @@ def test_flop_estimate_for_densenet_bc_is_above_the_papers():
     assert ratio == pytest.approx(2.0)  # weight and input gradient: one forward each
     levels = training_flops_by_level(per_unit)
     flop = schedule_speedup(levels, unit_times(len(levels), 0.8, "cubic"))
-    assert 0.18 < flop < 0.3 and math.isfinite(flop)
+    counted = counted_step_flops(model, (2, 3, 32, 32))
+    assert flop == pytest.approx(continuous_speedup(counted, len(counted), 0.8, 3), rel=1e-12)
+    assert schedule_speedup(levels, unit_times(len(levels), 0.8, "cubic"), 90) == \
+        pytest.approx(stepped_speedup(counted, len(counted), 90, 0.8, 3), rel=1e-12)
+    assert flop > calc_speedup(12, 6, 0.8, "cubic") + 0.03  # 0.230 against the paper's 0.181
 
 
 def test_units_outside_the_model_are_refused():

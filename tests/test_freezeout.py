@@ -8,8 +8,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from conftest import closed_form_frozen_at, closed_form_lr, closed_form_lrs, closed_form_t
 from densenet import DenseNet
-from freezeout import FreezeOut, param_groups, unit_times
+from freezeout import FreezeOut, param_groups, unit_lr, unit_times
 
 STRATEGIES = [("linear", 1), ("squared", 2), ("cubic", 3)]
 
@@ -31,15 +32,6 @@ class Small(nn.Module):
 
     def units(self):
         return [*self.blocks, self.fc]
-
-
-def expected_lr(k, i, n_units, total, t_0, power, scale, base=0.1):
-    """The paper's schedule, written out independently of freezeout.py."""
-    t_i = (t_0 + (1 - t_0) * i / (n_units - 1)) ** power
-    if k >= t_i * total:
-        return 0.0
-    alpha = base / t_i if scale else base
-    return 0.5 * alpha * (1 + math.cos(math.pi * k / (t_i * total)))
 
 
 def make(model, units, total, t_0=0.8, how_scale="cubic", scale_lr=True, opt=torch.optim.SGD, **kw):
@@ -64,7 +56,7 @@ def train_step(model, optimizer, scheduler, k, batch=4):
 @pytest.mark.parametrize("how_scale,power", STRATEGIES)
 def test_unit_times(how_scale, power):
     t = unit_times(5, 0.6, how_scale)
-    assert t == [(0.6 + 0.4 * i / 4) ** power for i in range(5)]
+    assert t == [closed_form_t(i, 5, 0.6, power) for i in range(5)]
     assert t[-1] == 1.0 and t == sorted(t)
     assert unit_times(5, 1.0, how_scale) == [1.0] * 5
     assert unit_times(40, 0.8, "cubic")[0] == pytest.approx(0.512)
@@ -84,7 +76,7 @@ def test_learning_rates_follow_the_formula_exactly(how_scale, power, scale_lr, o
     with pytest.warns(UserWarning, match="past the end"):
         for k in range(total + 3):  # a few steps past the end: everything stays at zero
             lrs = [g["lr"] for g in optimizer.param_groups]
-            assert lrs == [expected_lr(k, i, 5, total, t_0, power, scale_lr) for i in range(5)], k
+            assert lrs == closed_form_lrs(k, 5, total, t_0, power, scale_lr), k
             assert scheduler.get_last_lr() == lrs
             train_step(model, optimizer, scheduler, k)
     assert [g["lr"] for g in optimizer.param_groups] == [0.0] * 5
@@ -96,7 +88,7 @@ def test_units_freeze_at_the_first_step_past_t_i_in_order_and_never_thaw(how_sca
     model = Small()
     total, t_0 = 50, 0.2
     optimizer, scheduler = make(model, model.units(), total, t_0, how_scale)
-    t = [(t_0 + (1 - t_0) * i / 4) ** power for i in range(5)]
+    t = [closed_form_t(i, 5, t_0, power) for i in range(5)]
     history = [scheduler.frozen]
     for k in range(total):
         train_step(model, optimizer, scheduler, k)
@@ -106,8 +98,7 @@ def test_units_freeze_at_the_first_step_past_t_i_in_order_and_never_thaw(how_sca
         assert frozen == [min(k, total - 1) >= t_i * total for t_i in t], k
     for before, after in zip(history, history[1:]):
         assert all(a or not b for b, a in zip(before, after))  # once frozen, always frozen
-    first = [next((k for k in range(total) if k >= t_i * total), None) for t_i in t]
-    assert scheduler.frozen_at == first
+    assert scheduler.frozen_at == closed_form_frozen_at(5, total, t_0, power)
     assert scheduler.frozen_at[-1] is None  # the output unit trains to the end
 
 
@@ -194,7 +185,15 @@ def test_state_dict_round_trip_continues_the_same_schedule(opt, kw):
     model_c.load_state_dict(saved["model"])
     opt_c.load_state_dict(saved["opt"])
     sched_c.load_state_dict(saved["sched"])
-    assert sched_c.frozen == sched_b.frozen
+    assert sched_c.frozen == sched_b.frozen and sched_c.frozen_at == sched_b.frozen_at
+    # The resumed scheduler froze those units again: no gradients, no optimizer state,
+    # inference mode through model.train().
+    model_c.train()
+    for unit in model_c.units()[:sched_c.num_frozen]:
+        assert all(not p.requires_grad and p not in opt_c.state for p in unit.parameters())
+        assert not any(m.training for m in unit.modules())
+    for unit in model_c.units()[sched_c.num_frozen:]:
+        assert all(p.requires_grad for p in unit.parameters()) and unit.training
     assert [g["lr"] for g in opt_c.param_groups] == [g["lr"] for g in opt_b.param_groups]
     for k in range(cut, total):
         train_step(model_c, opt_c, sched_c, k)
@@ -367,3 +366,125 @@ def test_stepping_past_total_steps_warns_once():
     message = str(caught[0].message)
     assert "after optimizer step 6" in message and "total_steps=6" in message
     assert [g["lr"] for g in optimizer.param_groups] == [0.0] * 5
+
+
+def test_rates_reach_zero_at_the_boundary_step_not_one_later():
+    # Linear, t_0 = 0.5, 5 units, T = 40: t_i * T = 20, 25, 30, 35, 40, whole numbers, so each
+    # unit's last step with a rate is t_i * T - 1 and the next one freezes it.
+    torch.manual_seed(0)
+    model = Small()
+    total = 40
+    optimizer, scheduler = make(model, model.units(), total, t_0=0.5, how_scale="linear", scale_lr=True)
+    ends = [20, 25, 30, 35, 40]
+    seen = []
+    for k in range(total):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        train_step(model, optimizer, scheduler, k)
+    for i, end in enumerate(ends):
+        alpha = 0.1 / (end / total)
+        assert seen[0][i] == alpha  # cos(0) = 1: the full initial rate at step 0
+        if end % 2 == 0:  # half-way: cos(pi / 2) = 0
+            assert seen[end // 2][i] == pytest.approx(alpha / 2, rel=1e-12)
+        if end < total:
+            assert seen[end - 1][i] == pytest.approx(0.5 * alpha * (1 - math.cos(math.pi / end)), rel=1e-12)
+            assert seen[end - 1][i] > 0 and seen[end][i] == 0.0
+    assert scheduler.frozen_at == [20, 25, 30, 35, None]
+    # The formula on its own, at a fractional end (t_i * T = 7.5): step 7 still trains, 8 does not.
+    assert unit_lr(7, 0.75, 10, 1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 7.5)))
+    assert unit_lr(7, 0.75, 10, 1.0) > 0 and unit_lr(8, 0.75, 10, 1.0) == 0.0
+
+
+def test_a_single_unit_is_plain_cosine_annealing_and_never_freezes():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(param_groups([model]), lr=0.1, momentum=0.9)
+    scheduler = FreezeOut(optimizer, [model], total_steps=8, t_0=0.3, how_scale="cubic")
+    assert scheduler.t_i == [1.0] and unit_times(1, 0.3, "cubic") == [1.0]
+    for k in range(8):
+        assert optimizer.param_groups[0]["lr"] == 0.5 * 0.1 * (1 + math.cos(math.pi * k / 8)), k
+        loss = model(torch.randn(2, 4)).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.frozen_at == [None] and scheduler.num_frozen == 0
+    assert model.weight.requires_grad and model.weight in optimizer.state
+
+
+def test_step_with_an_epoch_is_refused_and_changes_nothing():
+    torch.manual_seed(0)
+    model = Small()
+    optimizer, scheduler = make(model, model.units(), 10)
+    train_step(model, optimizer, scheduler, 0)
+    before = (scheduler.last_epoch, [g["lr"] for g in optimizer.param_groups])
+    with pytest.raises(TypeError, match="takes no epoch"):
+        scheduler.step(5)
+    assert (scheduler.last_epoch, [g["lr"] for g in optimizer.param_groups]) == before == (1, before[1])
+
+
+def test_a_state_with_another_number_of_units_is_refused():
+    torch.manual_seed(0)
+    model = Small()
+    optimizer, scheduler = make(model, model.units(), 10)
+    for k in range(3):
+        train_step(model, optimizer, scheduler, k)
+    state = scheduler.state_dict()
+    other = Small()
+    units = other.units()[1:]  # 4 units
+    opt4, sched4 = make(other, units, 10)
+    with pytest.raises(ValueError, match="scheduler state has 5 units, this model has 4"):
+        sched4.load_state_dict(state)
+    assert sched4.last_epoch == 0 and sched4.t_i == unit_times(4, 0.8, "cubic")
+
+
+def _global_pre_hooks() -> int:
+    return len(torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def _run_and_forget() -> "weakref.ref":
+    """A module run once and then dropped: a weak reference to it, dead unless something
+    (a forgotten hook's record of the modules it saw) keeps it alive."""
+    import weakref
+    spare = nn.Linear(2, 2)
+    spare(torch.zeros(1, 2))
+    return weakref.ref(spare)
+
+
+def test_the_process_wide_order_watch_is_removed_after_the_first_step():
+    import gc
+    torch.manual_seed(0)
+    model = Small()
+    before = _global_pre_hooks()
+    optimizer, scheduler = make(model, model.units(), 10)
+    assert _global_pre_hooks() == before + 1
+    train_step(model, optimizer, scheduler, 0)
+    assert _global_pre_hooks() == before
+    ref = _run_and_forget()
+    gc.collect()
+    assert ref() is None, "a module that ran after the first step is still held"
+
+
+def test_the_order_watch_goes_with_a_scheduler_dropped_before_its_first_step():
+    import gc
+    torch.manual_seed(0)
+    model = Small()
+    before = _global_pre_hooks()
+    optimizer, scheduler = make(model, model.units(), 10)
+    model(torch.randn(2, 3, 8, 8))  # a forward pass, never followed by a step
+    ref = _run_and_forget()
+    assert _global_pre_hooks() == before + 1
+    del optimizer, scheduler
+    gc.collect()
+    assert _global_pre_hooks() == before and ref() is None
+
+
+def test_a_resumed_scheduler_does_not_watch_the_order_again():
+    torch.manual_seed(0)
+    model = Small()
+    optimizer, scheduler = make(model, model.units(), 10)
+    train_step(model, optimizer, scheduler, 0)
+    state = scheduler.state_dict()
+    before = _global_pre_hooks()
+    optimizer2, resumed = make(model, model.units(), 10)
+    resumed.load_state_dict(state)
+    assert _global_pre_hooks() == before

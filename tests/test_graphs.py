@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train
+from conftest import TINY, closed_form_lrs
 from densenet import DenseNet
 from distributed import Distributed
 from engine import EagerStep, build_training
@@ -49,17 +50,12 @@ def train_steps(training, step, data, first=0):
     return losses, rates
 
 
-def closed_form_lr(k, i, n=7, total=T, t_0=0.5, base=0.1):
-    t_i = (t_0 + (1 - t_0) * i / (n - 1)) ** 3
-    return 0.0 if k >= t_i * total else 0.5 * (base / t_i) * (1 + math.cos(math.pi * k / (t_i * total)))
-
-
 def test_device_rates_are_the_schedule_at_every_step():
     training = make_training()
     _, rates = train_steps(training, graphed(training, warmup=0, min_steps=1), batches(T))
     for k, row in enumerate(rates):
         # float32 on the device, from the same Python floats the host scheduler gives
-        expected = torch.tensor([closed_form_lr(k, i) for i in range(7)], dtype=torch.float32)
+        expected = torch.tensor(closed_form_lrs(k, 7, T, 0.5), dtype=torch.float32)
         assert row == expected.tolist(), k
     assert training.scheduler.num_frozen > 3  # the schedule crossed several freeze points
 
@@ -144,8 +140,7 @@ def test_when_graphs_are_used_and_why_not():
 
 @pytest.mark.slow
 def test_train_py_records_the_step_it_ran_and_refuses_graphs_it_cannot_run(tmp_path, capsys):
-    tiny = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "48", "-L", "10", "-k", "4",
-            "--batch_size", "16", "--device", "cpu", "--epochs", "1", "--out-dir", str(tmp_path)]
+    tiny = [*TINY, "--subset", "48", "--epochs", "1", "--out-dir", str(tmp_path)]
     train.main([*tiny, "--name", "auto"])
     config = read_records(tmp_path / "auto" / "metrics.jsonl", "config")[0]
     epoch = read_records(tmp_path / "auto" / "metrics.jsonl", "epoch")[0]

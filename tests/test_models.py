@@ -27,9 +27,36 @@ def test_vgg_depths(depth, convs):
     units = model.freeze_units()
     assert len(units) == convs + 1 and units[-1] is model.classifier
     if depth == 16:
-        assert 14_000_000 <= n_params(model) <= 15_600_000
+        # 13 convolutions with biases and batch norms (14,714,688 + 8,448) and the classifier
+        # 512 -> 512 -> 512 -> 100 (262,656 + 262,656 + 51,300)
+        assert n_params(model) == 15_299_748
     pools = sum(isinstance(m, torch.nn.MaxPool2d) for u in units for m in u.modules())
     assert pools == 5
+
+
+# Small models the end-to-end tests train, counted by hand (10 classes).
+HAND_COUNTED = [
+    # DenseNet-BC L=10 k=4: stem 3->8 (216); per block one layer BN(c) 1x1 c->16 BN(16) 3x3 16->4
+    # for c = 8, 6, 5 (752, 716, 698); transitions BN(12) 12->6 (96), BN(10) 10->5 (70);
+    # head BN(9) + 9->10 (118). Units: stem, 3 layers, 2 transitions, head.
+    (lambda: DenseNet(depth=10, growth_rate=4, num_classes=10), 2_666, 7),
+    # plain DenseNet L=13 k=4: stem 216; layers BN(c) + 3x3 c->4 = 38c for c = 8, 12, 16 | 10, 14,
+    # 18 | 11, 15, 19 (1,368, 1,596, 1,710); transitions 20->10 (240), 22->11 (286); head 23->10 (286)
+    (lambda: DenseNet(depth=13, growth_rate=4, num_classes=10, bottleneck=False), 5_702, 13),
+    # WRN-10-1: stem 3->16 (432); blocks 16->16 (4,672), 16->32 with a 1x1 shortcut (14,432),
+    # 32->64 with a shortcut (57,536); head BN(64) + 64->10 (778). Units: stem, 3 blocks, head.
+    (lambda: WideResNet(depth=10, widen_factor=1, num_classes=10), 77_850, 5),
+    # VGG-11 (BN): convolutions with bias and BN 3->64 (1,920), 64->128 (74,112), 128->256
+    # (295,680), 256->256 (590,592), 256->512 (1,181,184), 3 x 512->512 (7,082,496); classifier
+    # 512->512->512->10 (525,312 + 5,130). Units: 8 convolutions, the classifier.
+    (lambda: VGG(depth=11, num_classes=10), 9_756_426, 9),
+]
+
+
+@pytest.mark.parametrize("make,params,units", HAND_COUNTED)
+def test_small_models_have_their_hand_counted_size(make, params, units):
+    model = make()
+    assert n_params(model) == params and len(model.freeze_units()) == units
 
 
 MODELS = {

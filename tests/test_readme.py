@@ -2,6 +2,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
@@ -10,6 +12,7 @@ def python_block_after(heading: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow  # trains a ResNet-18 for 12 steps
 def test_own_model_example_runs_and_freezes(capsys):
     namespace = {}
     exec(compile(python_block_after("## FreezeOut for your own model"), "README.md", "exec"), namespace)
@@ -33,6 +36,7 @@ def test_notebook_estimate_example_gives_the_papers_numbers():
         assert f"{value:.4f}" == expected.split(":")[0].strip()
 
 
+@pytest.mark.slow  # trains a ResNet-50 for 6 steps
 def test_find_units_example_runs_and_prints_what_the_readme_says(capsys):
     section = README[README.index("## FreezeOut for any model without listing units"):]
     blocks = re.findall(r"```(?:python)?\n(.*?)```", section, re.S)

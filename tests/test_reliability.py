@@ -2,7 +2,7 @@
 and a resumed run ends bit-identical to one that never stopped."""
 import os
 import pickle
-import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,46 +15,26 @@ import torch
 import checkpoint
 import engine
 import train
+from conftest import ROOT, TINY, epochs_logged, final_state, same_state
 from metrics_logger import read_records
 
-ROOT = Path(__file__).resolve().parents[1]
-# The issue's acceptance run: 10 steps per epoch, about a second an epoch on 2 cores.
-REAL = ["--dataset", "synthetic", "--which_dataset", "10", "-L", "22", "--subset", "640",
-        "--epochs", "3", "--batch_size", "64", "--device", "cpu"]
-TINY = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "96", "-L", "10", "-k", "4",
-        "--batch_size", "16", "--device", "cpu", "--epochs", "3", "--dropout", "0.1", "--t_0", "0.5"]
+pytestmark = pytest.mark.slow  # every test here runs train.py end to end
 
-
-def same_state(a: dict, b: dict) -> bool:
-    """Nested state dicts equal, tensors bit for bit."""
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
-    if torch.is_tensor(a):
-        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
-    return a == b
-
-
-def final_state(run_dir: Path) -> dict:
-    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    return {k: ckpt[k] for k in ("model", "optimizer", "scheduler", "epoch", "step")}
-
-
-def epochs_logged(run_dir: Path) -> list:
-    return [r["epoch"] for r in read_records(run_dir / "metrics.jsonl", "epoch")]
+# 3 epochs of 6 steps; dropout draws from the generators a resume must restore.
+RUN = [*TINY, "--epochs", "3", "--dropout", "0.1", "--t_0", "0.5"]
 
 
 # -- a real train.py process stopped by SIGTERM or killed with SIGKILL -----------------
-def start(out: Path, name: str, *extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", *REAL, "--out-dir", str(out),
-                             "--save-weights", name, *extra], cwd=ROOT,
+def start(out: Path, name: str, *extra, pause_at: int = 0) -> subprocess.Popen:
+    """train.py's main in its own process, paused before step `pause_at` until signalled."""
+    return subprocess.Popen([sys.executable, "tests/train_paused.py", str(pause_at), str(out / f"{name}.paused"),
+                             *RUN, "--out-dir", str(out), "--name", name, *extra], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def run_to_end(out: Path, name: str, *extra) -> None:
     p = start(out, name, *extra)
-    _, err = p.communicate(timeout=120)
+    _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
 
 
@@ -65,33 +45,37 @@ def uninterrupted(tmp_path_factory) -> dict:
     return final_state(out / "whole")
 
 
-def signal_in_epoch_2(out: Path, name: str, signum: int) -> subprocess.Popen:
-    p = start(out, name)
-    metrics = out / name / "metrics.jsonl"
-    deadline = time.time() + 60
-    while not (metrics.exists() and 1 in epochs_logged(out / name)):
-        assert p.poll() is None and time.time() < deadline, "the run ended before epoch 2"
+def signal_at_step(out: Path, name: str, signum: int, step: int) -> subprocess.Popen:
+    """Start a run and send `signum` once it is about to take training step `step` (it waits
+    there for the signal), so the signal lands at a known point, however fast the machine."""
+    p = start(out, name, pause_at=step)
+    marker = out / f"{name}.paused"
+    deadline = time.time() + 600
+    while not marker.exists():
+        assert p.poll() is None and time.time() < deadline, f"the run never reached step {step}"
         time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 0.6))  # somewhere in epoch 2
     p.send_signal(signum)
-    p.communicate(timeout=60)
+    p.communicate(timeout=600)
     return p
 
 
 def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, uninterrupted):
-    p = signal_in_epoch_2(tmp_path, "cut", signal.SIGTERM)
+    p = signal_at_step(tmp_path, "cut", signal.SIGTERM, step=9)  # epoch 2, its third step
     assert p.returncode == 128 + signal.SIGTERM, "a stop by signal says so in the exit code"
     stopped = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    assert stopped["step"] < 30
+    # Stopped right after the step it was signalled in: 9 steps, 3 of them in epoch 2.
+    assert (stopped["epoch"], stopped["step"], stopped["position"]["batch"]) == (1, 9, 3)
+    assert epochs_logged(tmp_path / "cut") == [1]
     run_to_end(tmp_path, "cut", "--resume")
     assert same_state(final_state(tmp_path / "cut"), uninterrupted)
     assert epochs_logged(tmp_path / "cut") == [1, 2, 3]
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, uninterrupted):
-    p = signal_in_epoch_2(tmp_path, "killed", signal.SIGKILL)
+    p = signal_at_step(tmp_path, "killed", signal.SIGKILL, step=9)
     assert p.returncode == -signal.SIGKILL
-    torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)  # still loadable
+    killed = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)  # still loadable
+    assert (killed["epoch"], killed["step"], killed["position"]) == (1, 6, None)  # epoch 1's
     run_to_end(tmp_path, "killed", "--resume")
     assert same_state(final_state(tmp_path / "killed"), uninterrupted)
     assert epochs_logged(tmp_path / "killed") == [1, 2, 3]
@@ -99,7 +83,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, uninterrupted):
 
 # -- in process: a stop at an exact step, torn metrics, divergence ---------------------
 def test_stop_inside_an_epoch_resumes_inside_it(tmp_path, monkeypatch, capsys):
-    train.main([*TINY, "--out-dir", str(tmp_path), "--save-weights", "whole"])
+    train.main([*RUN, "--out-dir", str(tmp_path), "--save-weights", "whole"])
     real_step, calls = engine.train_step, []
 
     def step_then_sigint(*args):
@@ -110,7 +94,7 @@ def test_stop_inside_an_epoch_resumes_inside_it(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(engine, "train_step", step_then_sigint)
     with pytest.raises(SystemExit) as stopped:
-        train.main([*TINY, "--out-dir", str(tmp_path), "--save-weights", "cut"])
+        train.main([*RUN, "--out-dir", str(tmp_path), "--save-weights", "cut"])
     assert stopped.value.code == 128 + signal.SIGINT
     assert "stopped by SIGINT in epoch 2 after step 8 of 18" in capsys.readouterr().err
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
@@ -119,7 +103,7 @@ def test_stop_inside_an_epoch_resumes_inside_it(tmp_path, monkeypatch, capsys):
 
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
         f.write('{"event": "epoch", "epoch": 2, "tr')  # as if killed while writing a record
-    summary = train.main([*TINY, "--out-dir", str(tmp_path), "--save-weights", "cut", "--resume"])
+    summary = train.main([*RUN, "--out-dir", str(tmp_path), "--save-weights", "cut", "--resume"])
     assert same_state(final_state(tmp_path / "cut"), final_state(tmp_path / "whole"))
     whole = read_records(tmp_path / "whole" / "metrics.jsonl", "epoch")
     cut = read_records(tmp_path / "cut" / "metrics.jsonl", "epoch")
@@ -139,7 +123,7 @@ def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, 
 
     monkeypatch.setattr(engine, "train_step", nan_from_step_10)
     with pytest.raises(SystemExit) as failed:
-        train.main([*TINY, "--out-dir", str(tmp_path), "--save-weights", "nan"])
+        train.main([*RUN, "--out-dir", str(tmp_path), "--save-weights", "nan"])
     err = capsys.readouterr().err.strip().splitlines()
     assert failed.value.code == 1 and "Traceback" not in "\n".join(err)
     assert "diverged: the loss was not finite at step 10 (epoch 2, batch 4)" in err[-1]
@@ -156,10 +140,18 @@ class RunsAShellCommand:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory) -> Path:
+    """A finished one-epoch run, trained once for the tests that each take a copy of it."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    train.main([*RUN, "--epochs", "1", "--out-dir", str(out), "--save-weights", "run"])
+    return out / "run"
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("how", ["pickle", "torch.save", "foreign", "garbage"])
-def test_hostile_or_foreign_checkpoints_are_refused_without_running_code(tmp_path, capsys, how):
-    train.main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--save-weights", "run"])
+def test_hostile_or_foreign_checkpoints_are_refused_without_running_code(tmp_path, capsys, how, one_epoch_run):
+    shutil.copytree(one_epoch_run, tmp_path / "run")
     ckpt, marker = tmp_path / "run" / "checkpoint.pt", tmp_path / "pwned"
     if how == "pickle":
         ckpt.write_bytes(pickle.dumps({"format": checkpoint.CHECKPOINT_FORMAT, "x": RunsAShellCommand(marker)}))
@@ -171,7 +163,7 @@ def test_hostile_or_foreign_checkpoints_are_refused_without_running_code(tmp_pat
         ckpt.write_bytes(os.urandom(300))
     metrics = (tmp_path / "run" / "metrics.jsonl").read_bytes()
     with pytest.raises(SystemExit) as refused:
-        train.main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--save-weights", "run", "--resume"])
+        train.main([*RUN, "--epochs", "1", "--out-dir", str(tmp_path), "--save-weights", "run", "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
     assert refused.value.code == 1 and "Traceback" not in "\n".join(err)
     assert str(ckpt) in err[-1] and ("not a loadable" in err[-1] or "not a FreezeOut checkpoint" in err[-1])
@@ -181,9 +173,9 @@ def test_hostile_or_foreign_checkpoints_are_refused_without_running_code(tmp_pat
 
 @pytest.mark.parametrize("flag,value,saved", [("--depth", "16", "10"), ("--dataset", "cifar10", "synthetic"),
                                               ("--model", "densenet", None), ("--t_0", "0.8", "0.5")])
-def test_resume_with_contradicting_settings_is_refused(tmp_path, capsys, flag, value, saved):
-    train.main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--save-weights", "run"])
-    argv = [*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--save-weights", "run", "--resume"]
+def test_resume_with_contradicting_settings_is_refused(tmp_path, capsys, flag, value, saved, one_epoch_run):
+    shutil.copytree(one_epoch_run, tmp_path / "run")
+    argv = [*RUN, "--epochs", "1", "--out-dir", str(tmp_path), "--save-weights", "run", "--resume"]
     i = argv.index(flag) if flag in argv else None
     argv = argv[:i] + argv[i + 2:] if i is not None else argv
     argv += [flag, value]
@@ -194,3 +186,66 @@ def test_resume_with_contradicting_settings_is_refused(tmp_path, capsys, flag, v
     with pytest.raises(SystemExit):
         train.main(argv)
     assert f"--{flag[2:]} {value} contradicts the saved run's" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# -- what --resume may change, and a crash in the middle of writing a checkpoint -------------
+TWO = [*RUN, "--epochs", "2", "--loader", "torchvision"]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("two_epochs")
+    train.main([*TWO, "--out-dir", str(out), "--name", "whole"])
+    return final_state(out / "whole")
+
+
+def stop_after_first_checkpoint(monkeypatch, out: Path, *extra) -> None:
+    real_save, saves = train.save_checkpoint, []
+
+    def save_then_die(*args):
+        real_save(*args)
+        saves.append(1)
+        raise KeyboardInterrupt  # as if stopped right after epoch 1's checkpoint
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(SystemExit):
+        train.main([*TWO, "--out-dir", str(out), "--name", "cut", *extra])
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert len(saves) == 1
+
+
+def test_resume_may_change_the_device_and_the_workers(tmp_path, monkeypatch, two_epochs):
+    stop_after_first_checkpoint(monkeypatch, tmp_path, "--workers", "0")
+    # Where and how fast a run goes may change on resume: the device named another way, a
+    # worker process for the torchvision loader.
+    train.main([*TWO, "--out-dir", str(tmp_path), "--name", "cut", "--resume", "--device", "auto",
+                "--workers", "1"])
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["config"]["workers"], ckpt["config"]["device"]) == (1, "cpu")
+    assert same_state(final_state(tmp_path / "cut"), two_epochs)
+    assert epochs_logged(tmp_path / "cut") == [1, 2]
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_last_one_and_resume_continues(tmp_path, monkeypatch,
+                                                                                     two_epochs):
+    real_save, saves = torch.save, []
+
+    def dies_in_the_second_save(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # epoch 2's checkpoint: killed half-way through writing it
+            f.write(b"PK\x03\x04 half a zip")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dies_in_the_second_save)
+    with pytest.raises(SystemExit) as crashed:
+        train.main([*TWO, "--out-dir", str(tmp_path), "--name", "cut"])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert crashed.value.code == 130
+    run_dir = tmp_path / "cut"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "checkpoint.pt.tmp", "metrics.jsonl"]
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1  # epoch 1's, whole
+    train.main([*TWO, "--out-dir", str(tmp_path), "--name", "cut", "--resume"])
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+    assert same_state(final_state(run_dir), two_epochs)
+    assert epochs_logged(run_dir) == [1, 2]

@@ -6,9 +6,9 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-import plot
 import reproduce
 import train
+from conftest import POWERS, KeptFigures, closed_form_lr
 from metrics_logger import MetricsLogger, read_records
 from utils import calc_speedup
 
@@ -22,6 +22,7 @@ def is_png(path: Path) -> bool:
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[0] > 200 and image.shape[1] > 200
 
 
+@pytest.mark.slow
 def test_grid_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, monkeypatch, capsys):
     out = tmp_path / "rep"
     real_save, saves = train.save_checkpoint, []
@@ -67,7 +68,7 @@ def fabricate(out: Path, job: reproduce.Job, t_0: float, time_s: float, val: flo
         log.log("summary", train_time_s=time_s, val_err=val, test_err=test)
 
 
-def test_table_numbers_from_fabricated_runs(tmp_path):
+def test_table_numbers_from_fabricated_runs(tmp_path, monkeypatch):
     out = tmp_path
     jobs = [reproduce.Job(None, 1.0, 0), reproduce.Job(None, 1.0, 1),
             reproduce.Job("cubic-scaled", 0.5, 0), reproduce.Job("cubic-scaled", 0.5, 1),
@@ -96,13 +97,35 @@ def test_table_numbers_from_fabricated_runs(tmp_path):
     assert "| cubic-scaled | 0.5 | 10.0% | 12.0% | 28.6% | 75.0 | 12.00 ± 1.41 | +1.00 | 12.00 ± 0.00 | +0.00 |" in md
     assert md.count("\n| baseline |") == 1
 
+    kept = KeptFigures(reproduce.pyplot())
+    monkeypatch.setattr(reproduce, "pyplot", lambda: kept)
     for plot_fn, name in [(reproduce.plot_error_vs_speedup, "speed.png"), (reproduce.plot_error_vs_time, "time.png")]:
         plot_fn(rows, out / name)
         assert is_png(out / name)
     reproduce.plot_lr_schedules(13, 0.5, out / "lr.png")
     assert is_png(out / "lr.png")
+    speed, time, lr = kept.figures
+    # Error against speedup: the cubic strategy's point at its estimate and its measured speedup.
+    estimated, measured = speed.axes[:2]
+    points = {ax: [(list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata())) for c in ax.containers]
+              for ax in (estimated, measured)}
+    assert points[estimated] == [([10.0], [12.0])]  # the paper's estimate 0.1, validation error 12
+    assert points[measured] == [([pytest.approx(100 * (1 - 75 / 105))], [12.0])]
+    # Error against time: the first seed of the baseline and of the best cubic run, epoch by epoch.
+    curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in time.axes[0].lines}
+    assert curves == {"baseline": ([50 / 60, 100 / 60], [20.0, 10.0]),
+                      "cubic-scaled t_0=0.5": ([35 / 60, 70 / 60], [21.0, 11.0])}
+    # The paper's Figure 1: every unit's schedule for the four strategies, over 400 steps.
+    assert [ax.get_title() for ax in lr.axes[:4]] == [f"{name}, t_0 = 0.5" for name in reproduce.STRATEGIES]
+    for ax, (how, scaled) in zip(lr.axes[:4], reproduce.STRATEGIES.values()):
+        assert len(ax.lines) == 13
+        for i, line in enumerate(ax.lines):
+            assert list(line.get_xdata()) == [k / 400 for k in range(401)]
+            assert list(line.get_ydata()) == [closed_form_lr(k, i, 13, 400, 0.5, POWERS[how], scaled)
+                                              for k in range(401)]
 
 
+@pytest.mark.slow
 def test_target_speedups_solve_t0_per_strategy(tmp_path):
     settings = reproduce.resolve_settings(reproduce.build_parser().parse_args(
         ["--target-speedups", "0.2", "--strategies", "linear-unscaled"]))
@@ -117,17 +140,6 @@ def test_target_speedups_solve_t0_per_strategy(tmp_path):
     config = read_records(tmp_path / "target" / "metrics.jsonl", "config")[0]
     assert abs(calc_speedup(12, 12, config["t_0"], "cubic") - 0.25) < 0.002
     assert config["target_speedup"] == 0.25
-
-
-def test_plot_py_draws_a_run(tmp_path, capsys):
-    train.main(["--dataset", "synthetic", "--which_dataset", "10", "--subset", "64", "-L", "10", "-k", "4",
-                "--batch_size", "16", "--epochs", "2", "--device", "cpu", "--out-dir", str(tmp_path),
-                "--save-weights", "run"])
-    paths = plot.main([str(tmp_path / "run")])
-    assert all(is_png(p) for p in paths)
-    with pytest.raises(SystemExit) as bad:
-        plot.main([str(tmp_path / "nothing")])
-    assert bad.value.code == 2 and "holds no metrics.jsonl" in capsys.readouterr().err
 
 
 def test_bad_grid_flags_are_refused(tmp_path, capsys):

@@ -1,40 +1,43 @@
-"""train.py end to end on the synthetic set: records, checkpoint, resume, bad input."""
+"""train.py end to end on the synthetic set: records checked against the paper's formulas,
+errors recomputed from the checkpoint, evaluation modes, augmentation and speed switches seen
+inside the step, estimates against hand counts, resume, bad input."""
 import math
 import subprocess
 import sys
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision.datasets.cifar as tv_cifar
 
+import loaders
 import train
+from conftest import (PLAIN_L13_K4_FORWARD, ROOT, TINY, TINY_PARAMS, TINY_STEPS_PER_EPOCH, TINY_UNITS,
+                      closed_form_frozen_at, closed_form_lrs, continuous_speedup, counted_step_flops,
+                      error_of, run_train, same_state, spy_on_step, stepped_speedup)
 from densenet import DenseNet
 from metrics_logger import read_records
 from models import build_model
-from freezeout import unit_times
-from utils import calc_speedup, schedule_speedup, training_flops_by_level, unit_flops
-
-ROOT = Path(__file__).resolve().parents[1]
-# L=10, k=4: one layer per block, 7 units; 96 images in batches of 16: 6 steps per epoch.
-TINY = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "96", "-L", "10", "-k", "4",
-        "--batch_size", "16", "--device", "cpu"]
+from utils import calc_speedup, load_splits
 
 
-def run_train(tmp_path, *extra, name="run"):
-    return train.main([*TINY, "--out-dir", str(tmp_path), "--save-weights", name, *extra])
+def tiny_splits(eval_mode="val"):
+    """The splits the tiny run trains and evaluates on."""
+    return load_splits("synthetic", eval_mode=eval_mode, subset=96, num_classes=10, seed=0)
 
 
-def expected_lrs(step, total, t_0, power, scaled, n_units=7, base=0.1):
-    lrs = []
-    for i in range(n_units):
-        t_i = (t_0 + (1 - t_0) * i / (n_units - 1)) ** power
-        alpha = base / t_i if scaled else base
-        lrs.append(0.0 if step >= t_i * total else 0.5 * alpha * (1 + math.cos(math.pi * step / (t_i * total))))
-    return lrs
+def final_model(run_dir, make=lambda: DenseNet(10, 4, 10)):
+    model = make()
+    model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"])
+    return model
 
 
+def whole_count(err: float, n: int) -> bool:
+    """err is 100 * wrong / n for a whole number of wrong answers."""
+    return abs(err * n / 100 - round(err * n / 100)) < 1e-9
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,t_0,power,scaled", [
     ([], 0.8, 3, True),
     (["--t_0", "0.3", "--how_scale", "linear", "--no_scale"], 0.3, 1, False)])
@@ -45,32 +48,41 @@ def test_run_writes_config_epochs_summary_and_checkpoint(tmp_path, flags, t_0, p
     assert [r["event"] for r in records] == ["config", "epoch", "epoch", "epoch", "summary"]
     config = records[0]
     total = 18
-    assert (config["params"], config["n_units"], config["total_steps"]) == (
-        sum(p.numel() for p in DenseNet(10, 4, 10).parameters()), 7, total)
-    assert config["t_0"] == t_0 and config["steps_per_epoch"] == 6 and config["num_classes"] == 10
+    assert (config["params"], config["n_units"], config["total_steps"]) == (TINY_PARAMS, TINY_UNITS, total)
+    assert config["t_0"] == t_0 and config["steps_per_epoch"] == TINY_STEPS_PER_EPOCH
+    assert config["num_classes"] == 10 and config["train_images"] == 96
+    # calc_speedup's second argument: layers per dense block, (10 - 4) / 6 = 1.
     assert config["estimated_speedup"] == calc_speedup(4, 1, t_0, "cubic" if power == 3 else "linear")
-    assert config["host"]["cpu_threads"] >= 1 and config["device"] == "cpu"
-    t = [(t_0 + (1 - t_0) * i / 6) ** power for i in range(7)]
+    assert config["host"]["cpu_threads"] == torch.get_num_threads() and config["device"] == "cpu"
+    assert config["t_i"] == [(t_0 + (1 - t_0) * i / 6) ** power for i in range(7)]
+    t = config["t_i"]
     for e, record in enumerate(records[1:4], 1):
         step = 6 * e
         assert record["epoch"] == e and record["step"] == step
-        assert record["lr"] == expected_lrs(step, total, t_0, power, scaled)  # exactly
+        assert record["lr"] == closed_form_lrs(step, 7, total, t_0, power, scaled)  # exactly
         frozen = sum(t_i * total <= min(step, total - 1) for t_i in t)
         assert (record["frozen_units"], record["active_units"]) == (frozen, 7 - frozen)
-        assert 0 <= record["val_err"] <= 100 and record["train_time_s"] > 0 and record["images_per_s"] > 0
+        assert whole_count(record["val_err"], 96)  # wrong answers out of the 96 validation images
+        assert record["images_per_s"] == pytest.approx(96 / record["train_time_s"], rel=1e-9)
     assert records[3]["lr"] == [0.0] * 7
     assert summary == records[-1]
-    assert summary["frozen_at"] == [next((k for k in range(total) if k >= t_i * total), None) for t_i in t]
-    assert 0 <= summary["test_err"] <= 100 and summary["steps"] == total
+    assert summary["frozen_at"] == closed_form_frozen_at(7, total, t_0, power) and summary["steps"] == total
+
+    # The last evaluation and the test error, recomputed from the final weights.
+    splits = tiny_splits()
+    model = final_model(run_dir)
+    val_err = error_of(model, splits.eval.images, splits.eval.labels, splits.mean, splits.std, 16)
+    test_err = error_of(model, splits.test.images, splits.test.labels, splits.mean, splits.std, 16)
+    assert records[3]["val_err"] == pytest.approx(val_err, abs=1e-9) and summary["val_err"] == records[3]["val_err"]
+    assert summary["test_err"] == pytest.approx(test_err, abs=1e-9)
 
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (3, total)
-    model = DenseNet(10, 4, 10)
-    model.load_state_dict(ckpt["model"])
     assert ckpt["scheduler"]["frozen_at"] == summary["frozen_at"]
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     args = ["--epochs", "3", "--t_0", "0.5", "--dropout", "0.1"]
     run_train(tmp_path, *args, name="whole")
@@ -86,21 +98,20 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, mon
     monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(SystemExit) as stopped:
         run_train(tmp_path, *args, name="cut")
-    assert stopped.value.code != 0
+    assert stopped.value.code == 130
     assert [r["epoch"] for r in read_records(tmp_path / "cut" / "metrics.jsonl", "epoch")] == [1]
+    torch.manual_seed(12345)  # the resumed run must take its generators from the checkpoint
     summary = run_train(tmp_path, *args, "--resume", name="cut")
 
     whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    for part in ("model", "scheduler"):
-        a, b = whole[part], cut[part]
-        assert a.keys() == b.keys()
-        for key in a:
-            assert (torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]), key
+    for part in ("model", "optimizer", "scheduler"):
+        assert same_state(whole[part], cut[part]), part
     assert [r["epoch"] for r in read_records(tmp_path / "cut" / "metrics.jsonl", "epoch")] == [1, 2, 3]
     assert summary["test_err"] == read_records(tmp_path / "whole" / "metrics.jsonl", "summary")[0]["test_err"]
 
 
+@pytest.mark.slow
 def test_const_time_baseline_and_target_speedup(tmp_path):
     run_train(tmp_path, "--epochs", "2", "--const_time", name="const")
     config = read_records(tmp_path / "const" / "metrics.jsonl", "config")[0]
@@ -115,54 +126,132 @@ def test_const_time_baseline_and_target_speedup(tmp_path):
     assert calc_speedup(4, 1, config["t_0"], "cubic") == pytest.approx(0.25, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_models_without_the_papers_estimate_use_the_flop_estimate(tmp_path):
-    # Plain DenseNet (no bottleneck): --const_time and --target-speedup use FLOPs.
+    # Plain DenseNet (no bottleneck): --const_time and --target-speedup use FLOPs, here against
+    # the hand-counted per-unit FLOPs and the whole model counted at every freeze level.
     flags = ["--no-bottleneck", "-L", "13", "--epochs", "2"]
     run_train(tmp_path, *flags, "--const_time", name="const")
     config = read_records(tmp_path / "const" / "metrics.jsonl", "config")[0]
-    model = DenseNet(13, 4, 10, bottleneck=False)
-    units = model.freeze_units()
-    levels = training_flops_by_level(unit_flops(model, units, (2, 3, 32, 32)))
-    flop = schedule_speedup(levels, unit_times(len(units), 0.8, "cubic"))  # continuous limit
-    assert config["paper_speedup"] is None and config["epochs"] == math.ceil(2 / (1 - flop))
-    assert config["flop_speedup"] == schedule_speedup(levels, config["t_i"], config["total_steps"])
-    assert config["estimated_speedup"] == config["flop_speedup"] > 0
+    assert [u["forward"] for u in config["unit_flops"]] == [2 * f for f in PLAIN_L13_K4_FORWARD]
+    levels = counted_step_flops(DenseNet(13, 4, 10, bottleneck=False), (2, 3, 32, 32))
+    continuous = continuous_speedup(levels, 13, 0.8, 3)
+    assert config["paper_speedup"] is None and config["epochs"] == math.ceil(2 / (1 - continuous)) == 3
+    assert config["flop_speedup"] == pytest.approx(stepped_speedup(levels, 13, config["total_steps"], 0.8, 3),
+                                                   rel=1e-12)
+    assert config["total_steps"] == 18 and config["estimated_speedup"] == config["flop_speedup"]
 
     run_train(tmp_path, *flags, "--target-speedup", "0.2", name="target")
     config = read_records(tmp_path / "target" / "metrics.jsonl", "config")[0]
-    assert schedule_speedup(levels, unit_times(len(units), config["t_0"], "cubic")) == \
-        pytest.approx(0.2, abs=1e-9)
+    assert continuous_speedup(levels, 13, config["t_0"], 3) == pytest.approx(0.2, abs=1e-9)
 
 
-@pytest.mark.parametrize("extra", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16"],
-                                   ["--loader", "torchvision"]])
-def test_speed_switches_train_and_freeze_on_cpu(tmp_path, extra):
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,dtype,channels_last", [
+    (["--amp", "bf16", "--channels-last"], torch.bfloat16, True),
+    (["--amp", "fp16"], torch.float16, False),
+    (["--loader", "torchvision"], torch.float32, False)])
+def test_speed_switches_train_and_freeze_on_cpu(tmp_path, monkeypatch, extra, dtype, channels_last):
     # fp16 runs with a GradScaler; while units freeze it must keep stepping the active ones.
+    seen = spy_on_step(monkeypatch)
+    made = []
+    real_make = train.make_loaders
+    monkeypatch.setattr(train, "make_loaders", lambda *a, **k: made.append(real_make(*a, **k)) or made[-1])
     summary = run_train(tmp_path, "--epochs", "2", "--t_0", "0.3", *extra)
     config = read_records(tmp_path / "run" / "metrics.jsonl", "config")[0]
-    if extra[0] == "--amp":
-        assert config["amp_effective"] == extra[1] and config["loader_used"] == "tensor"
-    else:
-        assert config["loader_used"] == "torchvision"
+    fp16 = extra == ["--amp", "fp16"]
+    # Inside every one of the 12 steps: the precision computed in, the layout, the scaler.
+    assert len(seen) == 12
+    assert all((r["logits"], r["loss"], r["channels_last"], r["scaler"]) == (dtype, torch.float32, channels_last, fp16)
+               for r in seen)
+    kind = loaders.TorchvisionLoader if "torchvision" in extra else loaders.TensorLoader
+    assert all(isinstance(loader, kind) for loader in made[0] if loader is not None)
+    assert config["loader_used"] == ("torchvision" if "torchvision" in extra else "tensor")
+    assert config["amp_effective"] == (extra[1] if extra[0] == "--amp" else "off")
     epochs = read_records(tmp_path / "run" / "metrics.jsonl", "epoch")
     assert all(math.isfinite(e["train_loss"]) for e in epochs)
-    assert summary["frozen_at"][0] is not None and summary["frozen_at"][-1] is None
+    assert summary["frozen_at"] == closed_form_frozen_at(7, 12, 0.3, 3)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    if extra[1] == "fp16":
-        assert ckpt["scaler"]["scale"] > 0  # the scaler's state travels with the checkpoint
+    model = final_model(tmp_path / "run")
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in model.state_dict().items())
+    if fp16:  # the scaler's state travels with the checkpoint
+        assert ckpt["scaler"]["scale"] == 65536.0 and ckpt["scaler"]["_growth_tracker"] == 12
 
 
-@pytest.mark.parametrize("model,depth,k,expected", [
-    ("wrn", "10", "1", "WRN-10-1"), ("vgg", "11", None, "VGG-11")])
-def test_other_architectures_train_with_the_flop_estimate(tmp_path, capsys, model, depth, k, expected):
+@pytest.mark.slow
+@pytest.mark.parametrize("model,depth,k,expected,params,units", [
+    ("wrn", "10", "1", "WRN-10-1", 77_850, 5), ("vgg", "11", None, "VGG-11", 9_756_426, 9)])
+def test_other_architectures_train_with_the_flop_estimate(tmp_path, capsys, model, depth, k, expected, params,
+                                                          units):
     argv = ["--model", model, "-L", depth, *(["-k", k] if k else []), "--epochs", "1", "--dropout", "0.2"]
     run_train(tmp_path, *argv)
     config = read_records(tmp_path / "run" / "metrics.jsonl", "config")[0]
-    built = build_model(config["model"], config["depth"], config["growth_rate"], config["num_classes"])
-    assert config["params"] == sum(p.numel() for p in built.parameters())
-    assert config["paper_speedup"] is None and 0 < config["flop_speedup"] == config["estimated_speedup"]
-    assert config["n_units"] == len(built.freeze_units()) and config["dropout"] == 0.2
-    assert expected in capsys.readouterr().out
+    assert (config["params"], config["n_units"]) == (params, units)  # counted by hand in test_models.py
+    # The FLOP estimate over the run's 6 steps, against the whole model counted at every level.
+    counted = counted_step_flops(build_model(model, int(depth), int(k) if k else None, 10), (2, 3, 32, 32))
+    assert config["flop_speedup"] == pytest.approx(stepped_speedup(counted, units, 6, 0.8, 3), rel=1e-12)
+    assert config["paper_speedup"] is None and config["flop_speedup"] == config["estimated_speedup"] > 0
+    assert config["dropout"] == 0.2 and expected in capsys.readouterr().out
+
+
+# -- evaluation modes and augmentation: one short epoch each (still end-to-end: slow) ---------
+def count_evaluations(monkeypatch) -> list:
+    real, calls = train.evaluate, []
+
+    def counted(training, loader):
+        result = real(training, loader)
+        calls.append((loader, result))
+        return result
+
+    monkeypatch.setattr(train, "evaluate", counted)
+    return calls
+
+
+@pytest.mark.slow
+def test_validate_test_reuses_the_last_evaluation_as_the_test_result(tmp_path, monkeypatch):
+    calls = count_evaluations(monkeypatch)
+    summary = run_train(tmp_path, "--epochs", "1", "--validate-test")
+    epoch = read_records(tmp_path / "run" / "metrics.jsonl", "epoch")[0]
+    assert len(calls) == 1  # one evaluation: the epoch's, on the test set, reused
+    assert (summary["test_loss"], summary["test_err"]) == (epoch["val_loss"], epoch["val_err"]) == calls[0][1]
+    assert summary["val_err"] is None
+    splits = tiny_splits("test")
+    assert epoch["val_err"] == pytest.approx(error_of(final_model(tmp_path / "run"), splits.test.images,
+                                                      splits.test.labels, splits.mean, splits.std, 16), abs=1e-9)
+
+
+@pytest.mark.slow
+def test_no_validate_evaluates_only_the_test_set_at_the_end(tmp_path, monkeypatch, capsys):
+    calls = count_evaluations(monkeypatch)
+    summary = run_train(tmp_path, "--epochs", "1", "--no-validate")
+    config = read_records(tmp_path / "run" / "metrics.jsonl", "config")[0]
+    epoch = read_records(tmp_path / "run" / "metrics.jsonl", "epoch")[0]
+    assert config["eval_mode"] == "none"
+    assert not {"val_err", "val_loss", "eval_time_s"} & epoch.keys() and summary["val_err"] is None
+    assert len(calls) == 1 and (summary["test_loss"], summary["test_err"]) == calls[0][1]
+    splits = tiny_splits("none")
+    assert summary["test_err"] == pytest.approx(error_of(final_model(tmp_path / "run"), splits.test.images,
+                                                         splits.test.labels, splits.mean, splits.std, 16), abs=1e-9)
+    assert "96 train;" in capsys.readouterr().out  # no per-epoch evaluation set
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("augment", [False, True])
+def test_no_augment_trains_on_the_images_as_they_are(tmp_path, monkeypatch, augment):
+    seen = spy_on_step(monkeypatch)
+    run_train(tmp_path, "--epochs", "1", *([] if augment else ["--no-augment"]))
+    config = read_records(tmp_path / "run" / "metrics.jsonl", "config")[0]
+    assert config["augment"] is augment
+    splits = tiny_splits()
+    m = torch.tensor(splits.mean).view(1, 3, 1, 1) * 255
+    s = torch.tensor(splits.std).view(1, 3, 1, 1) * 255
+    images = (splits.train.images.float() - m) / s
+    batch = seen[0]["x"]
+    as_they_are = [any(torch.equal(x, image) for image in images) for x in batch]
+    if augment:  # cropped and flipped: (almost) none is a training image as it is
+        assert sum(as_they_are) < len(batch) // 2
+    else:
+        assert all(as_they_are) and len(seen) == 6
 
 
 def test_each_architecture_has_the_papers_defaults():
@@ -218,6 +307,7 @@ def test_cuda_without_a_gpu(tmp_path, capsys):
     fails(capsys, ["--device", "cuda", "--out-dir", str(tmp_path)], "--device cuda: no CUDA GPU", code=2)
 
 
+@pytest.mark.slow
 def test_bad_paths_and_run_directories(tmp_path, capsys, monkeypatch):
     out = ["--out-dir", str(tmp_path)]
     a_file = tmp_path / "file"
@@ -240,6 +330,7 @@ def test_bad_paths_and_run_directories(tmp_path, capsys, monkeypatch):
     assert a_file.read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_command_line_errors_and_help(tmp_path):
     bad = subprocess.run([sys.executable, "train.py", "--t_0", "0", "--out-dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True)

@@ -1,4 +1,5 @@
-"""The paper's estimate, CIFAR in its real on-disk layout, splits, the synthetic set, loaders."""
+"""utils.py's data sets: CIFAR in its real on-disk layout, the paper's splits and their sizes,
+the synthetic set, steps per epoch. (The estimates: tests/test_estimates.py.)"""
 import os
 import pickle
 import urllib.error
@@ -8,35 +9,9 @@ import pytest
 import torch
 import torchvision.datasets.cifar as tv_cifar
 
-from engine import resolve_device, seed_everything
-from loaders import TorchvisionLoader
-from utils import DataError, calc_speedup, load_cifar, load_splits, solve_t_0, synthetic_images
-
-
-# -- the paper's estimate ---------------------------------------------------------------
-@pytest.mark.parametrize("t_0,how,value", [
-    (0.8, "cubic", 0.177813), (0.8, "linear", 0.089955), (0.8, "squared", 0.127914),
-    (0.5, "cubic", 0.348430), (0.5, "linear", 0.224888), (1.0, "cubic", 0.0), (1.0, "linear", 0.0)])
-def test_calc_speedup_matches_the_paper(t_0, how, value):
-    assert round(calc_speedup(12, 12, t_0, how), 6) == pytest.approx(value, abs=1e-12)
-
-
-def test_calc_speedup_refuses_bad_strategy_and_t_0():
-    with pytest.raises(ValueError, match="how_scale"):
-        calc_speedup(12, 12, 0.8, "quadratic")
-    with pytest.raises(ValueError, match="t_0"):
-        calc_speedup(12, 12, 0.0, "cubic")
-
-
-@pytest.mark.parametrize("how", ["linear", "cubic"])
-def test_solve_t_0_inverts_the_estimate(how):
-    estimate = lambda t: calc_speedup(12, 12, t, how)  # noqa: E731
-    for target in (0.05, 0.1777, 0.25):
-        t_0 = solve_t_0(target, estimate)
-        assert 0 < t_0 <= 1 and estimate(t_0) == pytest.approx(target, abs=1e-9)
-    assert solve_t_0(0.0, estimate) == 1.0
-    with pytest.raises(ValueError, match="no t_0 in"):
-        solve_t_0(0.9, estimate)
+import utils
+from utils import (DataError, ImageSet, load_cifar, load_splits, split_sizes, steps_per_epoch,
+                   synthetic_images)
 
 
 # -- CIFAR from files in the real layout ------------------------------------------------
@@ -156,36 +131,53 @@ def test_synthetic_classes_are_learnable_by_a_linear_probe():
     assert accuracy > 0.3
 
 
-# -- loaders, seeding, devices ----------------------------------------------------------
-def test_loaders_augment_training_and_keep_evaluation_whole():
-    s = load_splits("synthetic", subset=130, num_classes=10)
-    train = TorchvisionLoader(s.train, s.mean, s.std, batch_size=32, train=True, seed=0)
-    batches = list(train)
-    assert len(batches) == 4 and all(x.shape == (32, 3, 32, 32) for x, _ in batches)  # drop_last
-    x = torch.cat([b[0] for b in batches])
-    assert x.dtype == torch.float32 and abs(x.mean()) < 0.5 and 0.5 < x.std() < 1.5
-    evaluation = TorchvisionLoader(s.eval, s.mean, s.std, batch_size=32, train=False)
-    xs, ys = zip(*evaluation)
-    assert torch.equal(torch.cat(ys), s.eval.labels)  # every image, in order
-    expected = (s.eval.images.float() / 255 - torch.tensor(s.mean)[:, None, None]) \
-        / torch.tensor(s.std)[:, None, None]
-    assert torch.allclose(torch.cat(xs), expected, atol=1e-5)
+# -- the splits' sizes, as train.py checks them before loading anything --------------------
+def test_split_sizes_are_the_papers():
+    assert split_sizes("val") == (45_000, 5_000, 10_000)
+    assert split_sizes("test") == (50_000, 10_000, 10_000)
+    assert split_sizes("none") == (50_000, 0, 10_000)
+    assert split_sizes("val", 6_000) == (6_000, 5_000, 6_000)
+    assert split_sizes("test", 64) == (64, 64, 64)
+    assert split_sizes("none", 20_000) == (20_000, 0, 10_000)
 
 
-def test_seed_everything_seeds_every_generator():
-    import random
-    import numpy as np
+@pytest.fixture
+def cheap_synthetic(monkeypatch):
+    """synthetic_images without the pixels: blank images of the asked length, and every
+    (part, start, stop) asked for; the split logic is what is under test."""
+    asked = []
 
-    def draw():
-        seed_everything(7)
-        return random.random(), np.random.rand(), torch.rand(1).item()
+    def blank(part, start, stop, num_classes=100, seed=0):
+        asked.append((part, start, stop))
+        n = stop - start
+        return ImageSet(torch.zeros((), dtype=torch.uint8).expand(n, 3, 32, 32),
+                        torch.zeros(n, dtype=torch.int64))
 
-    assert draw() == draw()
+    monkeypatch.setattr(utils, "synthetic_images", blank)
+    monkeypatch.setattr(utils, "_channel_stats", lambda images: ((0.5,) * 3, (0.25,) * 3))
+    return asked
 
 
-def test_resolve_device():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="--device cuda: no CUDA GPU"):
-            resolve_device("cuda")
+@pytest.mark.parametrize("eval_mode", ["val", "test", "none"])
+@pytest.mark.parametrize("subset", [None, 1, 999, 5_000, 6_000, 47_000])
+def test_split_sizes_are_what_load_splits_gives(cheap_synthetic, eval_mode, subset):
+    s = load_splits("synthetic", eval_mode=eval_mode, subset=subset, num_classes=10)
+    sizes = (len(s.train), 0 if s.eval is None else len(s.eval), len(s.test))
+    assert split_sizes(eval_mode, subset) == sizes
+    cap = (lambda n: n) if subset is None else (lambda n: min(n, subset))
+    # The images asked for: the training set's first images; the last 5,000 of the 50,000 as
+    # the validation set; the test set's first images.
+    expected = {"val": [("train", 0, cap(45_000)), ("train", 45_000, 45_000 + cap(5_000)), ("test", 0, cap(10_000))],
+                "test": [("train", 0, cap(50_000)), ("test", 0, cap(10_000))],
+                "none": [("train", 0, cap(50_000)), ("test", 0, cap(10_000))]}[eval_mode]
+    assert cheap_synthetic == expected
+    assert (s.eval is s.test) == (eval_mode == "test")
+
+
+def test_steps_per_epoch_drop_the_last_partial_batch():
+    assert steps_per_epoch(45_000, 50) == 900 and steps_per_epoch(96, 16) == 6 and steps_per_epoch(97, 16) == 6
+    assert steps_per_epoch(95, 16) == 5
+    assert steps_per_epoch(128, 32, world_size=2) == 4  # 64 images a rank, 16 a batch
+    assert steps_per_epoch(130, 32, world_size=2) == 4
+    with pytest.raises(ValueError, match="--batch_size 50 is larger than the training set"):
+        steps_per_epoch(49, 50)

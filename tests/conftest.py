@@ -1,0 +1,183 @@
+"""What the test files share, defined once: the schedule written out from the paper (never
+through freezeout.py), the tiny train.py run, state comparisons, and FLOPs counted on the whole
+model (never through utils.py's estimate)."""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+POWERS = {"linear": 1, "squared": 2, "cubic": 3}
+
+
+# -- the schedule, from the paper's formulas -------------------------------------------------
+def closed_form_t(i: int, n_units: int, t_0: float, power: int) -> float:
+    """t_i = (t_0 + (1 - t_0) * i / N) ** p, N = n_units - 1 (one unit: t = 1)."""
+    if n_units == 1:
+        return 1.0
+    return (t_0 + (1 - t_0) * i / (n_units - 1)) ** power
+
+
+def closed_form_lr(k: int, i: int, n_units: int, total: int, t_0: float, power: int = 3,
+                   scaled: bool = True, base: float = 0.1) -> float:
+    """Unit i's rate at step k: 0.5 * alpha_i * (1 + cos(pi * k / (t_i * T))) while k < t_i * T."""
+    t_i = closed_form_t(i, n_units, t_0, power)
+    if k >= t_i * total:
+        return 0.0
+    alpha = base / t_i if scaled else base
+    return 0.5 * alpha * (1 + math.cos(math.pi * k / (t_i * total)))
+
+
+def closed_form_lrs(k: int, n_units: int, total: int, t_0: float, power: int = 3,
+                    scaled: bool = True, base: float = 0.1) -> list[float]:
+    return [closed_form_lr(k, i, n_units, total, t_0, power, scaled, base) for i in range(n_units)]
+
+
+def closed_form_frozen_at(n_units: int, total: int, t_0: float, power: int = 3) -> list:
+    """The first step k < T with k >= t_i * T, for every unit (None: it never froze)."""
+    return [next((k for k in range(total) if k >= closed_form_t(i, n_units, t_0, power) * total), None)
+            for i in range(n_units)]
+
+
+# -- the tiny train.py run ---------------------------------------------------------------------
+# DenseNet-BC L=10, k=4 on 10 synthetic classes: one layer per block, 7 units, 2,666
+# parameters (counted in tests/test_models.py). 96 images in batches of 16: 6 steps an epoch.
+TINY = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "96", "-L", "10", "-k", "4",
+        "--batch_size", "16", "--device", "cpu"]
+TINY_UNITS, TINY_STEPS_PER_EPOCH, TINY_PARAMS = 7, 6, 2_666
+
+
+def run_train(out: Path, *extra, name: str = "run") -> dict:
+    """train.main on the tiny run in this process; returns its summary record."""
+    import train
+    return train.main([*TINY, "--out-dir", str(out), "--name", name, *extra])
+
+
+def same_state(a, b) -> bool:
+    """Nested state dicts equal, tensors bit for bit and of the same dtype."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_state, a, b))
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
+def final_state(run_dir: Path) -> dict:
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    return {k: ckpt[k] for k in ("model", "optimizer", "scheduler", "scaler", "epoch", "step")}
+
+
+def epochs_logged(run_dir: Path) -> list[int]:
+    from metrics_logger import read_records
+    return [r["epoch"] for r in read_records(run_dir / "metrics.jsonl", "epoch")]
+
+
+def error_of(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std,
+             batch: int, device="cpu", memory_format=torch.contiguous_format) -> float:
+    """Percent of misclassified images, normalised as (x - 255 mean) / (255 std), in batches."""
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+    images, labels = images.to(device), labels.to(device)
+    model.eval()
+    wrong = 0
+    with torch.no_grad():
+        for start in range(0, len(labels), batch):
+            x = ((images[start:start + batch].float() - m) / s).contiguous(memory_format=memory_format)
+            wrong += int((model(x).argmax(1) != labels[start:start + batch]).sum())
+    return 100.0 * wrong / len(labels)
+
+
+# Forward FLOPs per image (2 x multiply-adds of the convolutions and the linear layer) of the
+# plain DenseNet L=13 k=4 with 10 classes, unit by unit, counted by hand: 3 layers a block,
+# a 3x3 convolution c -> 4 at 32x32, 16x16, 8x8 for c = 8, 12, 16 | 10, 14, 18 | 11, 15, 19;
+# transitions 20 -> 10 at 32x32 and 22 -> 11 at 16x16 (1x1, before the pool); stem 3 -> 8 (3x3);
+# head 23 -> 10.
+PLAIN_L13_K4_FORWARD = [
+    2 * 27 * 8 * 1024,                                                      # stem
+    *(2 * 9 * c * 4 * 1024 for c in (8, 12, 16)), 2 * 20 * 10 * 1024,       # block 1, transition
+    *(2 * 9 * c * 4 * 256 for c in (10, 14, 18)), 2 * 22 * 11 * 256,       # block 2, transition
+    *(2 * 9 * c * 4 * 64 for c in (11, 15, 19)),                            # block 3
+    2 * 23 * 10,                                                            # head
+]
+
+
+# -- FLOPs of the whole model, counted level by level ------------------------------------------
+def counted_step_flops(model: torch.nn.Module, input_shape) -> list[int]:
+    """FLOPs of one forward + backward of the whole model with its first n units frozen,
+    n = 0..N, counted by FlopCounterMode on a meta-device copy (shapes only; the model itself
+    is untouched)."""
+    from freezeout import freeze
+    model = copy.deepcopy(model).to("meta").train()
+    units = model.freeze_units()
+    levels = []
+    for n in range(len(units)):
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(tuple(input_shape), device="meta")).sum().backward()
+        levels.append(counter.get_total_flops())
+        freeze(units[n])
+    return levels
+
+
+def stepped_speedup(levels: list, n_units: int, total: int, t_0: float, power: int) -> float:
+    """1 - (cost of the T steps, each at its freeze level) / (T steps with nothing frozen),
+    stepping k = 0..T-1 and counting the units with k >= t_i * T (never the output unit)."""
+    t = [closed_form_t(i, n_units, t_0, power) for i in range(n_units)]
+    cost = sum(levels[sum(k >= t_i * total for t_i in t)] for k in range(total))
+    return 1 - cost / (total * levels[0])
+
+
+def continuous_speedup(levels: list, n_units: int, t_0: float, power: int) -> float:
+    """The same in the limit of many steps: the level with n units frozen lasts from t_{n-1}
+    to t_n of the run."""
+    t = [closed_form_t(i, n_units, t_0, power) for i in range(n_units)]
+    cost = sum((t[n] - (t[n - 1] if n else 0.0)) * levels[n] for n in range(n_units))
+    return 1 - cost / levels[0]
+
+
+# -- what the training step really computes ---------------------------------------------------
+def spy_on_step(monkeypatch) -> list[dict]:
+    """Wrap engine.train_step; for every step record the input batch, whether it is in the
+    channels-last layout, the dtype of the logits as computed inside the step, the loss's dtype
+    and whether the GradScaler is on."""
+    import engine
+    real, seen = engine.train_step, []
+
+    def spy(model, x, y, optimizer, scaler, autocast):
+        record = {"x": x, "channels_last": x.is_contiguous(memory_format=torch.channels_last)
+                  and not x.is_contiguous(), "scaler": scaler.is_enabled()}
+
+        def hook(module, args, out):
+            record["logits"] = out.dtype
+
+        handle = model.register_forward_hook(hook)
+        try:
+            loss = real(model, x, y, optimizer, scaler, autocast)
+        finally:
+            handle.remove()
+        record["loss"] = loss.dtype
+        seen.append(record)
+        return loss
+
+    monkeypatch.setattr(engine, "train_step", spy)
+    return seen
+
+
+# -- what a figure draws -----------------------------------------------------------------------
+class KeptFigures:
+    """Stands in for matplotlib.pyplot, except that closing a figure keeps it (in `figures`)
+    for the test to read what was drawn."""
+
+    def __init__(self, plt):
+        self.plt, self.figures = plt, []
+
+    def __getattr__(self, name):
+        return getattr(self.plt, name)
+
+    def close(self, fig):
+        self.figures.append(fig)

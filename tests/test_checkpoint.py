@@ -1,0 +1,131 @@
+"""checkpoint.py: what a checkpoint holds and gives back (model, optimizer, scheduler, scaler,
+every RNG), atomic saving when a save is cut short, and which flags --resume may change."""
+import argparse
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+from checkpoint import (RUNTIME_FLAGS, check_resume_flags, load_checkpoint, restore, rng_state,
+                        save_checkpoint, set_rng_state)
+from conftest import same_state
+from densenet import DenseNet
+from engine import build_training
+from utils import RunError
+
+CPU = torch.device("cpu")
+
+
+def training(seed: int, amp: str = "fp16"):
+    torch.manual_seed(seed)
+    return build_training(DenseNet(10, 4, 10, dropout=0.1), CPU, 12, lr=0.1, momentum=0.9,
+                          weight_decay=1e-4, t_0=0.3, how_scale="linear", scale_lr=True, amp=amp)
+
+
+def steps(t, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    t.model.train()
+    for _ in range(n):
+        x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+        t.step(x, y)
+        t.scheduler.step()
+
+
+def draws():
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def test_a_checkpoint_gives_back_every_state_and_every_generator(tmp_path):
+    saved = training(0)
+    steps(saved, 5)
+    assert saved.scheduler.num_frozen >= 2, "the cut should come after some units froze"
+    saved.scaler.update(1024.0)  # a scale of its own, not the default a fresh scaler has
+    random.seed(11), np.random.seed(12), torch.manual_seed(13)
+    np.random.randn()  # numpy's cached Gaussian is part of its state too
+    save_checkpoint(tmp_path / "checkpoint.pt", saved, {"seed": 0}, 1, 5, 3.5, {"batch": 2})
+    expected = draws()
+
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["train_time_s"], ckpt["position"]) == (1, 5, 3.5, {"batch": 2})
+    resumed = training(123)  # other weights, a fresh scaler, no frozen unit
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    restore(ckpt, resumed)
+    assert draws() == expected  # torch, numpy and Python generators where they were
+    assert same_state(resumed.model.state_dict(), saved.model.state_dict())
+    assert same_state(resumed.optimizer.state_dict(), saved.optimizer.state_dict())
+    assert resumed.scheduler.state_dict() == saved.scheduler.state_dict()
+    assert resumed.scaler.state_dict() == saved.scaler.state_dict() and resumed.scaler.get_scale() == 1024.0
+    # The scheduler froze the saved run's frozen units again.
+    n = saved.scheduler.num_frozen
+    assert resumed.scheduler.num_frozen == n
+    resumed.model.train()
+    for unit in resumed.units[:n]:
+        assert not any(p.requires_grad for p in unit.parameters()) and not any(m.training for m in unit.modules())
+    assert all(p.requires_grad for u in resumed.units[n:] for p in u.parameters())
+
+    # And both continue alike (dropout drawing the same numbers in both).
+    torch.manual_seed(5)
+    steps(saved, 4, seed=2)
+    torch.manual_seed(5)
+    steps(resumed, 4, seed=2)
+    assert same_state(resumed.model.state_dict(), saved.model.state_dict())
+
+
+def test_rng_state_round_trips_through_weights_only_loading(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = draws()
+    draws()
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert draws() == expected
+
+
+def test_a_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    t = training(0, amp="off")
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, t, {}, 1, 6, 1.0, None)
+    before = path.read_bytes()
+    steps(t, 2)
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")  # what a killed writer leaves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, t, {}, 2, 12, 2.0, None)
+    assert path.read_bytes() == before and load_checkpoint(path)["epoch"] == 1
+    leftover = tmp_path / "checkpoint.pt.tmp"
+    assert leftover.exists()  # the crash's temporary file ...
+    with pytest.raises(RunError, match="not a loadable FreezeOut checkpoint"):
+        load_checkpoint(leftover)
+    monkeypatch.setattr(torch, "save", real_save)
+    save_checkpoint(path, t, {}, 2, 12, 2.0, None)  # ... is replaced by the next save
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert load_checkpoint(path)["epoch"] == 2
+
+
+def test_resume_may_change_where_and_how_fast_a_run_goes_not_what_it_computes():
+    saved = {"device": "cuda", "workers": 4, "data_root": "/data", "t_0": 0.8, "epochs": 3, "amp": "off"}
+    args = argparse.Namespace(device="cpu", workers=0, data_root="/elsewhere", out_dir="o", name="n",
+                              resume=True, cuda_graphs="off", t_0=0.8, epochs=3, amp="off")
+    check_resume_flags(saved, args, {"device", "workers", "data_root", "out_dir", "name", "resume",
+                                     "cuda_graphs", "t_0", "epochs"})
+    assert {"device", "workers", "data_root", "cuda_graphs"} <= RUNTIME_FLAGS
+    for flag, value in [("t_0", 0.5), ("epochs", 4), ("amp", "bf16")]:
+        changed = argparse.Namespace(**{**vars(args), flag: value})
+        with pytest.raises(ValueError, match=f"--{flag} {value} contradicts the saved run's {flag} = "):
+            check_resume_flags(saved, changed, {flag})
+    # A flag not given on the command line is not compared, whatever its default.
+    check_resume_flags(saved, argparse.Namespace(**{**vars(args), "epochs": 100}), set())
+
+
+def test_a_checkpoint_of_another_kind_is_refused(tmp_path):
+    torch.save({"format": "something-else", "model": {}}, tmp_path / "other.pt")
+    with pytest.raises(RunError, match="is not a FreezeOut checkpoint of this project"):
+        load_checkpoint(tmp_path / "other.pt")
+    assert checkpoint.CHECKPOINT_FORMAT == "freezeout-checkpoint-v1"

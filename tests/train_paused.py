@@ -1,0 +1,37 @@
+"""train.py's main in a process of its own that pauses before training step STEP (counted from
+1 over the whole run) until a signal has reached the run's stop handler, so that a test knows
+exactly where its signal lands, without guessing how long anything takes. Before pausing it
+writes MARKER; STEP 0 never pauses.
+
+    python tests/train_paused.py STEP MARKER [train.py arguments]
+"""
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine  # noqa: E402
+import train  # noqa: E402
+
+
+def main() -> None:
+    pause_at, marker = int(sys.argv[1]), Path(sys.argv[2])
+    real, calls = engine.train_step, []
+
+    def step(*args):
+        calls.append(1)
+        if len(calls) == pause_at:
+            marker.write_text(str(pause_at))
+            handler = signal.getsignal(signal.SIGTERM)  # train.py's StopSignals while training
+            while getattr(getattr(handler, "__self__", None), "signum", None) is None:
+                time.sleep(0.01)  # until the signal has arrived (SIGKILL ends the process here)
+        return real(*args)
+
+    engine.train_step = step
+    train.main(sys.argv[3:])
+
+
+if __name__ == "__main__":
+    main()
