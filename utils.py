@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import os
 import sys
 from dataclasses import dataclass
@@ -51,6 +52,9 @@ def calc_speedup(growth_rate: int, n_dense_blocks: int, t_0: float, how_scale: s
     0.177813
     """
     t_0, power = check_t_0(t_0), SCALE_POWERS[check_how_scale(how_scale)]
+    _check_count("growth_rate", growth_rate, "the DenseNet growth rate k, 12 in the paper")
+    _check_count("n_dense_blocks", n_dense_blocks,
+                 "the number of layers in each dense block, (L - 4) / 6: 12 for L=76")
     k = growth_rate
     costs = [3 * 2 * k * 32 * 32 * 9]  # stem: 3 -> 2k channels, 3x3, at 32x32
     n = 2  # input channels of the next layer, in units of k
@@ -64,6 +68,13 @@ def calc_speedup(growth_rate: int, n_dense_blocks: int, t_0: float, how_scale: s
     freezeout_cost = sum(costs) + sum(c * t_i for c, t_i in zip(costs, t))
     speedup = 1 - freezeout_cost / (2 * sum(costs))
     return 1.3 * speedup if how_scale == "linear" else speedup
+
+
+def _check_count(name: str, value, meaning: str) -> None:
+    """A count of channels or layers: a positive integer (a bool or 12.0 is a mistake, not a
+    count); with 0 or a negative value the formula would return a number for no network."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"calc_speedup: {name} is {meaning}; it must be a positive integer, got {value!r}")
 
 
 def solve_t_0(target: float, estimate: Callable[[float], float], what: str = "the estimate") -> float:
