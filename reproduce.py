@@ -19,16 +19,18 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, HelpFormatter, check_positive, check_t_0,
-                 flag_spellings)
+from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, HelpFormatter, check_positive, check_seed,
+                 check_t_0, check_which_dataset, flag_spellings, ignored_flags_note)
+from engine import resolve_device
 from figures import pct, plot_lr_curves, pyplot, schedule_of
 from metrics_logger import read_records
-from models import DEFAULTS, MODELS, build_model, model_name
+from models import DEFAULTS, MODELS, build_model, check_depth, model_name
 from train import main as train_main
 
 STRATEGIES = {  # name: (how_scale, scale_lr)
@@ -326,6 +328,14 @@ def plot_error_vs_time(rows: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
+def preset_default(key: str, more: str = "") -> str:
+    """What a preset-overriding flag means when it is not given, for its help."""
+    def show(value):
+        return "all" if value is None else " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    values = ", ".join(f"{name} {show(preset[key])}" for name, preset in PRESETS.items())
+    return f"(default: the preset's: {values}{more})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 
@@ -334,20 +344,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("--preset", choices=list(PRESETS), default="quick", help="the grid's settings")
     add("--out", default="reproduction", help="where the runs, the table and the figures go")
-    add("--model", choices=MODELS, default=None, help="override the preset's model")
-    add("-L", "--depth", type=int, default=None, help="override the preset's depth")
-    add("-k", "--growth-rate", type=int, default=None, help="override the preset's k")
-    add("--dataset", choices=DATASETS, default=None, help="override the data set")
-    add("--which_dataset", type=int, choices=[10, 100], default=None, help="classes of the synthetic set")
-    add("--epochs", type=int, default=None, help="override the preset's epochs")
-    add("--batch_size", type=int, default=None, help="override the preset's batch size")
-    add("--subset", type=int, default=None, help="cap every split at its first N images")
-    add("--t0s", type=float, nargs="+", default=None, help="t_0 values of the grid")
+    add("--model", choices=MODELS, default=None, help="the model " + preset_default("model"))
+    add("-L", "--depth", type=int, default=None,
+        help="the depth " + preset_default("depth", "; with --model, that model's default"))
+    add("-k", "--growth-rate", type=int, default=None,
+        help="DenseNet growth rate or WRN widening factor; unused by vgg "
+             + preset_default("growth_rate", "; with --model, that model's default"))
+    add("--dataset", choices=DATASETS, default=None, help="the data set " + preset_default("dataset"))
+    add("--which_dataset", type=int, choices=[10, 100], default=None,
+        help="classes of the synthetic set (default: the preset's: quick 10; else 100)")
+    add("--epochs", type=int, default=None, help="training epochs " + preset_default("epochs"))
+    add("--batch_size", type=int, default=None, help="batch size " + preset_default("batch_size"))
+    add("--subset", type=int, default=None,
+        help="cap every split at its first N images " + preset_default("subset"))
+    add("--t0s", type=float, nargs="+", default=None, help="t_0 values of the grid " + preset_default("t0s"))
     add("--target-speedups", type=float, nargs="+", default=None,
-        help="instead of t_0 values: target speedups, each strategy's t_0 solved from its estimate")
+        help="instead of t_0 values: target speedups, each strategy's t_0 solved from its estimate "
+             "(default: none, use the t_0 values)")
     add("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES),
-        help="strategies of the grid")
-    add("--seeds", type=int, nargs="+", default=None, help="seeds (default: the preset's)")
+        help="strategies of the grid (default: all four)")
+    add("--seeds", type=int, nargs="+", default=None, help="seeds " + preset_default("seeds"))
     add("--device", choices=DEVICES, default="auto", help="device of every run")
     add("--amp", choices=AMP_MODES, default="off", help="mixed precision of every run")
     add("--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
@@ -366,8 +382,10 @@ def resolve_settings(args) -> dict:
                 "subset", "t0s", "seeds"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    if args.model is not None and args.depth is None:
-        settings["depth"], settings["growth_rate"] = DEFAULTS[args.model]
+    if args.model is not None:  # the preset's sizes belong to its model
+        depth, width = DEFAULTS[args.model]
+        settings["depth"] = depth if args.depth is None else args.depth
+        settings["growth_rate"] = width if args.growth_rate is None else args.growth_rate
     settings.update(strategies=args.strategies, targets=args.target_speedups, device=args.device,
                     amp=args.amp, data_root=args.data_root, preset=args.preset, cuda_graphs=args.cuda_graphs)
     return settings
@@ -382,9 +400,19 @@ def check(args, settings: dict, parser) -> None:
         for s in settings["targets"] or []:
             if not 0 < s < 1:
                 raise ValueError(f"--target-speedups: every target must be in (0, 1), got {s}")
-        check_positive({f"--{key}": settings[key] for key in ("epochs", "batch_size", "subset")})
+        check_positive({**{f"--{key}": settings[key] for key in ("epochs", "batch_size", "subset")},
+                        "-k/--growth-rate": settings["growth_rate"] if settings["model"] != "vgg" else None})
+        check_depth(settings["model"], settings["depth"])
+        for seed in settings["seeds"]:
+            check_seed("--seeds: every seed", seed)
+        check_which_dataset(settings["dataset"], settings["which_dataset"])
+        resolve_device(settings["device"])
     except ValueError as e:
         parser.error(str(e))
+    if args.growth_rate is not None:
+        note = ignored_flags_note(settings["model"], {"growth_rate": args.growth_rate})
+        if note:
+            print(f"{parser.prog}: {note}", file=sys.stderr)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is not a directory")

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from checkpoint import check_resume_flags, host_info, open_run, restore, save_checkpoint
 from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, LOADERS, SCALINGS, HelpFormatter,
-                 check_positive, check_range, check_t_0, flag_spellings)
+                 check_at_least, check_positive, check_range, check_seed, check_t_0, check_which_dataset,
+                 flag_spellings, ignored_flags_note)
 from distributed import Distributed, check_replicas_agree, init_distributed
 from engine import (NO_STEP, Diverged, GraphedStep, StopSignals, Training, build_training,
                     effective_amp, epoch_stats, evaluate, new_position, resolve_device, seed_everything,
@@ -73,9 +74,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     add(model, "-k", "--growth-rate", type=int,
         help="DenseNet growth rate or WRN widening factor k; unused by vgg "
              "(default: 12 for densenet, 4 for wrn)")
-    add(model, "--bottleneck", action=argparse.BooleanOptionalAction, default=True,
-        help="DenseNet-BC bottleneck layers, or plain DenseNet layers with --no-bottleneck; "
-             "densenet only (default: bottleneck)")
+    # Each pair of opposite switches is a mutually exclusive group: given both, argparse
+    # refuses with one line instead of letting the last one win.
+    bottleneck = model.add_mutually_exclusive_group()
+    add(bottleneck, "--bottleneck", dest="bottleneck", action="store_true", default=True,
+        help="DenseNet-BC bottleneck layers; densenet only (the default)")
+    add(bottleneck, "--no-bottleneck", dest="bottleneck", action="store_false",
+        help="plain DenseNet layers; densenet only (default: bottleneck)")
     add(model, "--reduction", type=float, default=0.5, help="DenseNet transition compression theta")
     add(model, "--dropout", type=float, default=0.0,
         help="dropout rate: after each DenseNet convolution, between a WRN block's convolutions, "
@@ -89,15 +94,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
              "the number of classes (default: 100)")
     add(data, "--data-root", default="./data", help="where CIFAR lives or is downloaded to")
     add(data, "--subset", type=int, help="cap every split at its first N images (default: all)")
-    add(data, "--augment", dest="augment", action="store_true", default=True,
+    augment = data.add_mutually_exclusive_group()
+    add(augment, "--augment", dest="augment", action="store_true", default=True,
         help="random crop (pad 4) and horizontal flip (the default)")
-    add(data, "--no-augment", dest="augment", action="store_false",
+    add(augment, "--no-augment", dest="augment", action="store_false",
         help="no data augmentation (default: augment)")
-    add(data, "--validate", dest="eval_mode", action="store_const", const="val", default="val",
+    validate = data.add_mutually_exclusive_group()
+    add(validate, "--validate", dest="eval_mode", action="store_const", const="val", default="val",
         help="train on the first 45,000 images, evaluate on the last 5,000 each epoch (the default)")
-    add(data, "--validate-test", dest="eval_mode", action="store_const", const="test",
+    add(validate, "--validate-test", dest="eval_mode", action="store_const", const="test",
         help="train on all 50,000 images, evaluate on the test set each epoch (default: --validate)")
-    add(data, "--no-validate", dest="eval_mode", action="store_const", const="none",
+    add(validate, "--no-validate", dest="eval_mode", action="store_const", const="none",
         help="train on all 50,000 images, no per-epoch evaluation (default: --validate)")
     add(data, "--loader", choices=LOADERS, default="auto",
         help="tensor: the data set stays on the device, augmented in batches there; "
@@ -165,11 +172,12 @@ def check_args(args, explicit: set) -> None:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     check_range("--dropout", args.dropout, 0.0, 1.0, high_open=True)
     check_range("--reduction", args.reduction, 0.0, 1.0, low_open=True)
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
-    if args.dataset in ("cifar10", "cifar100") and args.which_dataset is not None \
-            and args.dataset != f"cifar{args.which_dataset}":
-        raise ValueError(f"--dataset {args.dataset} contradicts --which_dataset {args.which_dataset}")
+    check_at_least("--lr", args.lr, 0.0, strict=True)
+    check_range("--momentum", args.momentum, 0.0, 1.0, high_open=True)
+    check_at_least("--weight-decay", args.weight_decay, 0.0)
+    check_seed("--seed", args.seed)
+    check_range("--target-speedup", args.target_speedup, 0.0, 1.0, low_open=True, high_open=True)
+    check_which_dataset(args.dataset, args.which_dataset)
     if args.target_speedup is not None and "t_0" in explicit:
         raise ValueError("give --t_0 or --target-speedup, not both")
     check_depth(args.model, args.depth, args.bottleneck)
@@ -257,7 +265,8 @@ def describe(config: dict, splits) -> str:
         f"  {config['params']:,} parameters in {config['n_units']} FreezeOut units; "
         f"{config['steps_per_epoch']} steps/epoch x {config['epochs']} epochs = {config['total_steps']:,} steps",
         f"  {config['how_scale']}, {'scaled' if config['scale_lr'] else 'unscaled'}, t_0 = {config['t_0']:g}: "
-        f"first unit freezes at {config['t_i'][0]:.1%} of the run",
+        + ("baseline: no unit freezes" if config["t_0"] >= 1 else
+           f"first unit freezes at {config['t_i'][0]:.1%} of the run"),
         f"  estimated speedup: {'n/a' if paper is None else f'{paper:.1%}'} (paper), "
         f"{config['flop_speedup']:.1%} (FLOPs)",
         f"  device {config['device']}"
@@ -452,6 +461,9 @@ def main(argv=None) -> dict:
         parser.error(str(e))
     dist, device = init_distributed(torch.device(config["device"]))
     config["device"] = str(device)
+    note = ignored_flags_note(args.model, {dest: getattr(args, dest) for dest in explicit})
+    if note and dist.is_main:
+        print(f"{parser.prog}: {note}", file=sys.stderr)
 
     def fail(message: str, code: int = 1) -> None:
         if dist.is_main:
