@@ -6,9 +6,10 @@
     python train.py --t_0 1                 # the baseline: plain cosine annealing, no freezing
 
 Every run writes `OUT_DIR/NAME/metrics.jsonl` (a `config` record first, one `epoch` record per
-epoch, a `summary` record last) and `OUT_DIR/NAME/checkpoint.pt` after every epoch. SIGINT or
-SIGTERM stop it after the current step with a checkpoint (exit code 130 / 143); `--resume`
-continues it exactly where it stopped. `python train.py -h` lists the flags with their defaults.
+epoch, a `summary` record last) and `OUT_DIR/NAME/checkpoint.pt` as it starts (step 0) and after
+every epoch. SIGINT or SIGTERM stop it after the current step with a checkpoint (exit code
+130 / 143); `--resume` continues it exactly where it stopped, whatever stopped it. `python
+train.py -h` lists the flags with their defaults.
 
 This file is the command line and the run (start or resume, the epoch loop, the summary);
 the machinery lives in engine.py, checkpoint.py, loaders.py, models.py and utils.py.
@@ -27,7 +28,8 @@ import torch
 import torch.distributed
 from tqdm import tqdm
 
-from checkpoint import check_resume_flags, host_info, open_run, restore, save_checkpoint
+from checkpoint import (check_resume_flags, describe_checkpoint, host_info, open_run, restore,
+                        save_checkpoint, save_first_checkpoint)
 from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, LOADERS, SCALINGS, HelpFormatter,
                  check_at_least, check_positive, check_range, check_seed, check_t_0, check_which_dataset,
                  flag_spellings, ignored_flags_note)
@@ -302,8 +304,9 @@ class NoLog:
 
 
 def start_run(config: dict, training: Training, splits, run_dir: Path, per_epoch: int) -> None:
-    """Complete the config with what only the built run knows, make the run directory and
-    write the config record first."""
+    """Complete the config with what only the built run knows, make the run directory, write
+    the config record first, then the step-0 checkpoint: from then on the run can be continued
+    with --resume whatever stops it."""
     dist, scheduler = training.dist, training.scheduler
     config.update(num_classes=splits.num_classes, params=sum(p.numel() for p in training.model.parameters()),
                   n_units=len(training.units), t_i=scheduler.t_i, steps_per_epoch=per_epoch,
@@ -318,8 +321,11 @@ def start_run(config: dict, training: Training, splits, run_dir: Path, per_epoch
         except OSError as e:
             raise RunError(f"--out-dir {config['out_dir']}: cannot create {run_dir} "
                            f"({e.strerror or e})") from None
-        with MetricsLogger(run_dir / "metrics.jsonl") as log:
-            log.log("config", **config, host=host_info(training.device))
+        # Replaces the file: a run started again (it stopped before its first checkpoint)
+        # keeps none of the records of its first start.
+        write_records(run_dir / "metrics.jsonl",
+                      [{"event": "config", **config, "host": host_info(training.device)}])
+    save_first_checkpoint(run_dir, training, config)  # every rank: it gathers their RNG states
 
 
 def resume_run(checkpoint: dict, training: Training, run_dir: Path) -> tuple[int, float, dict]:
@@ -338,8 +344,8 @@ def resume_run(checkpoint: dict, training: Training, run_dir: Path) -> tuple[int
 
 
 def stopped_by(signum: int, where: str, run_dir: Path) -> Stopped:
-    return Stopped(signum, f"stopped by {signal.Signals(signum).name} {where}; checkpoint written: "
-                           f"continue with --resume (run directory {run_dir})")
+    return Stopped(signum, f"stopped by {signal.Signals(signum).name} {where}; checkpoint written "
+                           f"(run directory {run_dir})")
 
 
 def fit(config: dict, training: Training, loaders, run_dir: Path, done_epochs: int,
@@ -451,8 +457,27 @@ def choose_step(config: dict, device: torch.device, dist: Distributed, parser) -
     return {"amp_effective": amp, "training_step": "graphed" if graphed else "eager"}
 
 
-def main(argv=None) -> dict:
-    """Train as the command line says; return the run's summary record."""
+def failure(error: BaseException, config: dict, resume_hint: str | None) -> str:
+    """The one line for what ended a run early, true about what the run directory holds."""
+    run_dir = Path(config["run_dir"])
+    hint = f"; {resume_hint}" if resume_hint else ""
+    if isinstance(error, Diverged):
+        per_epoch = config["steps_per_epoch"]
+        return (f"{error} (epoch {error.step // per_epoch + 1}, batch {error.step % per_epoch}); "
+                f"{describe_checkpoint(run_dir)}")
+    if isinstance(error, Stopped):
+        return f"{error}{hint}"
+    if isinstance(error, KeyboardInterrupt):
+        if (run_dir / "checkpoint.pt").exists() or (run_dir / "metrics.jsonl").exists():
+            return f"interrupted (run directory {run_dir}){hint}"
+        return "interrupted before the run started; nothing was written"
+    return str(error)
+
+
+def main(argv=None, *, resume_hint: str | None = "continue with --resume") -> dict:
+    """Train as the command line says; return the run's summary record. A run that stops
+    early raises SystemExit after one line on stderr ending with `resume_hint` where it can be
+    continued (a caller that continues runs its own way, as reproduce.py, passes None)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, args, explicit = parse_args(argv)
     try:
@@ -464,38 +489,29 @@ def main(argv=None) -> dict:
     note = ignored_flags_note(args.model, {dest: getattr(args, dest) for dest in explicit})
     if note and dist.is_main:
         print(f"{parser.prog}: {note}", file=sys.stderr)
-
-    def fail(message: str, code: int = 1) -> None:
-        if dist.is_main:
-            print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(code)
-
     try:
         prepared = open_run(config, dist, args.resume, "--name",
                             lambda saved: check_resume_flags(saved["args"], args, explicit))
         if prepared.error is not None:
             if prepared.exit_code == 2 and dist.is_main:
                 parser.print_usage(sys.stderr)
-            fail(prepared.error, prepared.exit_code)
+            if dist.is_main:
+                print(f"{parser.prog}: error: {prepared.error}", file=sys.stderr)
+            raise SystemExit(prepared.exit_code)
         config = {**prepared.config, **choose_step(prepared.config, device, dist, parser)}
         if prepared.finished is not None:
             if dist.is_main:
                 print(f"{config['run_dir']} has already finished; nothing to resume")
             return prepared.finished
+        if prepared.notice is not None and dist.is_main:
+            print(prepared.notice, flush=True)
         return run(config, Path(config["run_dir"]), prepared.checkpoint, dist)
-    except Diverged as e:
-        per_epoch = config["steps_per_epoch"]
-        fail(f"{e} (epoch {e.step // per_epoch + 1}, batch {e.step % per_epoch}); the last good "
-             f"checkpoint is kept in {config['run_dir']}")
-    except (RunError, DataError) as e:
-        fail(str(e), 1)
-    except Stopped as e:
-        if dist.is_main:
-            print(f"{parser.prog}: {e}", file=sys.stderr)
-        raise SystemExit(128 + e.signum) from None
-    except KeyboardInterrupt:
-        fail(f"interrupted; continue from the last checkpoint with --resume "
-             f"(run directory {config['run_dir']})", 128 + signal.SIGINT)
+    except (RunError, DataError, Stopped, KeyboardInterrupt) as e:
+        if dist.is_main:  # a stop by signal is not an error: the run did what it was asked
+            prefix = "" if isinstance(e, Stopped) else "error: "
+            print(f"{parser.prog}: {prefix}{failure(e, config, resume_hint)}", file=sys.stderr)
+        stopped = 128 + e.signum if isinstance(e, Stopped) else 128 + signal.SIGINT
+        raise SystemExit(stopped if isinstance(e, (Stopped, KeyboardInterrupt)) else 1) from None
     finally:
         if dist.enabled:
             torch.distributed.destroy_process_group()
