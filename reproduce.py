@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import signal
 import statistics
 import sys
 import time
@@ -127,7 +128,8 @@ def run_grid(jobs: list[Job], out: Path) -> None:
         start = time.perf_counter()
         print(f"[{i}/{len(todo)}] {job.label}: {'resuming' if state == 'interrupted' else 'starting'}",
               flush=True)
-        train_main(job.argv + (["--resume"] if state == "interrupted" else []))
+        # train.py's own hint ("continue with --resume") is not how a grid continues: left out.
+        train_main(job.argv + (["--resume"] if state == "interrupted" else []), resume_hint=None)
         durations.append(time.perf_counter() - start)
         left = statistics.mean(durations) * (len(todo) - i)
         print(f"[{i}/{len(todo)}] {job.label}: done in {durations[-1]:.0f} s; "
@@ -439,7 +441,15 @@ def main(argv=None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     jobs = make_grid(settings, out)
     if not args.report_only:
-        run_grid(jobs, out)
+        try:
+            run_grid(jobs, out)
+        except (SystemExit, KeyboardInterrupt) as e:  # Ctrl-C or SIGTERM, inside a run or between
+            code = e.code if isinstance(e, SystemExit) else 128 + signal.SIGINT
+            if code not in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+                raise
+            print(f"{parser.prog}: stopped; run the same command again to continue where it stopped "
+                  "(finished runs are kept, the interrupted one resumes)", file=sys.stderr)
+            raise SystemExit(code) from None
     rows = report(jobs, settings, out)
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'} and 3 figures in {out}")
     return rows
