@@ -9,7 +9,8 @@ read without running any pickled code.
   first checkpoint (only its config record written) starts again from step 0.
 - `save_first_checkpoint`: the step-0 checkpoint, written as soon as a run starts, so that
   every run can be continued at every moment; `describe_checkpoint` says which one exists.
-- `rng_state`, `set_rng_state`, `host_info`.
+- `run_state`, `run_progress`: where a run directory's run stands.
+- `rng_state`, `set_rng_state`, `host_info`, `load_average`.
 """
 from __future__ import annotations
 
@@ -186,6 +187,37 @@ def started_config(run_dir: Path) -> dict | None:
     if [r.get("event") for r in records] != ["config"]:
         return None
     return {k: v for k, v in records[0].items() if k not in RECORD_ONLY}
+
+
+def run_state(run_dir: Path) -> str:
+    """"finished" (a summary record), "interrupted" (a checkpoint, no summary) or "new"."""
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and read_records(metrics, "summary"):
+        return "finished"
+    if (run_dir / "checkpoint.pt").exists():
+        return "interrupted"
+    return "new"
+
+
+def run_progress(run_dir: Path, epochs: int) -> str:
+    """A run's state in words, for reports: finished, not started, or how far it got."""
+    metrics = run_dir / "metrics.jsonl"
+    records = read_records(metrics) if metrics.exists() else []
+    if any(r["event"] == "summary" for r in records):
+        return "finished"
+    if not records and not (run_dir / "checkpoint.pt").exists():
+        return "not started"
+    done = sum(r["event"] == "epoch" for r in records)
+    return f"interrupted ({done} of {epochs} epochs done)"
+
+
+def load_average() -> float | None:
+    """The host's 1-minute load average (None where the OS has none): a busy host makes a
+    run's times, and the speedups measured from them, unreliable."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def host_info(device: torch.device) -> dict:

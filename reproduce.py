@@ -10,7 +10,8 @@ target speedups) x seeds, each run by train.py's `main` in its own directory und
 a finished run is skipped, an interrupted one resumed, so the command can be stopped and run
 again. Then OUT gets `results.md` and `results.csv` (per strategy and t_0: the paper's and the
 FLOP estimates, the measured wall-clock speedup against the baseline, final validation and test
-error, mean +/- std over seeds, and the change against the baseline) and three figures:
+error, mean +/- std over seeds, and the change against the baseline; the host's load, flagged
+where it exceeded the cores; and in results.md the runs still missing) and three figures:
 `lr_schedules.png` (the paper's Figure 1), `error_vs_speedup.png` (Figure 3's design curve) and
 `error_vs_time.png` (Figure 4).
 """
@@ -28,6 +29,7 @@ from typing import Optional
 
 from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, HelpFormatter, check_positive, check_seed,
                  check_t_0, check_which_dataset, flag_spellings, ignored_flags_note)
+from checkpoint import run_progress, run_state
 from engine import resolve_device
 from figures import pct, plot_lr_curves, pyplot, schedule_of
 from metrics_logger import read_records
@@ -102,16 +104,6 @@ def make_grid(settings: dict, out: Path) -> list[Job]:
         job.argv = [*common, "--seed", str(job.seed), "--how_scale", how, *([] if scaled else ["--no_scale"]),
                     *setting, "--save-weights", job.name]
     return jobs
-
-
-def run_state(run_dir: Path) -> str:
-    """"finished" (a summary record), "interrupted" (a checkpoint, no summary) or "new"."""
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists() and read_records(metrics, "summary"):
-        return "finished"
-    if (run_dir / "checkpoint.pt").exists():
-        return "interrupted"
-    return "new"
 
 
 def run_grid(jobs: list[Job], out: Path) -> None:
@@ -190,14 +182,29 @@ def summarize(jobs: list[Job], out: Path) -> list[dict]:
             "delta_val_err": None if val is None or base_val is None else val - base_val,
             "delta_test_err": None if test is None or base_test is None else test - base_test,
             "run_dirs": [str(out / "runs" / Job(strategy, setting, c["seed"], target).name) for c in configs],
-            "device": configs[0].get("device"),
+            "device": configs[0].get("device"), **host_load(runs),
         })
     return rows
 
 
+def missing_runs(jobs: list[Job], out: Path, epochs: int) -> list[tuple[Job, str]]:
+    """(job, its state in words) for every run of the grid that has not finished."""
+    states = [(job, run_progress(out / "runs" / job.name, epochs)) for job in jobs]
+    return [(job, state) for job, state in states if state != "finished"]
+
+
+def host_load(runs: list[tuple[dict, dict]]) -> dict:
+    """The highest load average seen at any run's start or end, and whether it exceeded the
+    host's cores: then the runs competed for the CPU and their times are not comparable."""
+    loads = [x for c, s in runs for x in (c.get("load_start"), s.get("load_end")) if x is not None]
+    cores = [c["cpu_count"] for c, _ in runs if c.get("cpu_count")]
+    load = max(loads) if loads else None
+    return {"host_load": load, "busy_host": load is not None and bool(cores) and load > min(cores)}
+
+
 COLUMNS = ["strategy", "t_0", "target_speedup", "seeds", "paper_speedup", "flop_speedup",
            "measured_speedup", "train_time_s", "val_err", "val_err_std", "test_err", "test_err_std",
-           "delta_val_err", "delta_test_err"]
+           "delta_val_err", "delta_test_err", "host_load", "busy_host"]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -207,7 +214,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def write_markdown(rows: list[dict], settings: dict, path: Path) -> None:
+def write_markdown(rows: list[dict], settings: dict, path: Path, missing: list = ()) -> None:
+    """The table, then what it leaves out: `missing` lists (job, state) of unfinished runs."""
     def err(mean, std):
         return "n/a" if mean is None else f"{mean:.2f} ± {std:.2f}"
 
@@ -223,15 +231,26 @@ def write_markdown(rows: list[dict], settings: dict, path: Path) -> None:
         f"device {rows[0]['device'] if rows and rows[0].get('device') else settings['device']}.", "",
         "Speedups are fractions of the baseline's training time (evaluation excluded); errors in %, "
         "mean ± std over seeds; Δ against the baseline.", "",
-        "| strategy | t_0 | paper est. | FLOP est. | measured | train time (s) | val err | Δ val | test err | Δ test |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | t_0 | paper est. | FLOP est. | measured | train time (s) | val err | Δ val | test err | Δ test "
+        "| host load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t0 = f"{r['t_0']:.3g}" + (f" (target {r['target_speedup']:g})" if r["target_speedup"] is not None else "")
         lines.append(
             f"| {r['strategy']} | {t0} | {pct(r['paper_speedup'])} | {pct(r['flop_speedup'])} | "
             f"{pct(r['measured_speedup'])} | {r['train_time_s']:.1f} | {err(r['val_err'], r['val_err_std'])} | "
-            f"{delta(r['delta_val_err'])} | {err(r['test_err'], r['test_err_std'])} | {delta(r['delta_test_err'])} |")
+            f"{delta(r['delta_val_err'])} | {err(r['test_err'], r['test_err_std'])} | {delta(r['delta_test_err'])} | "
+            f"{'n/a' if r.get('host_load') is None else format(r['host_load'], '.1f')}"
+            f"{' ⚠ busy host' if r.get('busy_host') else ''} |")
+    if any(r.get("busy_host") for r in rows):
+        lines += ["", "⚠ busy host: the host's load average (the highest at the runs' starts and ends) "
+                      "exceeded its number of cores, so those runs shared the CPU: their times, and the "
+                      "speedups measured from them, are not reliable."]
+    if missing:
+        lines += ["", "## Missing", "", f"{len(missing)} run(s) of the grid have not finished and are not in "
+                  "the table:", ""]
+        lines += [f"- {job.label} (`runs/{job.name}`): {state}" for job, state in missing]
     lines += ["", "Figures: `lr_schedules.png`, `error_vs_speedup.png`, `error_vs_time.png`.", ""]
     path.write_text("\n".join(lines))
 
@@ -422,8 +441,14 @@ def check(args, settings: dict, parser) -> None:
 
 def report(jobs: list[Job], settings: dict, out: Path) -> list[dict]:
     rows = summarize(jobs, out)
+    missing = missing_runs(jobs, out, settings["epochs"])
     write_csv(rows, out / "results.csv")
-    write_markdown(rows, settings, out / "results.md")
+    write_markdown(rows, settings, out / "results.md", missing)
+    if missing:
+        started = sum(state != "not started" for _, state in missing)
+        print(f"{len(jobs) - len(missing)} of {len(jobs)} runs finished; the table leaves out "
+              f"{len(missing) - started} not started and {started} interrupted (listed in "
+              f"{out / 'results.md'})")
     model = build_model(settings["model"], settings["depth"], settings["growth_rate"], num_classes=10)
     middle = sorted(settings["t0s"])[len(settings["t0s"]) // 2]
     plot_lr_schedules(len(model.freeze_units()), middle, out / "lr_schedules.png")

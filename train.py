@@ -28,7 +28,7 @@ import torch
 import torch.distributed
 from tqdm import tqdm
 
-from checkpoint import (check_resume_flags, describe_checkpoint, host_info, open_run, restore,
+from checkpoint import (check_resume_flags, describe_checkpoint, host_info, load_average, open_run, restore,
                         save_checkpoint, save_first_checkpoint)
 from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, LOADERS, SCALINGS, HelpFormatter,
                  check_at_least, check_positive, check_range, check_seed, check_t_0, check_which_dataset,
@@ -313,6 +313,7 @@ def start_run(config: dict, training: Training, splits, run_dir: Path, per_epoch
                   total_steps=scheduler.total_steps, train_images=len(splits.train),
                   world_size=dist.world_size, per_rank_batch_size=config["batch_size"] // dist.world_size,
                   loader_used=choose_loader(config["loader"], splits, training.device),
+                  load_start=load_average(), cpu_count=os.cpu_count(),
                   **run_estimates(training.model, training.units, scheduler.t_i, scheduler.total_steps,
                                   config["paper_speedup"]))
     if dist.is_main:
@@ -438,7 +439,7 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None, dist: Distributed 
             train_time_s=train_time, val_err=last_eval[1] if config["eval_mode"] == "val" else None,
             test_loss=test_loss, test_err=test_err, estimated_speedup=config["estimated_speedup"],
             paper_speedup=config["paper_speedup"], flop_speedup=config["flop_speedup"],
-            frozen_at=training.scheduler.frozen_at)
+            frozen_at=training.scheduler.frozen_at, load_end=load_average())
     if dist.is_main:
         print(f"done: test error {test_err:.2f}%, training time {train_time:.1f} s; results in {run_dir}")
     return summary

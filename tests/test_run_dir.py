@@ -85,6 +85,12 @@ def test_a_run_checkpoints_at_step_0_and_resumes_from_it_bit_for_bit(tmp_path, m
     assert [r["train_loss"] for r in cut] == [r["train_loss"] for r in ref]
 
 
+def test_records_carry_the_hosts_load(whole):
+    config = read_records(whole / "metrics.jsonl", "config")[0]
+    summary = read_records(whole / "metrics.jsonl", "summary")[0]
+    assert config["load_start"] >= 0 and config["cpu_count"] >= 1 and summary["load_end"] >= 0
+
+
 # -- a run that stopped before its first checkpoint ---------------------------------------
 def only_config_left(monkeypatch, out: Path, name: str) -> Path:
     """A run directory as a kill -9 between the config record and the first checkpoint leaves it."""
