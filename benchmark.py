@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from cli import (AMP_MODES, CUDA_GRAPHS, DEVICES, SCALINGS, HelpFormatter, check_positive, check_t_0,
-                 flag_spellings)
+from cli import (AMP_MODES, CUDA_GRAPHS, DEVICES, SCALINGS, HelpFormatter, check_positive, check_seed,
+                 check_t_0, flag_spellings, ignored_flags_note)
 from engine import Training, build_training, effective_amp, memory_format, resolve_device
 from graphs import CudaGraphs, GraphedStep, use_cuda_graphs
 from figures import mib, pct
@@ -48,9 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="depth L (default: 76 for densenet, 40 for wrn, 16 for vgg)")
     add("-k", "--growth-rate", type=int, default=None,
         help="DenseNet growth rate or WRN widening factor (default: 12 for densenet, 4 for wrn)")
-    add("--bottleneck", action=argparse.BooleanOptionalAction, default=True,
-        help="DenseNet-BC bottleneck layers, or plain DenseNet layers with --no-bottleneck "
-             "(default: bottleneck)")
+    # Two flags in a mutually exclusive group, not one BooleanOptionalAction: given both,
+    # argparse refuses instead of letting the last one win; default None tells "not given".
+    bottleneck = p.add_mutually_exclusive_group()
+    bottleneck.add_argument("--bottleneck", dest="bottleneck", action="store_true", default=None,
+                            help="DenseNet-BC bottleneck layers; densenet only (the default)")
+    bottleneck.add_argument(*flag_spellings("--no-bottleneck"), dest="bottleneck", action="store_false",
+                            default=None, help="plain DenseNet layers (default: bottleneck)")
     add("--num-classes", type=int, default=100, help="classifier outputs")
     add("--batch-size", type=int, default=50, help="batch size")
     add("--steps", type=int, default=100, help="training steps per run (the schedule's T)")
@@ -303,6 +307,9 @@ def table(r: dict) -> str:
 
 def check(args, parser) -> None:
     """One line naming the flag, exit 2, for a value no benchmark can use."""
+    given = {dest: getattr(args, dest) for dest in ("growth_rate", "bottleneck")
+             if getattr(args, dest) is not None}
+    args.bottleneck = args.bottleneck is not False
     args.depth, args.growth_rate = resolve_size(args.model, args.depth, args.growth_rate)
     try:
         check_positive({f"--{flag.replace('_', '-')}": getattr(args, flag) for flag in
@@ -310,11 +317,15 @@ def check(args, parser) -> None:
         if args.level_steps < 0:
             raise ValueError(f"--level-steps must be >= 0, got {args.level_steps}")
         check_t_0("--t_0", args.t_0)
+        check_seed("--seed", args.seed)
         check_depth(args.model, args.depth, args.bottleneck)
         device = resolve_device(args.device)
         use_cuda_graphs(args.cuda_graphs, device, effective_amp(args.amp, device), False)
     except ValueError as e:
         parser.error(str(e))
+    note = ignored_flags_note(args.model, given)
+    if note:  # on stderr: stdout stays the table (and the JSON line)
+        print(f"{parser.prog}: {note}", file=sys.stderr)
 
 
 def main(argv=None) -> dict:

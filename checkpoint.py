@@ -5,8 +5,12 @@ read without running any pickled code.
   the epoch, every rank's RNG state, the config), `torch.load(weights_only=True)`.
 - `restore`: a checkpoint back into model, optimizer, scheduler, scaler and RNGs.
 - `open_run`, `prepare_run_dir`, `check_resume_flags`: a new run never overwrites an old one;
-  --resume continues one and refuses flags that contradict it.
-- `rng_state`, `set_rng_state`, `host_info`.
+  --resume continues one and refuses flags that contradict it; a run that stopped before its
+  first checkpoint (only its config record written) starts again from step 0.
+- `save_first_checkpoint`: the step-0 checkpoint, written as soon as a run starts, so that
+  every run can be continued at every moment; `describe_checkpoint` says which one exists.
+- `run_state`, `run_progress`: where a run directory's run stands.
+- `rng_state`, `set_rng_state`, `host_info`, `load_average`.
 """
 from __future__ import annotations
 
@@ -67,6 +71,30 @@ def save_checkpoint(path: Path, training, config: dict, epoch: int, step: int, t
         write_atomically(path, lambda f: torch.save(state, f))
 
 
+def save_first_checkpoint(run_dir: Path, training, config: dict) -> None:
+    """The step-0 checkpoint: no epoch done, nothing trained. Taken where the run's RNG stream
+    stands when training is about to start, which is where `restore` puts a resumed run, so a
+    run continued from it equals one that never stopped."""
+    save_checkpoint(run_dir / "checkpoint.pt", training, config, 0, 0, 0.0, None)
+
+
+def describe_checkpoint(run_dir: Path) -> str:
+    """Which checkpoint the run directory holds, in words, for messages that must be true."""
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file():
+        return f"no checkpoint was written in {run_dir}"
+    try:
+        state = load_checkpoint(path)
+    except RunError:
+        return f"{path} is not a loadable checkpoint"
+    epoch, step = state["epoch"], state["step"]
+    if step == 0:
+        return f"the checkpoint kept in {run_dir} is the one of step 0, before any training"
+    where = f"after epoch {epoch} (step {step})" if state["position"] is None else \
+        f"at step {step} in epoch {epoch + 1}"
+    return f"the last good checkpoint, {where}, is kept in {run_dir}"
+
+
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint of this project, read without running any pickled code."""
     try:
@@ -104,15 +132,22 @@ def check_resume_flags(saved_args: dict, args, explicit: set) -> None:
             raise ValueError(f"--resume: --{flag} {given} contradicts the saved run's {flag} = {was}")
 
 
-def prepare_run_dir(run_dir: Path, out_dir: str, resume: bool, name_flag: str) -> dict | None:
-    """The checkpoint to resume (None for a new run), after checking that a new run would
-    overwrite nothing and that its directory can be made."""
+def prepare_run_dir(run_dir: Path, out_dir: str, resume: bool,
+                    name_flag: str) -> tuple[dict | None, dict | None]:
+    """(the checkpoint to resume, the saved config): (None, None) for a new run, after checking
+    that it would overwrite nothing and that its directory can be made; (None, the config
+    record's settings) for a run to start again because it stopped before its first checkpoint."""
     ckpt_path = run_dir / "checkpoint.pt"
     if resume:
-        if not ckpt_path.is_file():
-            raise RunError(f"--resume: no checkpoint in {run_dir}")
-        return load_checkpoint(ckpt_path)
-    if (run_dir / "metrics.jsonl").exists() or ckpt_path.exists():
+        if ckpt_path.is_file():
+            checkpoint = load_checkpoint(ckpt_path)
+            return checkpoint, checkpoint["config"]
+        saved = started_config(run_dir)
+        if saved is None:
+            raise RunError(f"--resume: no checkpoint in {run_dir} and no run started there; "
+                           f"start it without --resume")
+        return None, saved
+    if ckpt_path.exists() or holds_records(run_dir / "metrics.jsonl"):
         raise RunError(f"{run_dir} already holds a run: continue it with --resume, "
                        f"or start a new one with {name_flag} NAME")
     # The directory itself is made once the data has loaded: a failed start leaves nothing.
@@ -122,7 +157,67 @@ def prepare_run_dir(run_dir: Path, out_dir: str, resume: bool, name_flag: str) -
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise RunError(f"--out-dir {out_dir}: cannot create {run_dir} "
                        f"({existing} is not a writable directory)")
-    return None
+    return None, None
+
+
+def holds_records(metrics: Path) -> bool:
+    """Whether a metrics file holds any record (a file cut before its first line holds none);
+    a damaged one counts as holding records: it is not ours to overwrite."""
+    if not metrics.exists():
+        return False
+    try:
+        return bool(read_records(metrics))
+    except (ValueError, UnicodeDecodeError):
+        return True
+
+
+# Fields of the config record that are not settings: the run recomputes them when it starts.
+RECORD_ONLY = ("event", "host")
+
+
+def started_config(run_dir: Path) -> dict | None:
+    """The settings of a run that wrote its config record and stopped before its first
+    checkpoint (killed, or lost power, in its first moments); None when the directory holds
+    no such run: nothing, or records of work done (whose checkpoint was removed)."""
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        records = read_records(metrics) if metrics.is_file() else []
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if [r.get("event") for r in records] != ["config"]:
+        return None
+    return {k: v for k, v in records[0].items() if k not in RECORD_ONLY}
+
+
+def run_state(run_dir: Path) -> str:
+    """"finished" (a summary record), "interrupted" (a checkpoint, no summary) or "new"."""
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and read_records(metrics, "summary"):
+        return "finished"
+    if (run_dir / "checkpoint.pt").exists():
+        return "interrupted"
+    return "new"
+
+
+def run_progress(run_dir: Path, epochs: int) -> str:
+    """A run's state in words, for reports: finished, not started, or how far it got."""
+    metrics = run_dir / "metrics.jsonl"
+    records = read_records(metrics) if metrics.exists() else []
+    if any(r["event"] == "summary" for r in records):
+        return "finished"
+    if not records and not (run_dir / "checkpoint.pt").exists():
+        return "not started"
+    done = sum(r["event"] == "epoch" for r in records)
+    return f"interrupted ({done} of {epochs} epochs done)"
+
+
+def load_average() -> float | None:
+    """The host's 1-minute load average (None where the OS has none): a busy host makes a
+    run's times, and the speedups measured from them, unreliable."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def host_info(device: torch.device) -> dict:
@@ -151,6 +246,7 @@ class OpenedRun:
     finished: dict | None = None   # the summary of a run that has already finished
     error: str | None = None
     exit_code: int = 0
+    notice: str | None = None      # a line to print: the run starts again from step 0
 
 
 def open_run(config: dict, dist, resume: bool, name_flag: str,
@@ -166,17 +262,21 @@ def open_run(config: dict, dist, resume: bool, name_flag: str,
         return opened
     run_dir = Path(config["run_dir"])
     try:
-        checkpoint = prepare_run_dir(run_dir, config["out_dir"], resume, name_flag)
+        checkpoint, saved = prepare_run_dir(run_dir, config["out_dir"], resume, name_flag)
         opened = OpenedRun(config, checkpoint)
+        if saved is not None:
+            check_flags(saved)
+            opened.config = {**saved, **{k: config[k] for k in RUNTIME_CONFIG}}
         if checkpoint is not None:
-            check_flags(checkpoint["config"])
-            saved_world = checkpoint["config"].get("world_size", 1)
+            saved_world = saved.get("world_size", 1)
             if saved_world != dist.world_size:
                 raise RunError(f"--resume: the run was trained by {saved_world} process(es); "
                                f"resume it with the same number (this is {dist.world_size})")
-            opened.config = {**checkpoint["config"], **{k: config[k] for k in RUNTIME_CONFIG}}
             summaries = read_records(run_dir / "metrics.jsonl", "summary")
             opened.finished = summaries[-1] if summaries else None
+        elif saved is not None:  # nothing was trained: the world size may change
+            opened.notice = (f"no checkpoint in {run_dir}: the run stopped before its first one; "
+                             f"starting it again from step 0")
     except ValueError as e:  # a flag that contradicts the saved run
         opened = OpenedRun(config, error=str(e), exit_code=2)
     except RunError as e:

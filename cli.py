@@ -1,5 +1,6 @@
 """What the scripts' command lines share: the choice lists, both spellings of every flag, the
-help format, and the checks of numeric values (one line naming the flag)."""
+help format, the checks of numeric values (one line naming the flag), and the note that names
+flags the chosen model has no use for."""
 from __future__ import annotations
 
 import argparse
@@ -65,3 +66,49 @@ def check_t_0(flag: str, value: float) -> None:
         freezeout.check_t_0(value)
     except ValueError:
         raise ValueError(f"{flag} must be in (0, 1], got {value}") from None
+
+
+def check_at_least(flag: str, value, low: float, strict: bool = False) -> None:
+    """ValueError naming the flag unless value >= low (> low when strict) and finite: a
+    learning rate of inf or NaN is as unusable as a negative one. None means not given."""
+    if value is None:
+        return
+    if not (math.isfinite(value) and (value > low if strict else value >= low)):
+        raise ValueError(f"{flag} must be a finite number {'>' if strict else '>='} {low:g}, got {value}")
+
+
+def check_which_dataset(dataset: str | None, which: int | None) -> None:
+    """--which_dataset is the 2017 spelling of a CIFAR --dataset: both given, they must agree."""
+    if dataset in ("cifar10", "cifar100") and which is not None and dataset != f"cifar{which}":
+        raise ValueError(f"--dataset {dataset} contradicts --which_dataset {which}")
+
+
+# Seeds go to torch.manual_seed, which takes 0 <= seed < 2**64.
+MAX_SEED = 2 ** 64 - 1
+
+
+def check_seed(flag: str, value: int) -> None:
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{flag} must be an integer in [0, 2**64 - 1], got {value}")
+
+
+# Flags that shape one architecture only: dest -> (the flag as a user writes it, the models it
+# means something to). A flag given for another model is ignored with one printed note rather
+# than refused, so that one command line can be reused across --model values.
+MODEL_FLAGS = {
+    "growth_rate": ("-k", ("densenet", "wrn")),
+    "bottleneck": ("--bottleneck", ("densenet",)),
+    "reduction": ("--reduction", ("densenet",)),
+}
+
+
+def ignored_flags_note(model: str, given: dict) -> str | None:
+    """The note naming the flags in `given` ({dest: value}, the flags on the command line)
+    that mean nothing to `model`, or None when there are none."""
+    names = []
+    for dest, (flag, models) in MODEL_FLAGS.items():
+        if dest in given and model not in models:
+            names.append("--no-bottleneck" if dest == "bottleneck" and given[dest] is False else flag)
+    if not names:
+        return None
+    return f"note: {', '.join(names)} {'means' if len(names) == 1 else 'mean'} nothing to {model}; ignored"

@@ -10,7 +10,8 @@ target speedups) x seeds, each run by train.py's `main` in its own directory und
 a finished run is skipped, an interrupted one resumed, so the command can be stopped and run
 again. Then OUT gets `results.md` and `results.csv` (per strategy and t_0: the paper's and the
 FLOP estimates, the measured wall-clock speedup against the baseline, final validation and test
-error, mean +/- std over seeds, and the change against the baseline) and three figures:
+error, mean +/- std over seeds, and the change against the baseline; the host's load, flagged
+where it exceeded the cores; and in results.md the runs still missing) and three figures:
 `lr_schedules.png` (the paper's Figure 1), `error_vs_speedup.png` (Figure 3's design curve) and
 `error_vs_time.png` (Figure 4).
 """
@@ -18,17 +19,21 @@ from __future__ import annotations
 
 import argparse
 import csv
+import signal
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, HelpFormatter, check_positive, check_t_0,
-                 flag_spellings)
+from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, HelpFormatter, check_positive, check_seed,
+                 check_t_0, check_which_dataset, flag_spellings, ignored_flags_note)
+from checkpoint import run_progress, run_state
+from engine import resolve_device
 from figures import pct, plot_lr_curves, pyplot, schedule_of
 from metrics_logger import read_records
-from models import DEFAULTS, MODELS, build_model, model_name
+from models import DEFAULTS, MODELS, build_model, check_depth, model_name
 from train import main as train_main
 
 STRATEGIES = {  # name: (how_scale, scale_lr)
@@ -101,16 +106,6 @@ def make_grid(settings: dict, out: Path) -> list[Job]:
     return jobs
 
 
-def run_state(run_dir: Path) -> str:
-    """"finished" (a summary record), "interrupted" (a checkpoint, no summary) or "new"."""
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists() and read_records(metrics, "summary"):
-        return "finished"
-    if (run_dir / "checkpoint.pt").exists():
-        return "interrupted"
-    return "new"
-
-
 def run_grid(jobs: list[Job], out: Path) -> None:
     """Run what is not finished, one job after another, with a progress line and an ETA."""
     todo = [job for job in jobs if run_state(out / "runs" / job.name) != "finished"]
@@ -125,7 +120,8 @@ def run_grid(jobs: list[Job], out: Path) -> None:
         start = time.perf_counter()
         print(f"[{i}/{len(todo)}] {job.label}: {'resuming' if state == 'interrupted' else 'starting'}",
               flush=True)
-        train_main(job.argv + (["--resume"] if state == "interrupted" else []))
+        # train.py's own hint ("continue with --resume") is not how a grid continues: left out.
+        train_main(job.argv + (["--resume"] if state == "interrupted" else []), resume_hint=None)
         durations.append(time.perf_counter() - start)
         left = statistics.mean(durations) * (len(todo) - i)
         print(f"[{i}/{len(todo)}] {job.label}: done in {durations[-1]:.0f} s; "
@@ -186,14 +182,29 @@ def summarize(jobs: list[Job], out: Path) -> list[dict]:
             "delta_val_err": None if val is None or base_val is None else val - base_val,
             "delta_test_err": None if test is None or base_test is None else test - base_test,
             "run_dirs": [str(out / "runs" / Job(strategy, setting, c["seed"], target).name) for c in configs],
-            "device": configs[0].get("device"),
+            "device": configs[0].get("device"), **host_load(runs),
         })
     return rows
 
 
+def missing_runs(jobs: list[Job], out: Path, epochs: int) -> list[tuple[Job, str]]:
+    """(job, its state in words) for every run of the grid that has not finished."""
+    states = [(job, run_progress(out / "runs" / job.name, epochs)) for job in jobs]
+    return [(job, state) for job, state in states if state != "finished"]
+
+
+def host_load(runs: list[tuple[dict, dict]]) -> dict:
+    """The highest load average seen at any run's start or end, and whether it exceeded the
+    host's cores: then the runs competed for the CPU and their times are not comparable."""
+    loads = [x for c, s in runs for x in (c.get("load_start"), s.get("load_end")) if x is not None]
+    cores = [c["cpu_count"] for c, _ in runs if c.get("cpu_count")]
+    load = max(loads) if loads else None
+    return {"host_load": load, "busy_host": load is not None and bool(cores) and load > min(cores)}
+
+
 COLUMNS = ["strategy", "t_0", "target_speedup", "seeds", "paper_speedup", "flop_speedup",
            "measured_speedup", "train_time_s", "val_err", "val_err_std", "test_err", "test_err_std",
-           "delta_val_err", "delta_test_err"]
+           "delta_val_err", "delta_test_err", "host_load", "busy_host"]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -203,7 +214,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def write_markdown(rows: list[dict], settings: dict, path: Path) -> None:
+def write_markdown(rows: list[dict], settings: dict, path: Path, missing: list = ()) -> None:
+    """The table, then what it leaves out: `missing` lists (job, state) of unfinished runs."""
     def err(mean, std):
         return "n/a" if mean is None else f"{mean:.2f} ± {std:.2f}"
 
@@ -219,15 +231,26 @@ def write_markdown(rows: list[dict], settings: dict, path: Path) -> None:
         f"device {rows[0]['device'] if rows and rows[0].get('device') else settings['device']}.", "",
         "Speedups are fractions of the baseline's training time (evaluation excluded); errors in %, "
         "mean ± std over seeds; Δ against the baseline.", "",
-        "| strategy | t_0 | paper est. | FLOP est. | measured | train time (s) | val err | Δ val | test err | Δ test |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | t_0 | paper est. | FLOP est. | measured | train time (s) | val err | Δ val | test err | Δ test "
+        "| host load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t0 = f"{r['t_0']:.3g}" + (f" (target {r['target_speedup']:g})" if r["target_speedup"] is not None else "")
         lines.append(
             f"| {r['strategy']} | {t0} | {pct(r['paper_speedup'])} | {pct(r['flop_speedup'])} | "
             f"{pct(r['measured_speedup'])} | {r['train_time_s']:.1f} | {err(r['val_err'], r['val_err_std'])} | "
-            f"{delta(r['delta_val_err'])} | {err(r['test_err'], r['test_err_std'])} | {delta(r['delta_test_err'])} |")
+            f"{delta(r['delta_val_err'])} | {err(r['test_err'], r['test_err_std'])} | {delta(r['delta_test_err'])} | "
+            f"{'n/a' if r.get('host_load') is None else format(r['host_load'], '.1f')}"
+            f"{' ⚠ busy host' if r.get('busy_host') else ''} |")
+    if any(r.get("busy_host") for r in rows):
+        lines += ["", "⚠ busy host: the host's load average (the highest at the runs' starts and ends) "
+                      "exceeded its number of cores, so those runs shared the CPU: their times, and the "
+                      "speedups measured from them, are not reliable."]
+    if missing:
+        lines += ["", "## Missing", "", f"{len(missing)} run(s) of the grid have not finished and are not in "
+                  "the table:", ""]
+        lines += [f"- {job.label} (`runs/{job.name}`): {state}" for job, state in missing]
     lines += ["", "Figures: `lr_schedules.png`, `error_vs_speedup.png`, `error_vs_time.png`.", ""]
     path.write_text("\n".join(lines))
 
@@ -326,6 +349,14 @@ def plot_error_vs_time(rows: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
+def preset_default(key: str, more: str = "") -> str:
+    """What a preset-overriding flag means when it is not given, for its help."""
+    def show(value):
+        return "all" if value is None else " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    values = ", ".join(f"{name} {show(preset[key])}" for name, preset in PRESETS.items())
+    return f"(default: the preset's: {values}{more})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 
@@ -334,20 +365,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("--preset", choices=list(PRESETS), default="quick", help="the grid's settings")
     add("--out", default="reproduction", help="where the runs, the table and the figures go")
-    add("--model", choices=MODELS, default=None, help="override the preset's model")
-    add("-L", "--depth", type=int, default=None, help="override the preset's depth")
-    add("-k", "--growth-rate", type=int, default=None, help="override the preset's k")
-    add("--dataset", choices=DATASETS, default=None, help="override the data set")
-    add("--which_dataset", type=int, choices=[10, 100], default=None, help="classes of the synthetic set")
-    add("--epochs", type=int, default=None, help="override the preset's epochs")
-    add("--batch_size", type=int, default=None, help="override the preset's batch size")
-    add("--subset", type=int, default=None, help="cap every split at its first N images")
-    add("--t0s", type=float, nargs="+", default=None, help="t_0 values of the grid")
+    add("--model", choices=MODELS, default=None, help="the model " + preset_default("model"))
+    add("-L", "--depth", type=int, default=None,
+        help="the depth " + preset_default("depth", "; with --model, that model's default"))
+    add("-k", "--growth-rate", type=int, default=None,
+        help="DenseNet growth rate or WRN widening factor; unused by vgg "
+             + preset_default("growth_rate", "; with --model, that model's default"))
+    add("--dataset", choices=DATASETS, default=None, help="the data set " + preset_default("dataset"))
+    add("--which_dataset", type=int, choices=[10, 100], default=None,
+        help="classes of the synthetic set (default: the preset's: quick 10; else 100)")
+    add("--epochs", type=int, default=None, help="training epochs " + preset_default("epochs"))
+    add("--batch_size", type=int, default=None, help="batch size " + preset_default("batch_size"))
+    add("--subset", type=int, default=None,
+        help="cap every split at its first N images " + preset_default("subset"))
+    add("--t0s", type=float, nargs="+", default=None, help="t_0 values of the grid " + preset_default("t0s"))
     add("--target-speedups", type=float, nargs="+", default=None,
-        help="instead of t_0 values: target speedups, each strategy's t_0 solved from its estimate")
+        help="instead of t_0 values: target speedups, each strategy's t_0 solved from its estimate "
+             "(default: none, use the t_0 values)")
     add("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES),
-        help="strategies of the grid")
-    add("--seeds", type=int, nargs="+", default=None, help="seeds (default: the preset's)")
+        help="strategies of the grid (default: all four)")
+    add("--seeds", type=int, nargs="+", default=None, help="seeds " + preset_default("seeds"))
     add("--device", choices=DEVICES, default="auto", help="device of every run")
     add("--amp", choices=AMP_MODES, default="off", help="mixed precision of every run")
     add("--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
@@ -366,8 +403,10 @@ def resolve_settings(args) -> dict:
                 "subset", "t0s", "seeds"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    if args.model is not None and args.depth is None:
-        settings["depth"], settings["growth_rate"] = DEFAULTS[args.model]
+    if args.model is not None:  # the preset's sizes belong to its model
+        depth, width = DEFAULTS[args.model]
+        settings["depth"] = depth if args.depth is None else args.depth
+        settings["growth_rate"] = width if args.growth_rate is None else args.growth_rate
     settings.update(strategies=args.strategies, targets=args.target_speedups, device=args.device,
                     amp=args.amp, data_root=args.data_root, preset=args.preset, cuda_graphs=args.cuda_graphs)
     return settings
@@ -382,9 +421,19 @@ def check(args, settings: dict, parser) -> None:
         for s in settings["targets"] or []:
             if not 0 < s < 1:
                 raise ValueError(f"--target-speedups: every target must be in (0, 1), got {s}")
-        check_positive({f"--{key}": settings[key] for key in ("epochs", "batch_size", "subset")})
+        check_positive({**{f"--{key}": settings[key] for key in ("epochs", "batch_size", "subset")},
+                        "-k/--growth-rate": settings["growth_rate"] if settings["model"] != "vgg" else None})
+        check_depth(settings["model"], settings["depth"])
+        for seed in settings["seeds"]:
+            check_seed("--seeds: every seed", seed)
+        check_which_dataset(settings["dataset"], settings["which_dataset"])
+        resolve_device(settings["device"])
     except ValueError as e:
         parser.error(str(e))
+    if args.growth_rate is not None:
+        note = ignored_flags_note(settings["model"], {"growth_rate": args.growth_rate})
+        if note:
+            print(f"{parser.prog}: {note}", file=sys.stderr)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is not a directory")
@@ -392,8 +441,14 @@ def check(args, settings: dict, parser) -> None:
 
 def report(jobs: list[Job], settings: dict, out: Path) -> list[dict]:
     rows = summarize(jobs, out)
+    missing = missing_runs(jobs, out, settings["epochs"])
     write_csv(rows, out / "results.csv")
-    write_markdown(rows, settings, out / "results.md")
+    write_markdown(rows, settings, out / "results.md", missing)
+    if missing:
+        started = sum(state != "not started" for _, state in missing)
+        print(f"{len(jobs) - len(missing)} of {len(jobs)} runs finished; the table leaves out "
+              f"{len(missing) - started} not started and {started} interrupted (listed in "
+              f"{out / 'results.md'})")
     model = build_model(settings["model"], settings["depth"], settings["growth_rate"], num_classes=10)
     middle = sorted(settings["t0s"])[len(settings["t0s"]) // 2]
     plot_lr_schedules(len(model.freeze_units()), middle, out / "lr_schedules.png")
@@ -411,7 +466,15 @@ def main(argv=None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     jobs = make_grid(settings, out)
     if not args.report_only:
-        run_grid(jobs, out)
+        try:
+            run_grid(jobs, out)
+        except (SystemExit, KeyboardInterrupt) as e:  # Ctrl-C or SIGTERM, inside a run or between
+            code = e.code if isinstance(e, SystemExit) else 128 + signal.SIGINT
+            if code not in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+                raise
+            print(f"{parser.prog}: stopped; run the same command again to continue where it stopped "
+                  "(finished runs are kept, the interrupted one resumes)", file=sys.stderr)
+            raise SystemExit(code) from None
     rows = report(jobs, settings, out)
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'} and 3 figures in {out}")
     return rows

@@ -6,9 +6,10 @@
     python train.py --t_0 1                 # the baseline: plain cosine annealing, no freezing
 
 Every run writes `OUT_DIR/NAME/metrics.jsonl` (a `config` record first, one `epoch` record per
-epoch, a `summary` record last) and `OUT_DIR/NAME/checkpoint.pt` after every epoch. SIGINT or
-SIGTERM stop it after the current step with a checkpoint (exit code 130 / 143); `--resume`
-continues it exactly where it stopped. `python train.py -h` lists the flags with their defaults.
+epoch, a `summary` record last) and `OUT_DIR/NAME/checkpoint.pt` as it starts (step 0) and after
+every epoch. SIGINT or SIGTERM stop it after the current step with a checkpoint (exit code
+130 / 143); `--resume` continues it exactly where it stopped, whatever stopped it. `python
+train.py -h` lists the flags with their defaults.
 
 This file is the command line and the run (start or resume, the epoch loop, the summary);
 the machinery lives in engine.py, checkpoint.py, loaders.py, models.py and utils.py.
@@ -27,9 +28,11 @@ import torch
 import torch.distributed
 from tqdm import tqdm
 
-from checkpoint import check_resume_flags, host_info, open_run, restore, save_checkpoint
+from checkpoint import (check_resume_flags, describe_checkpoint, host_info, load_average, open_run, restore,
+                        save_checkpoint, save_first_checkpoint)
 from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, LOADERS, SCALINGS, HelpFormatter,
-                 check_positive, check_range, check_t_0, flag_spellings)
+                 check_at_least, check_positive, check_range, check_seed, check_t_0, check_which_dataset,
+                 flag_spellings, ignored_flags_note)
 from distributed import Distributed, check_replicas_agree, init_distributed
 from engine import (NO_STEP, Diverged, StopSignals, Training, build_training, effective_amp,
                     epoch_stats, evaluate, new_position, resolve_device, seed_everything,
@@ -74,9 +77,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     add(model, "-k", "--growth-rate", type=int,
         help="DenseNet growth rate or WRN widening factor k; unused by vgg "
              "(default: 12 for densenet, 4 for wrn)")
-    add(model, "--bottleneck", action=argparse.BooleanOptionalAction, default=True,
-        help="DenseNet-BC bottleneck layers, or plain DenseNet layers with --no-bottleneck; "
-             "densenet only (default: bottleneck)")
+    # Each pair of opposite switches is a mutually exclusive group: given both, argparse
+    # refuses with one line instead of letting the last one win.
+    bottleneck = model.add_mutually_exclusive_group()
+    add(bottleneck, "--bottleneck", dest="bottleneck", action="store_true", default=True,
+        help="DenseNet-BC bottleneck layers; densenet only (the default)")
+    add(bottleneck, "--no-bottleneck", dest="bottleneck", action="store_false",
+        help="plain DenseNet layers; densenet only (default: bottleneck)")
     add(model, "--reduction", type=float, default=0.5, help="DenseNet transition compression theta")
     add(model, "--dropout", type=float, default=0.0,
         help="dropout rate: after each DenseNet convolution, between a WRN block's convolutions, "
@@ -90,15 +97,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
              "the number of classes (default: 100)")
     add(data, "--data-root", default="./data", help="where CIFAR lives or is downloaded to")
     add(data, "--subset", type=int, help="cap every split at its first N images (default: all)")
-    add(data, "--augment", dest="augment", action="store_true", default=True,
+    augment = data.add_mutually_exclusive_group()
+    add(augment, "--augment", dest="augment", action="store_true", default=True,
         help="random crop (pad 4) and horizontal flip (the default)")
-    add(data, "--no-augment", dest="augment", action="store_false",
+    add(augment, "--no-augment", dest="augment", action="store_false",
         help="no data augmentation (default: augment)")
-    add(data, "--validate", dest="eval_mode", action="store_const", const="val", default="val",
+    validate = data.add_mutually_exclusive_group()
+    add(validate, "--validate", dest="eval_mode", action="store_const", const="val", default="val",
         help="train on the first 45,000 images, evaluate on the last 5,000 each epoch (the default)")
-    add(data, "--validate-test", dest="eval_mode", action="store_const", const="test",
+    add(validate, "--validate-test", dest="eval_mode", action="store_const", const="test",
         help="train on all 50,000 images, evaluate on the test set each epoch (default: --validate)")
-    add(data, "--no-validate", dest="eval_mode", action="store_const", const="none",
+    add(validate, "--no-validate", dest="eval_mode", action="store_const", const="none",
         help="train on all 50,000 images, no per-epoch evaluation (default: --validate)")
     add(data, "--loader", choices=LOADERS, default="auto",
         help="tensor: the data set stays on the device, augmented in batches there; "
@@ -166,11 +175,12 @@ def check_args(args, explicit: set) -> None:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     check_range("--dropout", args.dropout, 0.0, 1.0, high_open=True)
     check_range("--reduction", args.reduction, 0.0, 1.0, low_open=True)
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
-    if args.dataset in ("cifar10", "cifar100") and args.which_dataset is not None \
-            and args.dataset != f"cifar{args.which_dataset}":
-        raise ValueError(f"--dataset {args.dataset} contradicts --which_dataset {args.which_dataset}")
+    check_at_least("--lr", args.lr, 0.0, strict=True)
+    check_range("--momentum", args.momentum, 0.0, 1.0, high_open=True)
+    check_at_least("--weight-decay", args.weight_decay, 0.0)
+    check_seed("--seed", args.seed)
+    check_range("--target-speedup", args.target_speedup, 0.0, 1.0, low_open=True, high_open=True)
+    check_which_dataset(args.dataset, args.which_dataset)
     if args.target_speedup is not None and "t_0" in explicit:
         raise ValueError("give --t_0 or --target-speedup, not both")
     check_depth(args.model, args.depth, args.bottleneck)
@@ -258,7 +268,8 @@ def describe(config: dict, splits) -> str:
         f"  {config['params']:,} parameters in {config['n_units']} FreezeOut units; "
         f"{config['steps_per_epoch']} steps/epoch x {config['epochs']} epochs = {config['total_steps']:,} steps",
         f"  {config['how_scale']}, {'scaled' if config['scale_lr'] else 'unscaled'}, t_0 = {config['t_0']:g}: "
-        f"first unit freezes at {config['t_i'][0]:.1%} of the run",
+        + ("baseline: no unit freezes" if config["t_0"] >= 1 else
+           f"first unit freezes at {config['t_i'][0]:.1%} of the run"),
         f"  estimated speedup: {'n/a' if paper is None else f'{paper:.1%}'} (paper), "
         f"{config['flop_speedup']:.1%} (FLOPs)",
         f"  device {config['device']}"
@@ -294,14 +305,16 @@ class NoLog:
 
 
 def start_run(config: dict, training: Training, splits, run_dir: Path, per_epoch: int) -> None:
-    """Complete the config with what only the built run knows, make the run directory and
-    write the config record first."""
+    """Complete the config with what only the built run knows, make the run directory, write
+    the config record first, then the step-0 checkpoint: from then on the run can be continued
+    with --resume whatever stops it."""
     dist, scheduler = training.dist, training.scheduler
     config.update(num_classes=splits.num_classes, params=sum(p.numel() for p in training.model.parameters()),
                   n_units=len(training.units), t_i=scheduler.t_i, steps_per_epoch=per_epoch,
                   total_steps=scheduler.total_steps, train_images=len(splits.train),
                   world_size=dist.world_size, per_rank_batch_size=config["batch_size"] // dist.world_size,
                   loader_used=choose_loader(config["loader"], splits, training.device),
+                  load_start=load_average(), cpu_count=os.cpu_count(),
                   **run_estimates(training.model, training.units, scheduler.t_i, scheduler.total_steps,
                                   config["paper_speedup"]))
     if dist.is_main:
@@ -310,8 +323,11 @@ def start_run(config: dict, training: Training, splits, run_dir: Path, per_epoch
         except OSError as e:
             raise RunError(f"--out-dir {config['out_dir']}: cannot create {run_dir} "
                            f"({e.strerror or e})") from None
-        with MetricsLogger(run_dir / "metrics.jsonl") as log:
-            log.log("config", **config, host=host_info(training.device))
+        # Replaces the file: a run started again (it stopped before its first checkpoint)
+        # keeps none of the records of its first start.
+        write_records(run_dir / "metrics.jsonl",
+                      [{"event": "config", **config, "host": host_info(training.device)}])
+    save_first_checkpoint(run_dir, training, config)  # every rank: it gathers their RNG states
 
 
 def resume_run(checkpoint: dict, training: Training, run_dir: Path) -> tuple[int, float, dict]:
@@ -330,8 +346,8 @@ def resume_run(checkpoint: dict, training: Training, run_dir: Path) -> tuple[int
 
 
 def stopped_by(signum: int, where: str, run_dir: Path) -> Stopped:
-    return Stopped(signum, f"stopped by {signal.Signals(signum).name} {where}; checkpoint written: "
-                           f"continue with --resume (run directory {run_dir})")
+    return Stopped(signum, f"stopped by {signal.Signals(signum).name} {where}; checkpoint written "
+                           f"(run directory {run_dir})")
 
 
 def fit(config: dict, training: Training, loaders, run_dir: Path, done_epochs: int,
@@ -426,7 +442,7 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None, dist: Distributed 
             train_time_s=train_time, val_err=last_eval[1] if config["eval_mode"] == "val" else None,
             test_loss=test_loss, test_err=test_err, estimated_speedup=config["estimated_speedup"],
             paper_speedup=config["paper_speedup"], flop_speedup=config["flop_speedup"],
-            frozen_at=training.scheduler.frozen_at)
+            frozen_at=training.scheduler.frozen_at, load_end=load_average())
     if dist.is_main:
         print(f"done: test error {test_err:.2f}%, training time {train_time:.1f} s; results in {run_dir}")
     return summary
@@ -445,8 +461,27 @@ def choose_step(config: dict, device: torch.device, dist: Distributed, parser) -
     return {"amp_effective": amp, "training_step": "graphed" if graphed else "eager"}
 
 
-def main(argv=None) -> dict:
-    """Train as the command line says; return the run's summary record."""
+def failure(error: BaseException, config: dict, resume_hint: str | None) -> str:
+    """The one line for what ended a run early, true about what the run directory holds."""
+    run_dir = Path(config["run_dir"])
+    hint = f"; {resume_hint}" if resume_hint else ""
+    if isinstance(error, Diverged):
+        per_epoch = config["steps_per_epoch"]
+        return (f"{error} (epoch {error.step // per_epoch + 1}, batch {error.step % per_epoch}); "
+                f"{describe_checkpoint(run_dir)}")
+    if isinstance(error, Stopped):
+        return f"{error}{hint}"
+    if isinstance(error, KeyboardInterrupt):
+        if (run_dir / "checkpoint.pt").exists() or (run_dir / "metrics.jsonl").exists():
+            return f"interrupted (run directory {run_dir}){hint}"
+        return "interrupted before the run started; nothing was written"
+    return str(error)
+
+
+def main(argv=None, *, resume_hint: str | None = "continue with --resume") -> dict:
+    """Train as the command line says; return the run's summary record. A run that stops
+    early raises SystemExit after one line on stderr ending with `resume_hint` where it can be
+    continued (a caller that continues runs its own way, as reproduce.py, passes None)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, args, explicit = parse_args(argv)
     try:
@@ -455,38 +490,32 @@ def main(argv=None) -> dict:
         parser.error(str(e))
     dist, device = init_distributed(torch.device(config["device"]))
     config["device"] = str(device)
-
-    def fail(message: str, code: int = 1) -> None:
-        if dist.is_main:
-            print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(code)
-
+    note = ignored_flags_note(args.model, {dest: getattr(args, dest) for dest in explicit})
+    if note and dist.is_main:
+        print(f"{parser.prog}: {note}", file=sys.stderr)
     try:
         prepared = open_run(config, dist, args.resume, "--name",
                             lambda saved: check_resume_flags(saved["args"], args, explicit))
         if prepared.error is not None:
             if prepared.exit_code == 2 and dist.is_main:
                 parser.print_usage(sys.stderr)
-            fail(prepared.error, prepared.exit_code)
+            if dist.is_main:
+                print(f"{parser.prog}: error: {prepared.error}", file=sys.stderr)
+            raise SystemExit(prepared.exit_code)
         config = {**prepared.config, **choose_step(prepared.config, device, dist, parser)}
         if prepared.finished is not None:
             if dist.is_main:
                 print(f"{config['run_dir']} has already finished; nothing to resume")
             return prepared.finished
+        if prepared.notice is not None and dist.is_main:
+            print(prepared.notice, flush=True)
         return run(config, Path(config["run_dir"]), prepared.checkpoint, dist)
-    except Diverged as e:
-        per_epoch = config["steps_per_epoch"]
-        fail(f"{e} (epoch {e.step // per_epoch + 1}, batch {e.step % per_epoch}); the last good "
-             f"checkpoint is kept in {config['run_dir']}")
-    except (RunError, DataError) as e:
-        fail(str(e), 1)
-    except Stopped as e:
-        if dist.is_main:
-            print(f"{parser.prog}: {e}", file=sys.stderr)
-        raise SystemExit(128 + e.signum) from None
-    except KeyboardInterrupt:
-        fail(f"interrupted; continue from the last checkpoint with --resume "
-             f"(run directory {config['run_dir']})", 128 + signal.SIGINT)
+    except (RunError, DataError, Stopped, KeyboardInterrupt) as e:
+        if dist.is_main:  # a stop by signal is not an error: the run did what it was asked
+            prefix = "" if isinstance(e, Stopped) else "error: "
+            print(f"{parser.prog}: {prefix}{failure(e, config, resume_hint)}", file=sys.stderr)
+        stopped = 128 + e.signum if isinstance(e, Stopped) else 128 + signal.SIGINT
+        raise SystemExit(stopped if isinstance(e, (Stopped, KeyboardInterrupt)) else 1) from None
     finally:
         if dist.enabled:
             torch.distributed.destroy_process_group()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,9 @@ def calc_speedup(growth_rate: int, n_dense_blocks: int, t_0: float, how_scale: s
     0.177813
     """
     t_0, power = check_t_0(t_0), SCALE_POWERS[check_how_scale(how_scale)]
+    _check_count("growth_rate", growth_rate, "the DenseNet growth rate k, 12 in the paper")
+    _check_count("n_dense_blocks", n_dense_blocks,
+                 "the number of layers in each dense block, (L - 4) / 6: 12 for L=76")
     k = growth_rate
     costs = [3 * 2 * k * 32 * 32 * 9]  # stem: 3 -> 2k channels, 3x3, at 32x32
     n = 2  # input channels of the next layer, in units of k
@@ -64,6 +69,13 @@ def calc_speedup(growth_rate: int, n_dense_blocks: int, t_0: float, how_scale: s
     freezeout_cost = sum(costs) + sum(c * t_i for c, t_i in zip(costs, t))
     speedup = 1 - freezeout_cost / (2 * sum(costs))
     return 1.3 * speedup if how_scale == "linear" else speedup
+
+
+def _check_count(name: str, value, meaning: str) -> None:
+    """A count of channels or layers: a positive integer (a bool or 12.0 is a mistake, not a
+    count); with 0 or a negative value the formula would return a number for no network."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"calc_speedup: {name} is {meaning}; it must be a positive integer, got {value!r}")
 
 
 def solve_t_0(target: float, estimate: Callable[[float], float], what: str = "the estimate") -> float:
@@ -145,12 +157,14 @@ def load_cifar(name: str, root: str | os.PathLike) -> tuple[ImageSet, ImageSet]:
         train, test = cls(root, train=True), cls(root, train=False)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted"
         had_files = (root / cls.base_folder).exists()
+        before = _download_traces(root, cls)
         try:
             # torchvision reports its progress on stdout; keep stdout for our own output.
             with contextlib.redirect_stdout(sys.stderr):
                 train = cls(root, train=True, download=True)
                 test = cls(root, train=False, download=True)
         except Exception as e:  # no network, a failed write, a checksum that still fails
+            _remove_failed_download(root, cls, before)
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if had_files:
                 raise DataError(f"{pretty} files under {root} are missing or corrupted (checksum "
@@ -159,6 +173,34 @@ def load_cifar(name: str, root: str | os.PathLike) -> tuple[ImageSet, ImageSet]:
             raise DataError(f"{pretty} could not be found under {root} or downloaded ({reason}); "
                             f"pass --data-root with a copy of it, or use --dataset synthetic") from None
     return _to_imageset(train), _to_imageset(test)
+
+
+def _download_traces(root: Path, cls) -> dict:
+    """What a download may leave behind, noted before it starts: the directories up to the
+    first existing ancestor of `root` (torchvision makes them all), and whether the archive
+    and the extracted folder were already there."""
+    missing, path = [], root.absolute()
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    return {"missing_dirs": missing, "archive": (root / cls.filename).exists(),
+            "folder": (root / cls.base_folder).exists()}
+
+
+def _remove_failed_download(root: Path, cls, before: dict) -> None:
+    """Undo what a failed download made, and only that: the partial archive and extracted
+    folder if they are new, then the directories it created, each only if it is now empty.
+    A failed start leaves the file system as it found it (no stray empty ./data)."""
+    with contextlib.suppress(OSError):
+        if not before["archive"] and (root / cls.filename).is_file():
+            (root / cls.filename).unlink()
+        if not before["folder"] and (root / cls.base_folder).is_dir():
+            shutil.rmtree(root / cls.base_folder)
+    for directory in before["missing_dirs"]:  # deepest first
+        try:
+            directory.rmdir()  # refuses a directory that is not empty
+        except OSError:
+            break
 
 
 def _to_imageset(ds) -> ImageSet:

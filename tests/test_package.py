@@ -1,0 +1,69 @@
+"""`pip install .` installs the library, freezeout, and nothing else: the scripts' generic
+module names (utils, train, models, ...) stay out of the user's site-packages."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # a pip build and install: about 10 s
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT_MODULES = ["utils", "train", "models", "engine", "checkpoint", "cli", "loaders", "densenet", "wrn",
+                  "vgg", "layers", "metrics_logger", "distributed", "figures", "benchmark", "reproduce", "plot"]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """The repository, copied (a build writes build/ and *.egg-info next to the sources), then
+    installed with pip into a target directory: offline, with the setuptools already here."""
+    tmp = tmp_path_factory.mktemp("package")
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "__pycache__", "runs", "data", "reproduction", "build", "*.egg-info", ".pytest_cache"))
+    target = tmp / "site"
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                        "--no-index", "--disable-pip-version-check", "--target", str(target), str(source)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return target
+
+
+def in_elsewhere(tmp_path: Path, target: Path, code: str) -> subprocess.CompletedProcess:
+    """Run `code` from a directory of the user's own, with only the installed package added."""
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+
+def test_only_freezeout_is_installed(installed):
+    names = {p.name for p in installed.iterdir()} - {"__pycache__"}
+    assert names == {"freezeout.py", "freezeout-0.2.0.dist-info"}, names
+    metadata = (installed / "freezeout-0.2.0.dist-info" / "METADATA").read_text()
+    assert "Name: freezeout" in metadata and "Requires-Dist: torch>=2.1" in metadata
+    assert "Requires-Python: >=3.10" in metadata
+
+
+def test_import_freezeout_from_another_directory(tmp_path, installed):
+    code = ("import freezeout, torch\n"
+            "from freezeout import FreezeOut, param_groups\n"
+            "units = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]\n"
+            "opt = torch.optim.SGD(param_groups(units), lr=0.1)\n"
+            "s = FreezeOut(opt, units, total_steps=4, t_0=0.5)\n"
+            "print(freezeout.__file__)")
+    p = in_elsewhere(tmp_path, installed, code)
+    assert p.returncode == 0, p.stderr
+    assert Path(p.stdout.strip()).parent == installed
+
+
+def test_the_scripts_modules_are_not_importable_from_the_install(tmp_path, installed):
+    code = ("import importlib.util, sys\n"
+            f"target = {str(installed)!r}\n"
+            f"for name in {SCRIPT_MODULES!r}:\n"
+            "    spec = importlib.util.find_spec(name)\n"
+            "    if spec is not None and spec.origin and spec.origin.startswith(target):\n"
+            "        print(name)\n")
+    p = in_elsewhere(tmp_path, installed, code)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == []

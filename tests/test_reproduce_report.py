@@ -1,0 +1,149 @@
+"""reproduce.py's report says what it leaves out and flags busy hosts; a stopped grid says
+how to continue it."""
+import csv
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+import engine
+import reproduce
+from metrics_logger import MetricsLogger
+
+TINY = ["-L", "10", "-k", "4", "--dataset", "synthetic", "--which_dataset", "10", "--subset", "64",
+        "--batch_size", "32", "--epochs", "2", "--t0s", "0.5", "--strategies", "cubic-scaled",
+        "--seeds", "0", "--device", "cpu"]
+# The grid of these flags: the baseline, then linear-scaled and cubic-scaled at t_0 0.3 and 0.5.
+GRID = ["-L", "10", "-k", "4", "--epochs", "2", "--t0s", "0.3", "0.5", "--strategies", "linear-scaled",
+        "cubic-scaled", "--seeds", "0", "--device", "cpu"]
+JOBS = ["baseline_s0", "linear-scaled_t0-0.3_s0", "linear-scaled_t0-0.5_s0", "cubic-scaled_t0-0.3_s0",
+        "cubic-scaled_t0-0.5_s0"]
+
+
+def fabricate(out: Path, name: str, t_0: float, time_s: float, epochs_done: int = 2, finished: bool = True,
+              load: tuple = (0.5, 0.5), cores: int = 2) -> None:
+    """A run directory as train.py writes it, by hand."""
+    run_dir = out / "runs" / name
+    with MetricsLogger(run_dir / "metrics.jsonl") as log:
+        log.log("config", t_0=t_0, seed=0, paper_speedup=0.1, flop_speedup=0.12, device="cpu",
+                load_start=load[0], cpu_count=cores)
+        for e in range(1, epochs_done + 1):
+            log.log("epoch", epoch=e, train_time_s=time_s / 2, val_err=20.0 - e)
+        if finished:
+            log.log("summary", train_time_s=time_s, val_err=18.0, test_err=19.0, load_end=load[1])
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    # The report's figures are another test file's concern; these tests read the table.
+    for name in ("plot_lr_schedules", "plot_error_vs_speedup", "plot_error_vs_time"):
+        monkeypatch.setattr(reproduce, name, lambda *args, **kwargs: None)
+
+
+def test_report_only_lists_what_is_missing(tmp_path, capsys, no_figures):
+    fabricate(tmp_path, JOBS[0], 1.0, 100.0)
+    fabricate(tmp_path, JOBS[1], 0.3, 60.0)
+    fabricate(tmp_path, JOBS[3], 0.3, 50.0, epochs_done=1, finished=False)  # interrupted in epoch 2
+    # JOBS[2] and JOBS[4] were never started.
+    rows = reproduce.main([*GRID, "--out", str(tmp_path), "--report-only"])
+    assert [r["strategy"] for r in rows] == ["baseline", "linear-scaled"]
+    printed = capsys.readouterr().out
+    assert ("2 of 5 runs finished; the table leaves out 2 not started and 1 interrupted "
+            f"(listed in {tmp_path / 'results.md'})") in printed
+    md = (tmp_path / "results.md").read_text()
+    missing = md[md.index("## Missing"):]
+    assert "3 run(s) of the grid have not finished" in missing
+    assert "- linear-scaled t_0 0.5, seed 0 (`runs/linear-scaled_t0-0.5_s0`): not started" in missing
+    assert "- cubic-scaled t_0 0.3, seed 0 (`runs/cubic-scaled_t0-0.3_s0`): interrupted (1 of 2 epochs done)" \
+        in missing
+    assert "- cubic-scaled t_0 0.5, seed 0 (`runs/cubic-scaled_t0-0.5_s0`): not started" in missing
+    assert JOBS[0] not in missing and JOBS[1] not in missing
+
+
+def test_a_complete_grid_has_no_missing_section(tmp_path, capsys, no_figures):
+    for name, t_0 in zip(JOBS, (1.0, 0.3, 0.5, 0.3, 0.5)):
+        fabricate(tmp_path, name, t_0, 100.0 * t_0)
+    reproduce.main([*GRID, "--out", str(tmp_path), "--report-only"])
+    assert "Missing" not in (tmp_path / "results.md").read_text()
+    assert "leaves out" not in capsys.readouterr().out
+
+
+def test_rows_from_a_busy_host_are_flagged(tmp_path, no_figures):
+    fabricate(tmp_path, JOBS[0], 1.0, 100.0, load=(0.4, 1.9))
+    fabricate(tmp_path, JOBS[1], 0.3, 60.0, load=(3.5, 1.0))  # more load than the 2 cores
+    rows = reproduce.main([*GRID, "--out", str(tmp_path), "--report-only"])
+    base, busy = rows
+    assert (base["host_load"], base["busy_host"]) == (1.9, False)
+    assert (busy["host_load"], busy["busy_host"]) == (3.5, True)
+    md = (tmp_path / "results.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table[0].endswith("| host load |")
+    assert table[1].startswith("| baseline |") and table[1].endswith("| 1.9 |")
+    assert table[2].startswith("| linear-scaled |") and table[2].endswith("| 3.5 ⚠ busy host |")
+    assert "⚠ busy host: the host's load average" in md and "exceeded its number of cores" in md
+    with open(tmp_path / "results.csv") as f:
+        assert [r["busy_host"] for r in csv.DictReader(f)] == ["False", "True"]
+
+
+def test_runs_without_load_records_show_na(tmp_path, no_figures):
+    run_dir = tmp_path / "runs" / JOBS[0]
+    with MetricsLogger(run_dir / "metrics.jsonl") as log:  # a run written before loads were recorded
+        log.log("config", t_0=1.0, seed=0, paper_speedup=0.0, flop_speedup=0.0)
+        log.log("summary", train_time_s=10.0, val_err=10.0, test_err=11.0)
+    rows = reproduce.main([*GRID, "--out", str(tmp_path), "--report-only"])
+    assert rows[0]["host_load"] is None and rows[0]["busy_host"] is False
+    assert "| n/a |" in (tmp_path / "results.md").read_text()
+    assert "⚠" not in (tmp_path / "results.md").read_text()
+
+
+# -- a stopped grid: how to continue it --------------------------------------------------
+@pytest.mark.parametrize("stop,code", [(SystemExit(130), 130), (SystemExit(143), 143),
+                                       (KeyboardInterrupt(), 130)])
+def test_a_stop_says_to_run_the_same_command_again(tmp_path, capsys, monkeypatch, stop, code):
+    def stopped(argv, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(reproduce, "train_main", stopped)
+    with pytest.raises(SystemExit) as info:
+        reproduce.main([*TINY, "--out", str(tmp_path)])
+    assert info.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(": stopped; run the same command again to continue where it stopped "
+                            "(finished runs are kept, the interrupted one resumes)")  # after the prog name
+    assert not any("--resume" in line for line in err)
+
+
+def test_errors_other_than_a_stop_keep_their_exit_code(tmp_path, capsys, monkeypatch):
+    def data_error(argv, **kwargs):
+        raise SystemExit(1)
+
+    monkeypatch.setattr(reproduce, "train_main", data_error)
+    with pytest.raises(SystemExit) as info:
+        reproduce.main([*TINY, "--out", str(tmp_path)])
+    assert info.value.code == 1 and "stopped;" not in capsys.readouterr().err
+
+
+def test_ctrl_c_inside_a_real_run_then_the_same_command_continues(tmp_path, capsys, monkeypatch, no_figures):
+    real_step, calls = engine.train_step, []
+
+    def step_then_sigint(*args):
+        calls.append(1)
+        if len(calls) == 3:  # the baseline's second epoch
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args)
+
+    monkeypatch.setattr(engine, "train_step", step_then_sigint)
+    with pytest.raises(SystemExit) as info:
+        reproduce.main([*TINY, "--out", str(tmp_path)])
+    assert info.value.code == 128 + signal.SIGINT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ": stopped; run the same command again" in err[-1]
+    assert "stopped by SIGINT in epoch 2" in err[-2] and "checkpoint written" in err[-2]
+    assert not any("--resume" in line for line in err), err
+
+    monkeypatch.setattr(engine, "train_step", real_step)
+    rows = reproduce.main([*TINY, "--out", str(tmp_path)])
+    assert "baseline, seed 0: resuming" in capsys.readouterr().out
+    assert [r["strategy"] for r in rows] == ["baseline", "cubic-scaled"]

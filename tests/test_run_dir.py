@@ -1,0 +1,233 @@
+"""A run can be continued at every moment: the step-0 checkpoint, --resume of a run that
+stopped before any checkpoint, and messages that say what the run directory really holds."""
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import engine
+import train
+from metrics_logger import read_records
+
+ROOT = Path(__file__).resolve().parents[1]
+# 6 steps per epoch, 3 epochs, dropout: the RNG stream matters to the result.
+TINY = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "96", "-L", "10", "-k", "4",
+        "--batch_size", "16", "--device", "cpu", "--epochs", "3", "--dropout", "0.1", "--t_0", "0.5"]
+
+
+def same_state(a, b) -> bool:
+    """Nested state dicts equal, tensors bit for bit."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+def final_state(run_dir: Path) -> dict:
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    return {k: ckpt[k] for k in ("model", "optimizer", "scheduler", "epoch", "step")}
+
+
+def events(run_dir: Path) -> list:
+    return [r["event"] for r in read_records(run_dir / "metrics.jsonl")]
+
+
+def last_err_line(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> Path:
+    """An uninterrupted run of TINY."""
+    out = tmp_path_factory.mktemp("whole")
+    train.main([*TINY, "--out-dir", str(out), "--name", "whole"])
+    return out / "whole"
+
+
+def stop_after_step_0_checkpoint(monkeypatch, out: Path, name: str) -> SystemExit:
+    """Start a run and stop it (as a second Ctrl-C would) right after its step-0 checkpoint."""
+    real = checkpoint.save_checkpoint
+
+    def save_then_stop(path, training, config, epoch, step, *rest):
+        real(path, training, config, epoch, step, *rest)
+        if step == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
+    with pytest.raises(SystemExit) as stopped:
+        train.main([*TINY, "--out-dir", str(out), "--name", name])
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
+    return stopped.value
+
+
+# -- the step-0 checkpoint ----------------------------------------------------------------
+def test_a_run_checkpoints_at_step_0_and_resumes_from_it_bit_for_bit(tmp_path, monkeypatch, capsys, whole):
+    stopped = stop_after_step_0_checkpoint(monkeypatch, tmp_path, "cut")
+    assert stopped.code == 128 + signal.SIGINT
+    line = last_err_line(capsys)
+    assert f"interrupted (run directory {tmp_path / 'cut'}); continue with --resume" in line
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["position"], ckpt["train_time_s"]) == (0, 0, None, 0.0)
+    assert events(tmp_path / "cut") == ["config"]
+
+    train.main([*TINY, "--out-dir", str(tmp_path), "--name", "cut", "--resume"])
+    assert same_state(final_state(tmp_path / "cut"), final_state(whole))
+    assert events(tmp_path / "cut") == ["config", "epoch", "epoch", "epoch", "summary"]
+    cut, ref = (read_records(d / "metrics.jsonl", "epoch") for d in (tmp_path / "cut", whole))
+    assert [r["train_loss"] for r in cut] == [r["train_loss"] for r in ref]
+
+
+def test_records_carry_the_hosts_load(whole):
+    config = read_records(whole / "metrics.jsonl", "config")[0]
+    summary = read_records(whole / "metrics.jsonl", "summary")[0]
+    assert config["load_start"] >= 0 and config["cpu_count"] >= 1 and summary["load_end"] >= 0
+
+
+# -- a run that stopped before its first checkpoint ---------------------------------------
+def only_config_left(monkeypatch, out: Path, name: str) -> Path:
+    """A run directory as a kill -9 between the config record and the first checkpoint leaves it."""
+    stop_after_step_0_checkpoint(monkeypatch, out, name)
+    (out / name / "checkpoint.pt").unlink()
+    return out / name
+
+
+def test_resume_starts_a_run_with_no_checkpoint_again_from_step_0(tmp_path, monkeypatch, capsys, whole):
+    run_dir = only_config_left(monkeypatch, tmp_path, "early")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # a new run there would overwrite it: refused,
+        train.main([*TINY, "--out-dir", str(tmp_path), "--name", "early"])
+    assert refused.value.code == 1 and "continue it with --resume" in last_err_line(capsys)
+
+    train.main(["--out-dir", str(tmp_path), "--name", "early", "--resume"])  # and that works
+    out = capsys.readouterr().out
+    assert (f"no checkpoint in {run_dir}: the run stopped before its first one; "
+            f"starting it again from step 0") in out
+    assert events(run_dir) == ["config", "epoch", "epoch", "epoch", "summary"]  # nothing stale
+    assert same_state(final_state(run_dir), final_state(whole))
+
+
+def test_resume_checks_flags_against_the_config_record(tmp_path, monkeypatch, capsys):
+    run_dir = only_config_left(monkeypatch, tmp_path, "early")
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--out-dir", str(tmp_path), "--name", "early", "--resume", "--epochs", "5"])
+    assert refused.value.code == 2
+    assert "--resume: --epochs 5 contradicts the saved run's epochs = 3" in last_err_line(capsys)
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_with_nothing_to_continue_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        train.main([*TINY, "--out-dir", str(tmp_path), "--name", "none", "--resume"])
+    assert refused.value.code == 1
+    assert f"--resume: no checkpoint in {tmp_path / 'none'} and no run started there" in last_err_line(capsys)
+
+
+def test_a_metrics_file_cut_before_its_first_record_holds_no_run(tmp_path):
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "metrics.jsonl").write_text('{"event": "config", "mod')  # killed mid-write
+    train.main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--name", "torn"])
+    assert events(tmp_path / "torn") == ["config", "epoch", "summary"]
+
+
+# -- messages that say what exists --------------------------------------------------------
+def test_an_interruption_before_the_run_started_says_nothing_was_written(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "load_data", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        train.main([*TINY, "--out-dir", str(tmp_path), "--name", "never"])
+    assert stopped.value.code == 128 + signal.SIGINT
+    line = last_err_line(capsys)
+    assert "interrupted before the run started; nothing was written" in line and "--resume" not in line
+    assert not (tmp_path / "never").exists()
+
+
+def test_divergence_names_the_checkpoint_that_is_kept(tmp_path, monkeypatch, capsys):
+    real_step, calls = engine.train_step, []
+
+    def nan_from(first_bad):
+        def step(*args):
+            calls.append(1)
+            loss = real_step(*args)
+            return loss * float("nan") if len(calls) > first_bad else loss
+        return step
+
+    monkeypatch.setattr(engine, "train_step", nan_from(8))
+    with pytest.raises(SystemExit):
+        train.main([*TINY, "--out-dir", str(tmp_path), "--name", "late"])
+    line = last_err_line(capsys)
+    assert "not finite at step 8 (epoch 2, batch 2)" in line
+    assert f"the last good checkpoint, after epoch 1 (step 6), is kept in {tmp_path / 'late'}" in line
+
+    calls.clear()
+    monkeypatch.setattr(engine, "train_step", nan_from(0))
+    with pytest.raises(SystemExit) as failed:
+        train.main([*TINY, "--out-dir", str(tmp_path), "--name", "early"])
+    line = last_err_line(capsys)
+    assert failed.value.code == 1 and "not finite at step 0 (epoch 1, batch 0)" in line
+    assert f"the checkpoint kept in {tmp_path / 'early'} is the one of step 0, before any training" in line
+
+
+def test_describe_checkpoint_when_there_is_none(tmp_path):
+    assert checkpoint.describe_checkpoint(tmp_path) == f"no checkpoint was written in {tmp_path}"
+
+
+# -- real processes: kill -9 in the first moments, a divergence at the first steps ----------
+def start(out: Path, name: str, *extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *TINY, "--out-dir", str(out), "--name", name, *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_after_config_record(out: Path, name: str) -> None:
+    p = start(out, name)
+    metrics, deadline = out / name / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and metrics.read_text().startswith('{"event": "config"')):
+        assert p.poll() is None and time.time() < deadline, "the run ended before its config record"
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint_left", [True, False])
+def test_sigkill_in_the_first_moments_then_resume_is_bit_identical(tmp_path, whole, checkpoint_left):
+    kill_after_config_record(tmp_path, "killed")
+    run_dir = tmp_path / "killed"
+    if not checkpoint_left:  # as if the kill had landed before the step-0 checkpoint
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    # Either way --resume continues: from the step-0 checkpoint, or from the start.
+    again = subprocess.run([sys.executable, "train.py", "--out-dir", str(tmp_path), "--name", "killed",
+                            "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    if not checkpoint_left:
+        assert "the run stopped before its first one; starting it again from step 0" in again.stdout
+    assert same_state(final_state(run_dir), final_state(whole))
+    assert events(run_dir) == ["config", "epoch", "epoch", "epoch", "summary"]
+
+
+@pytest.mark.slow
+def test_a_divergence_at_the_first_steps_leaves_a_run_that_can_be_continued(tmp_path):
+    p = start(tmp_path, "nan", "--lr", "1e30")
+    _, err = p.communicate(timeout=300)
+    line = err.strip().splitlines()[-1]
+    assert p.returncode == 1 and "training diverged: the loss was not finite at step" in line
+    assert f"the checkpoint kept in {tmp_path / 'nan'} is the one of step 0, before any training" in line
+    assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)["step"] == 0
+    assert events(tmp_path / "nan") == ["config"]
+
+    p = start(tmp_path, "nan", "--lr", "1e30", "--resume")  # continues (and diverges again)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 1 and "no checkpoint" not in err
+    assert "training diverged" in err.strip().splitlines()[-1]
