@@ -31,15 +31,11 @@ from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, HelpFormatter, check
                  check_t_0, check_which_dataset, flag_spellings, ignored_flags_note)
 from checkpoint import run_progress, run_state
 from engine import resolve_device
-from figures import pct, plot_lr_curves, pyplot, schedule_of
+from figures import STRATEGIES, pct, plot_error_vs_speedup, plot_error_vs_time, plot_lr_schedules
 from metrics_logger import read_records
 from models import DEFAULTS, MODELS, build_model, check_depth, model_name
 from train import main as train_main
 
-STRATEGIES = {  # name: (how_scale, scale_lr)
-    "linear-scaled": ("linear", True), "linear-unscaled": ("linear", False),
-    "cubic-scaled": ("cubic", True), "cubic-unscaled": ("cubic", False),
-}
 PRESETS = {
     # The paper's Figure 3 (DenseNet-BC k=12 L=76 on CIFAR-10, 100 epochs): 37 runs of about
     # an hour each on one modern GPU.
@@ -255,100 +251,6 @@ def write_markdown(rows: list[dict], settings: dict, path: Path, missing: list =
     path.write_text("\n".join(lines))
 
 
-# ---------------------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------------------
-def plot_lr_schedules(n_units: int, t_0: float, path: Path, base_lr: float = 0.1) -> None:
-    """Every unit's learning rate over the run for the four strategies (the paper's Figure 1)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True, layout="constrained")
-    steps = 400
-    cmap = plt.get_cmap("viridis")
-    for ax, (name, (how, scaled)) in zip(axes.flat, STRATEGIES.items()):
-        scheduler = schedule_of(n_units, steps, t_0, how, scaled, base_lr)
-        plot_lr_curves(ax, scheduler, range(steps + 1), [k / steps for k in range(steps + 1)], cmap)
-        ax.set_title(f"{name}, t_0 = {t_0:g}")
-        ax.grid(alpha=0.3)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("learning rate")
-    for ax in axes[1]:
-        ax.set_xlabel("fraction of training")
-    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, n_units - 1))
-    fig.colorbar(sm, ax=axes, label="unit (0 = first layer)")
-    fig.suptitle(f"FreezeOut per-unit learning rates ({n_units} units)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_error_vs_speedup(rows: list[dict], path: Path, metric: str = "val_err") -> None:
-    """Error against speedup per strategy, estimated and measured (the paper's Figure 3)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    base = next((r for r in rows if r["strategy"] == "baseline"), None)
-    if rows and rows[0][metric] is None:
-        metric = "test_err"
-    for ax, (key, title) in zip(axes, [("estimated", "estimated speedup (paper; FLOPs where n/a)"),
-                                       ("measured_speedup", "measured wall-clock speedup")]):
-        for name in STRATEGIES:
-            own = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["t_0"])
-            if not own:
-                continue
-            xs = [100 * (r["measured_speedup"] if key == "measured_speedup" else
-                         (r["paper_speedup"] if r["paper_speedup"] is not None else r["flop_speedup"]))
-                  for r in own]
-            ys = [r[metric] for r in own]
-            errs = [r[metric + "_std"] for r in own]
-            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name)
-            for x, y, r in zip(xs, ys, own):
-                ax.annotate(f"{r['t_0']:.2g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if base is not None and base[metric] is not None:
-            lo, hi = base[metric] - base[metric + "_std"], base[metric] + base[metric + "_std"]
-            ax.axhspan(lo, hi, color="grey", alpha=0.25, label="baseline ± std")
-            ax.axhline(base[metric], color="grey", lw=1)
-        ax.set_xlabel(f"{title} (%)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"{'validation' if metric == 'val_err' else 'test'} error (%)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Error against speedup (points labelled with t_0)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_error_vs_time(rows: list[dict], path: Path) -> None:
-    """Validation error against training time for the baseline and each strategy's best run
-    (lowest final error): the paper's Figure 4."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    picks = [r for r in rows if r["strategy"] == "baseline"]
-    for name in STRATEGIES:
-        own = [r for r in rows if r["strategy"] == name and r["val_err"] is not None]
-        if own:
-            picks.append(min(own, key=lambda r: r["val_err"]))
-    for r in picks:
-        epochs = read_records(Path(r["run_dirs"][0]) / "metrics.jsonl", "epoch")
-        if not epochs or "val_err" not in epochs[0]:
-            continue
-        elapsed, xs = 0.0, []
-        for e in epochs:
-            elapsed += e["train_time_s"]
-            xs.append(elapsed / 60)
-        label = r["strategy"] if r["strategy"] == "baseline" else f"{r['strategy']} t_0={r['t_0']:.2g}"
-        ax.plot(xs, [e["val_err"] for e in epochs], marker=".",
-                lw=2 if r["strategy"] == "baseline" else 1.2, label=label)
-    ax.set_xlabel("training time (min, evaluation excluded)")
-    ax.set_ylabel("validation error (%)")
-    ax.set_title("Validation error against wall-clock time (first seed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------
 def preset_default(key: str, more: str = "") -> str:
     """What a preset-overriding flag means when it is not given, for its help."""
     def show(value):

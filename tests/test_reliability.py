@@ -232,7 +232,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_last_one_and_resume_conti
 
     def dies_in_the_second_save(obj, f, *args, **kwargs):
         saves.append(1)
-        if len(saves) == 2:  # epoch 2's checkpoint: killed half-way through writing it
+        if len(saves) == 3:  # after step 0's and epoch 1's, epoch 2's: killed half-way through it
             f.write(b"PK\x03\x04 half a zip")
             raise KeyboardInterrupt
         return real_save(obj, f, *args, **kwargs)

@@ -6,6 +6,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+import figures
 import reproduce
 import train
 from conftest import POWERS, KeptFigures, closed_form_lr
@@ -97,12 +98,12 @@ def test_table_numbers_from_fabricated_runs(tmp_path, monkeypatch):
     assert "| cubic-scaled | 0.5 | 10.0% | 12.0% | 28.6% | 75.0 | 12.00 ± 1.41 | +1.00 | 12.00 ± 0.00 | +0.00 |" in md
     assert md.count("\n| baseline |") == 1
 
-    kept = KeptFigures(reproduce.pyplot())
+    kept = KeptFigures(figures.pyplot())
     monkeypatch.setattr(reproduce, "pyplot", lambda: kept)
-    for plot_fn, name in [(reproduce.plot_error_vs_speedup, "speed.png"), (reproduce.plot_error_vs_time, "time.png")]:
+    for plot_fn, name in [(figures.plot_error_vs_speedup, "speed.png"), (figures.plot_error_vs_time, "time.png")]:
         plot_fn(rows, out / name)
         assert is_png(out / name)
-    reproduce.plot_lr_schedules(13, 0.5, out / "lr.png")
+    figures.plot_lr_schedules(13, 0.5, out / "lr.png")
     assert is_png(out / "lr.png")
     speed, time, lr = kept.figures
     # Error against speedup: the cubic strategy's point at its estimate and its measured speedup.
@@ -116,8 +117,8 @@ def test_table_numbers_from_fabricated_runs(tmp_path, monkeypatch):
     assert curves == {"baseline": ([50 / 60, 100 / 60], [20.0, 10.0]),
                       "cubic-scaled t_0=0.5": ([35 / 60, 70 / 60], [21.0, 11.0])}
     # The paper's Figure 1: every unit's schedule for the four strategies, over 400 steps.
-    assert [ax.get_title() for ax in lr.axes[:4]] == [f"{name}, t_0 = 0.5" for name in reproduce.STRATEGIES]
-    for ax, (how, scaled) in zip(lr.axes[:4], reproduce.STRATEGIES.values()):
+    assert [ax.get_title() for ax in lr.axes[:4]] == [f"{name}, t_0 = 0.5" for name in figures.STRATEGIES]
+    for ax, (how, scaled) in zip(lr.axes[:4], figures.STRATEGIES.values()):
         assert len(ax.lines) == 13
         for i, line in enumerate(ax.lines):
             assert list(line.get_xdata()) == [k / 400 for k in range(401)]
