@@ -99,7 +99,7 @@ def test_table_numbers_from_fabricated_runs(tmp_path, monkeypatch):
     assert md.count("\n| baseline |") == 1
 
     kept = KeptFigures(figures.pyplot())
-    monkeypatch.setattr(reproduce, "pyplot", lambda: kept)
+    monkeypatch.setattr(figures, "pyplot", lambda: kept)
     for plot_fn, name in [(figures.plot_error_vs_speedup, "speed.png"), (figures.plot_error_vs_time, "time.png")]:
         plot_fn(rows, out / name)
         assert is_png(out / name)
