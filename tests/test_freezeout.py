@@ -1,14 +1,16 @@
 """The schedule and the freezing: learning rates, freezing times, frozen units left untouched."""
 import copy
+import gc
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from conftest import closed_form_frozen_at, closed_form_lr, closed_form_lrs, closed_form_t
+from conftest import closed_form_frozen_at, closed_form_lrs, closed_form_t
 from densenet import DenseNet
 from freezeout import FreezeOut, param_groups, unit_lr, unit_times
 
@@ -441,17 +443,15 @@ def _global_pre_hooks() -> int:
     return len(torch.nn.modules.module._global_forward_pre_hooks)
 
 
-def _run_and_forget() -> "weakref.ref":
+def _run_and_forget() -> weakref.ref:
     """A module run once and then dropped: a weak reference to it, dead unless something
     (a forgotten hook's record of the modules it saw) keeps it alive."""
-    import weakref
     spare = nn.Linear(2, 2)
     spare(torch.zeros(1, 2))
     return weakref.ref(spare)
 
 
 def test_the_process_wide_order_watch_is_removed_after_the_first_step():
-    import gc
     torch.manual_seed(0)
     model = Small()
     before = _global_pre_hooks()
@@ -465,7 +465,6 @@ def test_the_process_wide_order_watch_is_removed_after_the_first_step():
 
 
 def test_the_order_watch_goes_with_a_scheduler_dropped_before_its_first_step():
-    import gc
     torch.manual_seed(0)
     model = Small()
     before = _global_pre_hooks()
