@@ -142,15 +142,19 @@ def continuous_speedup(levels: list, n_units: int, t_0: float, power: int) -> fl
 
 # -- what the training step really computes ---------------------------------------------------
 def spy_on_step(monkeypatch) -> list[dict]:
-    """Wrap engine.train_step; for every step record the input batch, whether it is in the
-    channels-last layout, the dtype of the logits as computed inside the step, the loss's dtype
-    and whether the GradScaler is on."""
+    """Wrap engine.train_step; for every step record the input batch, whether it and the
+    model's 3x3 convolution weights are in the channels-last layout, the dtype of the logits
+    as computed inside the step, the loss's dtype and whether the GradScaler is on."""
     import engine
     real, seen = engine.train_step, []
 
+    def channels_last(t: torch.Tensor) -> bool:
+        return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
     def spy(model, x, y, optimizer, scaler, autocast):
-        record = {"x": x, "channels_last": x.is_contiguous(memory_format=torch.channels_last)
-                  and not x.is_contiguous(), "scaler": scaler.is_enabled()}
+        convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+        record = {"x": x, "channels_last": channels_last(x) and all(map(channels_last, convs)) and bool(convs),
+                  "scaler": scaler.is_enabled()}
 
         def hook(module, args, out):
             record["logits"] = out.dtype
