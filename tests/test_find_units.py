@@ -179,6 +179,7 @@ def test_what_no_frozen_prefix_can_hold_is_refused():
         find_units(OwnParameters(), torch.randn(2, 4))
 
 
+@pytest.mark.slow  # trains a ResNet-50 for 6 steps
 def test_freezeout_on_resnet50_grouped_into_8_units():
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10)

@@ -86,7 +86,7 @@ def test_frozen_prefix_is_untouched_and_outside_autograd(name):
     units = model.freeze_units()
     optimizer = torch.optim.SGD(param_groups(units), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     scheduler = FreezeOut(optimizer, units, total_steps=30, t_0=0.2, how_scale="linear")
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
 
     def step():
         model.train()

@@ -15,12 +15,18 @@ from utils import (DataError, ImageSet, load_cifar, load_splits, split_sizes, st
 
 
 # -- CIFAR from files in the real layout ------------------------------------------------
-def pattern(index):
+def patterns(indices):
     """A distinct, orientation-revealing (3, 32, 32) uint8 image for every index."""
+    index = np.asarray(indices).reshape(-1, 1, 1, 1)
     c, y, x = np.meshgrid(np.arange(3), np.arange(32), np.arange(32), indexing="ij")
-    image = ((index * 7 + c * 50 + y * 3 + x) % 256).astype(np.uint8)
-    image[:, 0, 0] = [index % 256, index // 256 % 256, index // 65536]  # the index, spelled out
-    return image
+    images = ((index * 7 + c * 50 + y * 3 + x) % 256).astype(np.uint8)
+    flat = index.reshape(-1)
+    images[:, :, 0, 0] = np.stack([flat % 256, flat // 256 % 256, flat // 65536], 1)  # the index, spelled out
+    return images
+
+
+def pattern(index):
+    return patterns([index])[0]
 
 
 def write_cifar(root, name, n_train, n_test):
@@ -32,7 +38,7 @@ def write_cifar(root, name, n_train, n_test):
     label_key = "labels" if ten else "fine_labels"
 
     def batch(indices):
-        data = np.stack([pattern(i).reshape(-1) for i in indices])
+        data = patterns(indices).reshape(len(indices), -1)
         return {"data": data, label_key: [i % classes for i in indices]}
 
     if ten:
