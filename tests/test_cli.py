@@ -1,6 +1,7 @@
 """The command lines: values no run can use, contradictions, flags a model has no use for,
 -h, and a failed data load that leaves nothing behind."""
 import argparse
+import runpy
 import subprocess
 import sys
 import types
@@ -97,6 +98,7 @@ def test_reproduce_refuses_values_before_making_its_output_directory(tmp_path, c
     assert not (tmp_path / "rep").exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_weight_decay_error_is_one_line_from_a_real_process(tmp_path):
     # It used to be a 15-line traceback from inside torch.optim.SGD.
     p = subprocess.run([sys.executable, "train.py", *TINY, "--weight-decay", "-1",
@@ -168,6 +170,7 @@ def test_benchmark_refuses_both_bottleneck_switches(capsys):
             "not allowed with argument")
 
 
+@pytest.mark.slow  # a whole train.py run
 def test_flags_a_model_has_no_use_for_get_one_note_and_the_run_goes_on(tmp_path, capsys):
     train.main([*TINY, "--model", "wrn", "-L", "10", "-k", "1", "--no-bottleneck", "--reduction", "0.3",
                 "--out-dir", str(tmp_path), "--name", "wrn"])
@@ -238,10 +241,15 @@ def test_help_says_what_happens_when_a_flag_is_not_given(script):
         assert "default" in shown, f"{script} {action.option_strings[0]}: {shown!r}"
 
 
-def test_help_runs_for_every_script():
-    for script in ("train.py", "benchmark.py", "reproduce.py", "plot.py"):
-        p = subprocess.run([sys.executable, script, "-h"], cwd=ROOT, capture_output=True, text=True)
-        assert p.returncode == 0 and p.stdout.startswith("usage:") and "(default: None)" not in p.stdout
+@pytest.mark.parametrize("script", ["train.py", "benchmark.py", "reproduce.py", "plot.py"])
+def test_help_runs_for_every_script(script, monkeypatch, capsys):
+    # As `python script -h` runs it (the script as __main__), in this process: a new process
+    # would spend seconds importing torch (test_weight_decay_error_... starts a real one).
+    monkeypatch.setattr(sys, "argv", [script, "-h"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and out.startswith(f"usage: {script}") and "(default: None)" not in out
 
 
 # -- the console: the baseline's header ---------------------------------------------------

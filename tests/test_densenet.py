@@ -10,7 +10,8 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("depth,k,params", [(76, 12, 510_040), (100, 12, 800_032), (190, 40, 25_821_620)])
+@pytest.mark.parametrize("depth,k,params", [(76, 12, 510_040), (100, 12, 800_032),
+                                              pytest.param(190, 40, 25_821_620, marks=pytest.mark.slow)])
 def test_parameter_counts_of_the_papers_architectures(depth, k, params):
     assert n_params(DenseNet(depth=depth, growth_rate=k, num_classes=100)) == params
 

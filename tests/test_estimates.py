@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import PLAIN_L13_K4_FORWARD, continuous_speedup, counted_step_flops, stepped_speedup
+from conftest import PLAIN_L13_K4_FORWARD, continuous_speedup, stepped_speedup
 from densenet import DenseNet
 from freezeout import freeze, unit_times
 from utils import (calc_speedup, first_frozen_steps, schedule_speedup, solve_t_0,
@@ -110,6 +110,7 @@ def test_per_unit_flops_of_a_plain_densenet_are_the_hand_counted_ones():
     assert [u["backward_no_input_grad"] for u in per_unit] == [2 * first, *(4 * f for f in rest)]
 
 
+@pytest.mark.slow  # counts every unit of a DenseNet-BC L=40 k=12
 def test_flop_estimate_for_densenet_bc_follows_the_schedule_and_is_above_the_papers():
     # The paper takes backward = forward and counts no transitions; real backward passes
     # cost twice the forward (FLOPs of convolutions and products), so counting them saves more.

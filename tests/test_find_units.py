@@ -71,9 +71,16 @@ def test_the_pass_leaves_no_trace():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_resnet18_every_conv_bn_and_fc_is_a_unit():
+@pytest.fixture(scope="module")
+def resnet18() -> nn.Module:
+    """One ResNet-18 for the tests that only read it (finding units leaves no trace on it:
+    test_the_pass_leaves_no_trace); building one takes longer than finding its units."""
     torch.manual_seed(0)
-    model = torchvision.models.resnet18()
+    return torchvision.models.resnet18()
+
+
+def test_resnet18_every_conv_bn_and_fc_is_a_unit(resnet18):
+    model = resnet18
     units = find_units(model, torch.randn(2, 3, 32, 32))
     # Counted from the architecture: the stem's conv and BN (2); 8 BasicBlocks of two convs and
     # two BNs (32); a 1x1 conv and a BN on the shortcut of the first block of layer2, 3 and 4 (6);
@@ -87,9 +94,9 @@ def test_resnet18_every_conv_bn_and_fc_is_a_unit():
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 8, 40, 41])
-def test_groups_are_contiguous_balanced_and_cover_every_parameter_once(n):
+def test_groups_are_contiguous_balanced_and_cover_every_parameter_once(n, resnet18):
     torch.manual_seed(0)
-    model = torchvision.models.resnet18()
+    model = resnet18
     x = torch.randn(2, 3, 32, 32)
     modules, groups = find_units(model, x), find_units(model, x, groups=n)
     assert len(groups) == n and all(groups)
@@ -128,8 +135,8 @@ def test_groups_make_the_largest_group_as_small_as_can_be(sizes, n, expected):
 
 
 @pytest.mark.parametrize("n", [0, -1, 42, 2.5, True])
-def test_groups_out_of_range_are_refused(n):
-    model = torchvision.models.resnet18()
+def test_groups_out_of_range_are_refused(n, resnet18):
+    model = resnet18
     with pytest.raises(ValueError, match="groups must be an integer between 1 and 41"):
         find_units(model, torch.randn(2, 3, 32, 32), groups=n)
 

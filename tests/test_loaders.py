@@ -7,6 +7,9 @@ from loaders import EpochStream, TensorLoader, TorchvisionLoader, choose_loader,
 from utils import ImageSet, Splits, load_splits
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+# The torchvision loader transforms image by image (about 1 ms each here): where a test serves
+# many epochs or images, its torchvision case is left out of the quick subset.
+KINDS_TORCHVISION_SLOW = ["tensor", pytest.param("torchvision", marks=pytest.mark.slow)]
 
 
 def coordinate_images(n):
@@ -42,7 +45,7 @@ def crops_and_flips(batch):
     return out
 
 
-@pytest.mark.parametrize("kind", ["tensor", "torchvision"])
+@pytest.mark.parametrize("kind", KINDS_TORCHVISION_SLOW)
 def test_crops_stay_within_the_padding_and_flip_half_the_time(kind):
     data = coordinate_images(1_000)
     cls = TensorLoader if kind == "tensor" else TorchvisionLoader
@@ -70,7 +73,7 @@ def source_index(img: torch.Tensor) -> int:
     return int(img[2][img[0] > 0][0])
 
 
-@pytest.mark.parametrize("kind", ["tensor", "torchvision"])
+@pytest.mark.parametrize("kind", KINDS_TORCHVISION_SLOW)
 def test_each_training_image_is_its_source_cropped_and_flipped_exactly(kind):
     data = coordinate_images(230)
     cls = TensorLoader if kind == "tensor" else TorchvisionLoader
@@ -120,7 +123,7 @@ def test_without_augmentation_training_serves_the_images_as_they_are(kind):
     assert sorted(sources) == list(range(100)) and sources != list(range(100))  # shuffled, whole
 
 
-@pytest.mark.parametrize("kind", ["tensor", "torchvision"])
+@pytest.mark.parametrize("kind", KINDS_TORCHVISION_SLOW)
 def test_an_epoch_does_not_depend_on_what_the_loader_served_before(kind):
     data = coordinate_images(120)
     cls = TensorLoader if kind == "tensor" else TorchvisionLoader
@@ -155,7 +158,7 @@ def test_ranks_draw_disjoint_shards_of_one_permutation():
     assert len(set(shards[0]) | set(shards[1])) == 100 and not set(shards[0]) & set(shards[1])
 
 
-@pytest.mark.parametrize("kind", ["tensor", "torchvision"])
+@pytest.mark.parametrize("kind", KINDS_TORCHVISION_SLOW)
 def test_each_rank_trains_on_its_shard_and_evaluates_its_share(kind):
     data = coordinate_images(130)
     splits = Splits(data, data, data, 10, MEAN, STD)
@@ -187,7 +190,7 @@ def test_auto_loader_falls_back_to_torchvision_when_the_data_does_not_fit(monkey
     assert choose_loader("auto", splits, torch.device("cpu")) == "tensor"  # a CPU holds it anyway
 
 
-@pytest.mark.parametrize("kind", ["tensor", "torchvision"])
+@pytest.mark.parametrize("kind", KINDS_TORCHVISION_SLOW)
 def test_an_epoch_is_a_function_of_seed_and_epoch_and_can_start_at_any_batch(kind):
     data = coordinate_images(150)
 

@@ -72,6 +72,7 @@ def test_the_curves_figure_draws_the_epoch_records(tmp_path, drawn):
     assert list(steps.get_ydata()) == [0, 1, 2, 3] and frozen.get_ylim() == (0, 5)
 
 
+@pytest.mark.slow  # the figure's second case: kept out of the quick subset
 def test_a_run_without_evaluation_draws_the_training_loss_only(tmp_path, drawn):
     fabricated_run(tmp_path, evaluated=False)
     plot.main([str(tmp_path)])

@@ -69,6 +69,7 @@ def fabricate(out: Path, job: reproduce.Job, t_0: float, time_s: float, val: flo
         log.log("summary", train_time_s=time_s, val_err=val, test_err=test)
 
 
+@pytest.mark.slow  # draws and checks the paper's three figures
 def test_table_numbers_from_fabricated_runs(tmp_path, monkeypatch):
     out = tmp_path
     jobs = [reproduce.Job(None, 1.0, 0), reproduce.Job(None, 1.0, 1),

@@ -125,6 +125,7 @@ def test_errors_other_than_a_stop_keep_their_exit_code(tmp_path, capsys, monkeyp
     assert info.value.code == 1 and "stopped;" not in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two whole train.py runs
 def test_ctrl_c_inside_a_real_run_then_the_same_command_continues(tmp_path, capsys, monkeypatch, no_figures):
     real_step, calls = engine.train_step, []
 

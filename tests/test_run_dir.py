@@ -12,28 +12,12 @@ import torch
 import checkpoint
 import engine
 import train
+from conftest import ROOT, final_state, same_state
 from metrics_logger import read_records
 
-ROOT = Path(__file__).resolve().parents[1]
 # 6 steps per epoch, 3 epochs, dropout: the RNG stream matters to the result.
 TINY = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "96", "-L", "10", "-k", "4",
         "--batch_size", "16", "--device", "cpu", "--epochs", "3", "--dropout", "0.1", "--t_0", "0.5"]
-
-
-def same_state(a, b) -> bool:
-    """Nested state dicts equal, tensors bit for bit."""
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
-    if torch.is_tensor(a):
-        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
-    return a == b
-
-
-def final_state(run_dir: Path) -> dict:
-    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    return {k: ckpt[k] for k in ("model", "optimizer", "scheduler", "epoch", "step")}
 
 
 def events(run_dir: Path) -> list:
@@ -69,6 +53,7 @@ def stop_after_step_0_checkpoint(monkeypatch, out: Path, name: str) -> SystemExi
 
 
 # -- the step-0 checkpoint ----------------------------------------------------------------
+@pytest.mark.slow  # whole train.py runs
 def test_a_run_checkpoints_at_step_0_and_resumes_from_it_bit_for_bit(tmp_path, monkeypatch, capsys, whole):
     stopped = stop_after_step_0_checkpoint(monkeypatch, tmp_path, "cut")
     assert stopped.code == 128 + signal.SIGINT
@@ -85,6 +70,7 @@ def test_a_run_checkpoints_at_step_0_and_resumes_from_it_bit_for_bit(tmp_path, m
     assert [r["train_loss"] for r in cut] == [r["train_loss"] for r in ref]
 
 
+@pytest.mark.slow  # whole train.py runs
 def test_records_carry_the_hosts_load(whole):
     config = read_records(whole / "metrics.jsonl", "config")[0]
     summary = read_records(whole / "metrics.jsonl", "summary")[0]
@@ -99,6 +85,7 @@ def only_config_left(monkeypatch, out: Path, name: str) -> Path:
     return out / name
 
 
+@pytest.mark.slow  # whole train.py runs
 def test_resume_starts_a_run_with_no_checkpoint_again_from_step_0(tmp_path, monkeypatch, capsys, whole):
     run_dir = only_config_left(monkeypatch, tmp_path, "early")
     capsys.readouterr()
@@ -132,6 +119,7 @@ def test_resume_with_nothing_to_continue_says_so(tmp_path, capsys):
     assert f"--resume: no checkpoint in {tmp_path / 'none'} and no run started there" in last_err_line(capsys)
 
 
+@pytest.mark.slow  # whole train.py runs
 def test_a_metrics_file_cut_before_its_first_record_holds_no_run(tmp_path):
     (tmp_path / "torn").mkdir()
     (tmp_path / "torn" / "metrics.jsonl").write_text('{"event": "config", "mod')  # killed mid-write
@@ -153,6 +141,7 @@ def test_an_interruption_before_the_run_started_says_nothing_was_written(tmp_pat
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow  # whole train.py runs
 def test_divergence_names_the_checkpoint_that_is_kept(tmp_path, monkeypatch, capsys):
     real_step, calls = engine.train_step, []
 
@@ -183,14 +172,10 @@ def test_describe_checkpoint_when_there_is_none(tmp_path):
     assert checkpoint.describe_checkpoint(tmp_path) == f"no checkpoint was written in {tmp_path}"
 
 
-# -- real processes: kill -9 in the first moments, a divergence at the first steps ----------
-def start(out: Path, name: str, *extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", *TINY, "--out-dir", str(out), "--name", name, *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
+# -- a real kill -9 in the first moments; a real divergence at the first step ------------------
 def kill_after_config_record(out: Path, name: str) -> None:
-    p = start(out, name)
+    p = subprocess.Popen([sys.executable, "train.py", *TINY, "--out-dir", str(out), "--name", name],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics, deadline = out / name / "metrics.jsonl", time.time() + 120
     while not (metrics.exists() and metrics.read_text().startswith('{"event": "config"')):
         assert p.poll() is None and time.time() < deadline, "the run ended before its config record"
@@ -200,34 +185,29 @@ def kill_after_config_record(out: Path, name: str) -> None:
     assert p.returncode == -signal.SIGKILL
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("checkpoint_left", [True, False])
-def test_sigkill_in_the_first_moments_then_resume_is_bit_identical(tmp_path, whole, checkpoint_left):
+@pytest.mark.slow  # a train.py process, then a whole run
+def test_sigkill_in_the_first_moments_then_resume_is_bit_identical(tmp_path, whole):
+    # (A kill that lands before the step-0 checkpoint leaves what only_config_left leaves:
+    # test_resume_starts_a_run_with_no_checkpoint_again_from_step_0.)
     kill_after_config_record(tmp_path, "killed")
     run_dir = tmp_path / "killed"
-    if not checkpoint_left:  # as if the kill had landed before the step-0 checkpoint
-        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
-    # Either way --resume continues: from the step-0 checkpoint, or from the start.
-    again = subprocess.run([sys.executable, "train.py", "--out-dir", str(tmp_path), "--name", "killed",
-                            "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
-    if not checkpoint_left:
-        assert "the run stopped before its first one; starting it again from step 0" in again.stdout
+    train.main(["--out-dir", str(tmp_path), "--name", "killed", "--resume"])
     assert same_state(final_state(run_dir), final_state(whole))
     assert events(run_dir) == ["config", "epoch", "epoch", "epoch", "summary"]
 
 
-@pytest.mark.slow
-def test_a_divergence_at_the_first_steps_leaves_a_run_that_can_be_continued(tmp_path):
-    p = start(tmp_path, "nan", "--lr", "1e30")
-    _, err = p.communicate(timeout=300)
-    line = err.strip().splitlines()[-1]
-    assert p.returncode == 1 and "training diverged: the loss was not finite at step" in line
+@pytest.mark.slow  # two train.py runs
+def test_a_divergence_at_the_first_step_leaves_a_run_that_can_be_continued(tmp_path, capsys):
+    with pytest.raises(SystemExit) as failed:
+        train.main([*TINY, "--out-dir", str(tmp_path), "--name", "nan", "--lr", "1e30"])
+    line = last_err_line(capsys)
+    assert failed.value.code == 1 and "training diverged: the loss was not finite at step" in line
     assert f"the checkpoint kept in {tmp_path / 'nan'} is the one of step 0, before any training" in line
     assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)["step"] == 0
     assert events(tmp_path / "nan") == ["config"]
 
-    p = start(tmp_path, "nan", "--lr", "1e30", "--resume")  # continues (and diverges again)
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 1 and "no checkpoint" not in err
+    with pytest.raises(SystemExit) as failed:  # continues from step 0 (and diverges again)
+        train.main([*TINY, "--out-dir", str(tmp_path), "--name", "nan", "--lr", "1e30", "--resume"])
+    err = capsys.readouterr().err
+    assert failed.value.code == 1 and "no checkpoint" not in err
     assert "training diverged" in err.strip().splitlines()[-1]

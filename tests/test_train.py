@@ -2,8 +2,6 @@
 errors recomputed from the checkpoint, evaluation modes, augmentation and speed switches seen
 inside the step, estimates against hand counts, resume, bad input."""
 import math
-import subprocess
-import sys
 import urllib.error
 
 import pytest
@@ -12,7 +10,7 @@ import torchvision.datasets.cifar as tv_cifar
 
 import loaders
 import train
-from conftest import (PLAIN_L13_K4_FORWARD, ROOT, TINY, TINY_PARAMS, TINY_STEPS_PER_EPOCH, TINY_UNITS,
+from conftest import (PLAIN_L13_K4_FORWARD, TINY, TINY_PARAMS, TINY_STEPS_PER_EPOCH, TINY_UNITS,
                       closed_form_frozen_at, closed_form_lrs, continuous_speedup, counted_step_flops,
                       error_of, run_train, same_state, spy_on_step, stepped_speedup)
 from densenet import DenseNet
@@ -330,14 +328,17 @@ def test_bad_paths_and_run_directories(tmp_path, capsys, monkeypatch):
     assert a_file.read_text() == "keep me"
 
 
-@pytest.mark.slow
-def test_command_line_errors_and_help(tmp_path):
-    bad = subprocess.run([sys.executable, "train.py", "--t_0", "0", "--out-dir", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and "--t_0 must be in (0, 1]" in bad.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in bad.stderr and not any(tmp_path.iterdir())
-    help_text = subprocess.run([sys.executable, "train.py", "-h"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout
+def test_command_line_errors_and_help(tmp_path, capsys):
+    # (A real process's error line: test_cli.test_weight_decay_error_is_one_line_from_a_real_process.)
+    with pytest.raises(SystemExit) as bad:
+        train.main(["--t_0", "0", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert bad.value.code == 2 and "--t_0 must be in (0, 1]" in err.strip().splitlines()[-1]
+    assert "Traceback" not in err and not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as shown:
+        train.main(["-h"])
+    help_text = capsys.readouterr().out
+    assert shown.value.code == 0
     for text in ("--batch_size", "--t_0", "(default: 0.8)", "(default: 76 for densenet", "(default: cifar100",
                  "--no-validate", "--validate-test", "--no_scale", "--const_time", "--amp"):
         assert text in help_text, text

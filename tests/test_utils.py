@@ -19,7 +19,8 @@ def patterns(indices):
     """A distinct, orientation-revealing (3, 32, 32) uint8 image for every index."""
     index = np.asarray(indices).reshape(-1, 1, 1, 1)
     c, y, x = np.meshgrid(np.arange(3), np.arange(32), np.arange(32), indexing="ij")
-    images = ((index * 7 + c * 50 + y * 3 + x) % 256).astype(np.uint8)
+    # (index * 7 + c * 50 + y * 3 + x) mod 256, summed in uint8, whose addition wraps at 256
+    images = (index * 7 % 256).astype(np.uint8) + ((c * 50 + y * 3 + x) % 256).astype(np.uint8)
     flat = index.reshape(-1)
     images[:, :, 0, 0] = np.stack([flat % 256, flat // 256 % 256, flat // 65536], 1)  # the index, spelled out
     return images
