@@ -87,6 +87,16 @@ def test_rows_from_a_busy_host_are_flagged(tmp_path, no_figures):
         assert [r["busy_host"] for r in csv.DictReader(f)] == ["False", "True"]
 
 
+def test_a_run_that_keeps_every_core_busy_is_not_a_busy_host(tmp_path, no_figures):
+    # Measured with the quick preset on 2 cores and nothing else running: the runs' own threads
+    # put the load at 2.0 to 2.1. Only load beyond that, from other work, makes times unreliable.
+    fabricate(tmp_path, JOBS[0], 1.0, 100.0, load=(1.1, 2.1))
+    fabricate(tmp_path, JOBS[1], 0.3, 60.0, load=(2.6, 2.0))  # half a core of someone else's
+    base, busy = reproduce.main([*GRID, "--out", str(tmp_path), "--report-only"])
+    assert (base["host_load"], base["busy_host"]) == (2.1, False)
+    assert (busy["host_load"], busy["busy_host"]) == (2.6, True)
+
+
 def test_runs_without_load_records_show_na(tmp_path, no_figures):
     run_dir = tmp_path / "runs" / JOBS[0]
     with MetricsLogger(run_dir / "metrics.jsonl") as log:  # a run written before loads were recorded
