@@ -1,5 +1,6 @@
 """A run can be continued at every moment: the step-0 checkpoint, --resume of a run that
 stopped before any checkpoint, and messages that say what the run directory really holds."""
+import os
 import signal
 import subprocess
 import sys
@@ -70,11 +71,15 @@ def test_a_run_checkpoints_at_step_0_and_resumes_from_it_bit_for_bit(tmp_path, m
     assert [r["train_loss"] for r in cut] == [r["train_loss"] for r in ref]
 
 
-@pytest.mark.slow  # whole train.py runs
-def test_records_carry_the_hosts_load(whole):
-    config = read_records(whole / "metrics.jsonl", "config")[0]
-    summary = read_records(whole / "metrics.jsonl", "summary")[0]
-    assert config["load_start"] >= 0 and config["cpu_count"] >= 1 and summary["load_end"] >= 0
+@pytest.mark.slow  # a whole train.py run
+def test_records_carry_the_hosts_load_at_the_start_and_the_end(tmp_path, monkeypatch):
+    loads = iter([1.25, 3.5])  # what the host reports at the run's start, then at its end
+    monkeypatch.setattr(train, "load_average", lambda: next(loads))
+    train.main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--name", "load"])
+    config = read_records(tmp_path / "load" / "metrics.jsonl", "config")[0]
+    summary = read_records(tmp_path / "load" / "metrics.jsonl", "summary")[0]
+    assert (config["load_start"], summary["load_end"]) == (1.25, 3.5)
+    assert config["cpu_count"] == os.cpu_count()
 
 
 # -- a run that stopped before its first checkpoint ---------------------------------------
