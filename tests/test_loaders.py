@@ -12,6 +12,12 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 KINDS_TORCHVISION_SLOW = ["tensor", pytest.param("torchvision", marks=pytest.mark.slow)]
 
 
+def training_loader(kind: str, data: ImageSet, batch_size: int, seed: int):
+    """The training loader of that kind ("tensor" or "torchvision") over `data`."""
+    cls = TensorLoader if kind == "tensor" else TorchvisionLoader
+    return cls(data, MEAN, STD, batch_size, train=True, seed=seed)
+
+
 def coordinate_images(n):
     """Channel 0 holds row + 1, channel 1 column + 1, channel 2 the image index: after a
     crop (zero padding) every pixel tells where it came from."""
@@ -48,8 +54,7 @@ def crops_and_flips(batch):
 @pytest.mark.parametrize("kind", KINDS_TORCHVISION_SLOW)
 def test_crops_stay_within_the_padding_and_flip_half_the_time(kind):
     data = coordinate_images(1_000)
-    cls = TensorLoader if kind == "tensor" else TorchvisionLoader
-    loader = cls(data, MEAN, STD, 100, train=True, seed=0)
+    loader = training_loader(kind, data, 100, seed=0)
     loader.set_epoch(1)
     stats = [s for x, _ in loader for s in crops_and_flips(x)]
     assert len(stats) == 1_000
@@ -76,8 +81,7 @@ def source_index(img: torch.Tensor) -> int:
 @pytest.mark.parametrize("kind", KINDS_TORCHVISION_SLOW)
 def test_each_training_image_is_its_source_cropped_and_flipped_exactly(kind):
     data = coordinate_images(230)
-    cls = TensorLoader if kind == "tensor" else TorchvisionLoader
-    loader = cls(data, MEAN, STD, 64, train=True, seed=1)
+    loader = training_loader(kind, data, 64, seed=1)
     loader.set_epoch(1)
     batches = list(loader)
     assert [x.shape for x, _ in batches] == [(64, 3, 32, 32)] * 3 and len(loader) == 3  # drop_last
@@ -126,8 +130,7 @@ def test_without_augmentation_training_serves_the_images_as_they_are(kind):
 @pytest.mark.parametrize("kind", KINDS_TORCHVISION_SLOW)
 def test_an_epoch_does_not_depend_on_what_the_loader_served_before(kind):
     data = coordinate_images(120)
-    cls = TensorLoader if kind == "tensor" else TorchvisionLoader
-    loader = cls(data, MEAN, STD, 40, train=True, seed=5)
+    loader = training_loader(kind, data, 40, seed=5)
 
     def epoch(e, start=0):
         loader.set_epoch(e, start)
