@@ -13,13 +13,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 
+POWERS = {"linear": 1, "squared": 2, "cubic": 3}
+
 
 def pytest_collection_finish(session):
     """Everything imported so far (torch, torchvision, matplotlib: millions of objects) lives as
     long as the session; left out of garbage collection, each full collection stops walking them
     (pytest's own five at the end took over a second)."""
     gc.freeze()
-POWERS = {"linear": 1, "squared": 2, "cubic": 3}
 
 
 # -- the schedule, from the paper's formulas -------------------------------------------------
