@@ -116,9 +116,18 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
+# Param-group options that say how this process's optimizer runs its step, not what it
+# computes: a run started on a CPU (foreach SGD) may continue graphed on a GPU (fused SGD).
+OPTIMIZER_RUNTIME = ("fused", "foreach", "capturable", "differentiable")
+
+
 def restore(checkpoint: dict, training) -> None:
     training.model.load_state_dict(checkpoint["model"])
+    # load_state_dict takes every group option from the checkpoint: keep this run's own.
+    runtime = [{k: g[k] for k in OPTIMIZER_RUNTIME if k in g} for g in training.optimizer.param_groups]
     training.optimizer.load_state_dict(checkpoint["optimizer"])
+    for group, options in zip(training.optimizer.param_groups, runtime):
+        group.update(options)
     training.scheduler.load_state_dict(checkpoint["scheduler"])  # after the optimizer: re-freezes
     training.scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"][training.dist.rank])

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from engine import Training, autocast_for
 
@@ -48,7 +52,15 @@ def use_cuda_graphs(mode: str, device: torch.device, amp: str, distributed: bool
 class CudaGraphs:
     """Captures steps as CUDA graphs, all in one memory pool (a level's graph reuses the
     memory of the one before it, which is never replayed again), and runs the eager steps
-    before a capture on a side stream, as capture asks."""
+    before a capture on a side stream, as capture asks.
+
+    The pool must always hold a live graph when the next one is captured into it. Once every
+    graph of a pool is released, the caching allocator keeps the pool (use count 0) until all
+    memory allocated in it is freed and its cache is emptied, and a capture into it trips its
+    `use_count > 0` assertion (`beginAllocateToPool`), leaving the default generator in
+    capture mode. The gradients and the loss a capture allocates outlive it, so GraphedStep
+    releases a graph only once its successor is captured. (A fresh pool per capture would work
+    too, but each released pool's memory would stay cached until an out-of-memory retry.)"""
 
     def __init__(self):
         self.pool = torch.cuda.graph_pool_handle()
@@ -61,10 +73,11 @@ class CudaGraphs:
         torch.cuda.current_stream().wait_stream(self.side)
         return out
 
-    def capture(self, step: Callable[[], torch.Tensor]):
+    def capture(self, step: Callable[[], torch.Tensor], buffers: Callable[[], list] = list):
         """(the graph, the output tensor that each replay overwrites, seconds the capture took);
         `step` is recorded, not run. The clock starts once the work already queued is done
-        (capture waits for it anyway), so the seconds are the capture's own."""
+        (capture waits for it anyway), so the seconds are the capture's own. `buffers`: what
+        the graph reads from fixed addresses (checked by the CPU stand-in only)."""
         torch.cuda.synchronize()
         start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
@@ -74,27 +87,90 @@ class CudaGraphs:
         return graph, out, time.perf_counter() - start
 
 
+class CaptureError(RuntimeError):
+    """What a real CUDA graph capture would refuse (raised by the CPU stand-in)."""
+
+
+# Ops whose result the host must wait for: inside a capture they fail (or would be recorded
+# with the value they had once). `.item()`, `bool(t)`, `float(t)` all end in _local_scalar_dense.
+HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
+              torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default}
+
+
+class CaptureRules(TorchDispatchMode):
+    """While the CPU stand-in runs a graph's step for the first time: refuses reading a
+    tensor's value on the host, and records the storages the step allocates (what a capture
+    would allocate in the graph's pool)."""
+
+    def __init__(self):
+        super().__init__()
+        self.allocated: list[StorageWeakRef] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            raise CaptureError(f"{func} reads a tensor's value on the host inside a captured step "
+                               "(.item(), bool(tensor), a learning rate read as a number)")
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if torch.is_tensor(t)}
+        for t in tree_leaves(out):
+            if torch.is_tensor(t) and t.untyped_storage()._cdata not in inputs:
+                self.allocated.append(StorageWeakRef(t.untyped_storage()))
+        return out
+
+
 class EagerGraph:
     """What a captured graph does, kernel by kernel: nothing runs at capture, each replay runs
-    the step and writes its output into the same tensor."""
+    the step and writes its output into the same tensor. The first replay stands for the
+    capture: it runs under `CaptureRules`. Every replay checks that the buffers the graph
+    reads are still the ones it was captured with (a graph reads fixed addresses)."""
 
-    def __init__(self, step: Callable[[], torch.Tensor]):
-        self.step, self.output = step, torch.zeros(())
+    def __init__(self, step: Callable[[], torch.Tensor], buffers: Callable[[], list], pool: "EagerGraphs"):
+        self.step, self.output, self.pool = step, torch.zeros(()), pool
+        self.buffers = buffers
+        self.addresses = [t.data_ptr() for t in buffers()]
+        self.replays = 0
 
     def replay(self) -> None:
-        self.output.copy_(self.step())
+        if [t.data_ptr() for t in self.buffers()] != self.addresses:
+            raise CaptureError("a buffer the graph reads was replaced after the capture (a graph "
+                               "reads the addresses it was captured with: copy into buffers instead)")
+        if self.replays == 0:
+            with CaptureRules() as rules:
+                out = self.step()
+            self.pool.allocated += rules.allocated
+        else:
+            out = self.step()
+        self.output.copy_(out)
+        self.replays += 1
 
 
 class EagerGraphs:
     """Stands in for `CudaGraphs` where no graph can be captured, so that the CPU tests the
-    graphed step's logic: rates on the device, static buffers, when to capture."""
+    graphed step's logic (rates on the device, static buffers, when to capture) under the
+    rules a real capture enforces: no host reads inside a captured step (`CaptureRules`), no
+    buffer replaced after its capture, and no capture into the pool once all its graphs were
+    released (see `CudaGraphs`)."""
+
+    def __init__(self):
+        self.live = weakref.WeakSet()     # graphs of the pool not yet released
+        self.allocated: list[StorageWeakRef] = []   # storages captures allocated in the pool
+        self.captures = 0
 
     def run(self, step: Callable[[], torch.Tensor]) -> torch.Tensor:
         return step()
 
-    def capture(self, step: Callable[[], torch.Tensor]):
+    def capture(self, step: Callable[[], torch.Tensor], buffers: Callable[[], list] = list):
+        if self.captures and not self.live:
+            alive = sum(not ref.expired() for ref in self.allocated)
+            raise CaptureError(
+                f"capture into a memory pool whose graphs were all released ({alive} tensors "
+                "allocated in it still alive): the CUDA caching allocator refuses it "
+                "(beginAllocateToPool asserts use_count > 0); release a graph only once the "
+                "next one is captured")
         start = time.perf_counter()
-        graph = EagerGraph(step)
+        graph = EagerGraph(step, buffers, self)
+        self.live.add(graph)
+        self.captures += 1
         return graph, graph.output, time.perf_counter() - start
 
 
@@ -109,20 +185,21 @@ class GraphedStep:
     0-dim view of that row: the views are put into the param groups only while a step is
     traced or run here, so the optimizer's and scheduler's state stays plain floats.
 
-    When units freeze, the graph is dropped and the smaller step captured anew (in the same
-    memory pool), if the level lasts at least `min_steps`; a process's first capture comes
-    after `warmup` eager steps. Every step, eager or replayed, runs the same kernels in the same
-    order, so a resumed run gives what an uninterrupted one does (bit for bit where those
-    kernels are deterministic: cuDNN's are with torch.backends.cudnn.deterministic)."""
+    When units freeze, the smaller step is captured anew (into the same memory pool) if the
+    level lasts at least `min_steps`; the previous graph is released only once its successor
+    exists (see `CudaGraphs`). A process's first capture comes after `warmup` eager steps, and
+    none before every trainable parameter has its momentum buffer: SGD makes it at a group's
+    first step, a host decision a graph would record for good. Every step, eager or replayed,
+    runs the same kernels in the same order, so a resumed run gives what an uninterrupted one
+    does (bit for bit where those kernels are deterministic: cuDNN's are with
+    torch.backends.cudnn.deterministic)."""
 
     def __init__(self, training: Training, batch_size: int, steps_per_epoch: int,
                  image_shape: Sequence[int] = (3, 32, 32), graphs=None,
                  warmup: int = GRAPH_WARMUP_STEPS, min_steps: int = GRAPH_MIN_STEPS):
         t = self.training = training
         device = t.device
-        if not all(group.get("fused") for group in t.optimizer.param_groups):
-            raise ValueError("the graphed step needs torch.optim.SGD(..., fused=True), which reads "
-                             "learning rates from the device")
+        self.check_fused()
         self.autocast = autocast_for(t.amp, device, cache=False)  # cached casts go stale in a graph
         self.x = torch.zeros(batch_size, *image_shape, device=device).contiguous(
             memory_format=t.memory_format)
@@ -136,8 +213,21 @@ class GraphedStep:
         self.graphs = graphs if graphs is not None else CudaGraphs()
         self.warmup, self.min_steps = warmup, min_steps
         self.graph = self.loss = None
-        self.level, self.eager_steps = None, 0
+        self.graph_level = None   # the freeze level self.graph computes
+        self.eager_steps = 0
         self.captures, self.capture_time_s = 0, 0.0
+
+    def check_fused(self) -> None:
+        """The fused SGD reads the rates from the device; the other paths read them with
+        `.item()`, which a capture cannot (checked again at each capture: loading an
+        optimizer's state_dict can change it)."""
+        if not all(group.get("fused") for group in self.training.optimizer.param_groups):
+            raise ValueError("the graphed step needs torch.optim.SGD(..., fused=True), which reads "
+                             "learning rates from the device")
+
+    def static_buffers(self) -> list[torch.Tensor]:
+        """What a graph reads from fixed addresses: refilled in place, never replaced."""
+        return [self.x, self.y, self.rates, self.row, self.lr]
 
     def start_epoch(self, first_step: int, start_batch: int) -> None:
         """Upload the epoch's rates (first_step: the epoch's step 0) and point at start_batch."""
@@ -154,8 +244,16 @@ class GraphedStep:
             return s.total_steps - k
         return min(math.ceil(s.t_i[s.num_frozen] * s.total_steps), s.total_steps) - k
 
+    def momentum_ready(self) -> bool:
+        """Whether every trainable parameter has its momentum buffer already."""
+        optimizer = self.training.optimizer
+        return all(optimizer.state.get(p, {}).get("momentum_buffer") is not None
+                   for group in optimizer.param_groups if group["momentum"] != 0
+                   for p in group["params"] if p.requires_grad)
+
     def should_capture(self) -> bool:
-        return self.eager_steps >= self.warmup and self.steps_left_at_level() >= self.min_steps
+        return (self.eager_steps >= self.warmup and self.steps_left_at_level() >= self.min_steps
+                and self.momentum_ready())
 
     def traced_step(self) -> torch.Tensor:
         """What one step does, in the order a graph records it: the row's rates, forward,
@@ -181,17 +279,17 @@ class GraphedStep:
         return loss.detach()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        level = self.training.scheduler.num_frozen
-        if level != self.level:  # units froze: the graph computes too much now
-            self.graph = self.loss = None
-            self.level = level
+        level = self.training.scheduler.num_frozen  # units froze: the last graph computes too much
         self.x.copy_(x, non_blocking=True)
         self.y.copy_(y, non_blocking=True)
-        if self.graph is None and self.should_capture():
-            self.graph, self.loss, seconds = self.graphs.capture(self.traced_step)
+        if self.graph_level != level and self.should_capture():
+            self.check_fused()
+            graph, loss, seconds = self.graphs.capture(self.traced_step, self.static_buffers)
+            # Only now is the previous graph released, its successor holding the pool.
+            self.graph, self.loss, self.graph_level = graph, loss, level
             self.captures += 1
             self.capture_time_s += seconds
-        if self.graph is not None:
+        if self.graph_level == level:
             self.graph.replay()
             return self.loss
         self.eager_steps += 1

@@ -52,6 +52,28 @@ def closed_form_frozen_at(n_units: int, total: int, t_0: float, power: int = 3) 
             for i in range(n_units)]
 
 
+# -- the graphed step's captures, from the schedule ----------------------------------------
+def planned_captures(frozen_at: list, total: int, warmup: int, min_steps: int, first: int = 0,
+                     has_momentum: bool = False) -> tuple[int, int]:
+    """(captures, eager steps) of the graphed step over steps first..total-1, from the freeze
+    steps alone: a level (the steps between two freeze points) is captured at its first step
+    where `warmup` eager steps are done, the momentum buffers exist (made by the first step)
+    and at least `min_steps` of the level are left; a captured level replays to its end."""
+    freezes = sorted({k for k in frozen_at if k is not None})
+    captures = eager = 0
+    captured = None
+    for k in range(first, total):
+        level = sum(f <= k for f in freezes)
+        if captured == level:
+            continue
+        level_end = next((f for f in freezes if f > k), total)
+        if eager >= warmup and has_momentum and level_end - k >= min_steps:
+            captures, captured = captures + 1, level
+        else:
+            eager, has_momentum = eager + 1, True
+    return captures, eager
+
+
 # -- the tiny train.py run ---------------------------------------------------------------------
 # DenseNet-BC L=10, k=4 on 10 synthetic classes: one layer per block, 7 units, 2,666
 # parameters (counted in tests/test_models.py). 96 images in batches of 16: 6 steps an epoch.

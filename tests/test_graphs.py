@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import train
-from conftest import TINY, closed_form_lrs
+from conftest import TINY, closed_form_frozen_at, closed_form_lrs, planned_captures
 from densenet import DenseNet
 from distributed import Distributed
 from engine import EagerStep, build_training
-from graphs import EagerGraphs, GraphedStep, graphs_unsupported, use_cuda_graphs
+from checkpoint import restore, rng_state
+from graphs import CaptureError, EagerGraphs, GraphedStep, graphs_unsupported, use_cuda_graphs
 from metrics_logger import read_records
 
 CPU = torch.device("cpu")
@@ -71,8 +72,10 @@ def test_graphed_step_computes_exactly_what_the_eager_step_does():
     a, b = eager.model.state_dict(), run.model.state_dict()
     assert all(torch.equal(a[key], b[key]) for key in a)  # BN statistics too
     assert eager.scheduler.frozen_at == run.scheduler.frozen_at
-    # One capture per freeze level the run went through: the freeze events + 1.
-    assert step.captures == run.scheduler.num_frozen + 1 and step.eager_steps == 0
+    # Frozen at steps 3, 5, 8, 11, 14, 19: seven levels, each captured at its first step but
+    # level 0, whose first step runs eagerly to make the momentum buffers.
+    planned = planned_captures(closed_form_frozen_at(7, T, 0.5), T, warmup=0, min_steps=1)
+    assert (step.captures, step.eager_steps) == planned == (7, 1)
 
 
 def test_a_level_is_captured_only_when_it_lasts_long_enough():
@@ -111,6 +114,109 @@ def test_a_resumed_graphed_run_continues_bit_for_bit(tmp_path):
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[key], b[key]) for key in a)
     assert whole.scheduler.frozen_at == resumed.scheduler.frozen_at
+
+
+def test_a_level_lasting_no_longer_than_the_warm_up_is_never_captured():
+    # Level 0 lasts 3 steps (unit 0 freezes at step 3), all of them warm-up: the first capture
+    # is level 1's, so captures != freeze events + 1.
+    training = make_training()
+    step = graphed(training, warmup=3, min_steps=1)
+    train_steps(training, step, batches(T))
+    planned = planned_captures(closed_form_frozen_at(7, T, 0.5), T, warmup=3, min_steps=1)
+    assert (step.captures, step.eager_steps) == planned == (6, 3)
+    assert step.captures == training.scheduler.num_frozen
+
+
+def test_no_capture_before_the_momentum_buffers_exist():
+    # SGD makes a group's momentum buffer at its first step, deciding on the host: captured
+    # then, every replay would take the step for a first one.
+    training = make_training()
+    step = graphed(training, warmup=0, min_steps=1)
+    step.start_epoch(0, 0)
+    x, y = batches(1)[0]
+    step(x, y)
+    assert (step.captures, step.eager_steps) == (0, 1) and step.momentum_ready()
+
+
+class Allocating:
+    """A step that allocates what a training step does (a gradient, a loss) and keeps it."""
+
+    def __init__(self):
+        self.w = torch.ones(3, requires_grad=True)
+
+    def __call__(self):
+        self.w.grad = None
+        loss = (self.w * 2).sum()
+        loss.backward()
+        return loss.detach()
+
+
+def test_the_stand_in_refuses_a_capture_into_a_pool_whose_graphs_were_all_released():
+    graphs, step = EagerGraphs(), Allocating()
+    graph, _, _ = graphs.capture(step)
+    graph.replay()
+    following, _, _ = graphs.capture(step)  # the pool holds a live graph: allowed
+    following.replay()
+    del graph, following                    # every graph released, the gradient still alive
+    with pytest.raises(CaptureError, match=r"graphs were all released \(1 tensors allocated in it still alive\)"):
+        graphs.capture(step)
+
+
+def test_the_stand_in_refuses_host_reads_and_replaced_buffers_inside_a_captured_step():
+    graphs, w = EagerGraphs(), torch.ones(3)
+    graph, _, _ = graphs.capture(lambda: (w * float(w.sum())).sum())  # float(): a read on the host
+    with pytest.raises(CaptureError, match="reads a tensor's value on the host"):
+        graph.replay()
+    buffers = [torch.zeros(2)]
+    graph, _, _ = graphs.capture(lambda: (buffers[0] + 1).sum(), lambda: buffers)
+    graph.replay()
+    buffers[0] = torch.zeros(2)  # a new tensor where the graph reads the old one's address
+    with pytest.raises(CaptureError, match="replaced after the capture"):
+        graph.replay()
+
+
+def test_rates_uploaded_into_a_new_tensor_are_refused():
+    class NewTable(GraphedStep):
+        def start_epoch(self, first_step, start_batch):
+            self.rates = self.rates.clone()  # the graph would go on reading the old table
+            super().start_epoch(first_step, start_batch)
+
+    training = make_training()
+    step = NewTable(training, BATCH, PER_EPOCH, graphs=EagerGraphs(), warmup=1, min_steps=1)
+    with pytest.raises(CaptureError, match="replaced after the capture"):
+        train_steps(training, step, batches(T))
+
+
+def test_the_foreach_sgd_path_reads_the_rate_on_the_host_and_is_refused():
+    training = make_training()
+    step = graphed(training, warmup=1, min_steps=1)
+    for group in training.optimizer.param_groups:
+        group["fused"] = None  # what an optimizer state_dict of a CPU run would set
+    with pytest.raises(ValueError, match="fused=True"):
+        train_steps(training, step, batches(T))
+    step.check_fused = lambda: None  # without the check, the capture itself is refused
+    with pytest.raises(CaptureError, match="on the host"):
+        train_steps(training, step, batches(T))
+
+
+def test_a_run_started_with_a_foreach_optimizer_resumes_graphed_and_fused(tmp_path):
+    """A run started on a CPU (foreach SGD) and continued with --device cuda: loading the
+    optimizer's state_dict must not take fused=True away from the graphed step."""
+    data = batches(T)
+    first = make_training()
+    for group in first.optimizer.param_groups:
+        group["fused"] = None  # as make_optimizer leaves it on a CPU
+    train_steps(first, EagerStep(first), data[:10])
+    torch.save({"model": first.model.state_dict(), "optimizer": first.optimizer.state_dict(),
+                "scheduler": first.scheduler.state_dict(), "scaler": first.scaler.state_dict(),
+                "rng": [rng_state()]}, tmp_path / "ckpt.pt")
+    resumed = make_training(seed=5)
+    step = graphed(resumed, warmup=1, min_steps=1)
+    restore(torch.load(tmp_path / "ckpt.pt", weights_only=True), resumed)
+    assert all(group["fused"] is True for group in resumed.optimizer.param_groups)
+    train_steps(resumed, step, data, first=10)  # the stand-in refuses the foreach path's .item()
+    planned = planned_captures(closed_form_frozen_at(7, T, 0.5), T, 1, 1, first=10, has_momentum=True)
+    assert (step.captures, step.eager_steps) == planned == (3, 1)  # levels 4, 5, 6
 
 
 def test_the_graphed_step_needs_a_fused_optimizer():
