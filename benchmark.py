@@ -20,6 +20,7 @@ the last quarter of the steps, where the frozen prefix is largest: autograd's sa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -31,6 +32,7 @@ from cli import (AMP_MODES, CUDA_GRAPHS, DEVICES, SCALINGS, HelpFormatter, check
                  check_t_0, flag_spellings, ignored_flags_note)
 from engine import Training, build_training, effective_amp, memory_format, resolve_device
 from graphs import CudaGraphs, GraphedStep, use_cuda_graphs
+from checkpoint import first_line
 from figures import mib, pct
 from freezeout import freeze, unit_times
 from models import MODELS, build_model, check_depth, model_name, paper_speedup, resolve_size
@@ -104,83 +106,98 @@ class Bench:
                          torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device))
                         for _ in range(n)]
 
-    def setup(self, t_0: float, graphed: bool = False) -> Training:
-        """A fresh model and its training objects; the graphed step captures every freeze
-        level (however short: a real run's levels are long, and capture time is reported
-        apart), after two eager warm-up steps."""
+    @contextlib.contextmanager
+    def training(self, t_0: float, graphed: bool = False, total_steps: int | None = None):
+        """A fresh model and its training objects for one run of `total_steps` (default
+        --steps) steps, released when the run ends: the training and its step refer to each
+        other, so without that each run's graph and memory pool would stay until a full garbage
+        collection. The graphed step captures every freeze level (however short: a real run's
+        levels are long, and capture time is reported apart), after two eager warm-up steps."""
+        steps = total_steps or self.args.steps
         torch.manual_seed(self.args.seed)
         training = build_training(
-            build(self.args), self.device, self.args.steps, lr=0.1, momentum=0.9, weight_decay=1e-4,
+            build(self.args), self.device, steps, lr=0.1, momentum=0.9, weight_decay=1e-4,
             t_0=t_0, how_scale=self.args.how_scale, scale_lr=self.args.scale_lr, amp=self.amp,
             channels_last=self.args.channels_last, fused=True if graphed else None)
         training.model.train()
         if graphed:
-            training.step = GraphedStep(training, self.args.batch_size, self.args.steps,
-                                        graphs=self.graphs(), warmup=2, min_steps=1)
+            training.step = GraphedStep(training, self.args.batch_size, steps, graphs=self.graphs(),
+                                        warmup=2, min_steps=1)
             training.step.start_epoch(0, 0)
-        return training
+        try:
+            yield training
+        finally:
+            if graphed:
+                training.step.release()
+            training.step = None
+            if graphed and self.device.type == "cuda":
+                torch.cuda.empty_cache()  # where the allocator frees the memory of released pools
 
     def timed_run(self, t_0: float, graphed: bool = False) -> dict:
         """Wall time of `steps` training steps (captures excluded, reported apart), the
         scheduler's share, CUDA peak of the last quarter."""
-        training = self.setup(t_0, graphed)
-        steps, quarter = self.args.steps, (3 * self.args.steps) // 4
-        sched = 0.0
-        sync(self.device)
-        start = time.perf_counter()
-        for k in range(steps):
-            if k == quarter and self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            training.step(*self.batches[k % len(self.batches)])
-            t = time.perf_counter()
-            training.scheduler.step()
-            sched += time.perf_counter() - t
-        sync(self.device)
-        captured = training.step.capture_time_s
-        elapsed = time.perf_counter() - start - captured
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        with self.training(t_0, graphed) as training:
+            steps, quarter = self.args.steps, (3 * self.args.steps) // 4
+            sched = 0.0
+            sync(self.device)
+            start = time.perf_counter()
+            for k in range(steps):
+                if k == quarter and self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                training.step(*self.batches[k % len(self.batches)])
+                t = time.perf_counter()
+                training.scheduler.step()
+                sched += time.perf_counter() - t
+            sync(self.device)
+            captures, captured = training.step.captures, training.step.capture_time_s
+            elapsed = time.perf_counter() - start - captured
+            peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return {"time_s": elapsed, "scheduler_s": sched, "cuda_peak_bytes": peak,
-                "captures": training.step.captures, "capture_s": captured}
+                "captures": captures, "capture_s": captured}
 
     def saved_tensor_peak(self, t_0: float) -> int:
         """Largest per-step total of tensors autograd saves for backward (parameters aside),
         over the last quarter of the steps (the eager step: a graph saves the same tensors)."""
-        training = self.setup(t_0)
-        params = {p.untyped_storage().data_ptr() for p in training.model.parameters()}
-        peak = 0
-        for k in range(self.args.steps):
-            batch = self.batches[k % len(self.batches)]
-            if k < (3 * self.args.steps) // 4:
-                training.step(*batch)
-            else:
-                storages = {}
-
-                def pack(t):
-                    s = t.untyped_storage()
-                    if s.data_ptr() not in params:
-                        storages[s.data_ptr()] = s.nbytes()
-                    return t
-
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with self.training(t_0) as training:
+            params = {p.untyped_storage().data_ptr() for p in training.model.parameters()}
+            peak = 0
+            for k in range(self.args.steps):
+                batch = self.batches[k % len(self.batches)]
+                if k < (3 * self.args.steps) // 4:
                     training.step(*batch)
-                peak = max(peak, sum(storages.values()))
-            training.scheduler.step()
+                else:
+                    storages = {}
+
+                    def pack(t):
+                        s = t.untyped_storage()
+                        if s.data_ptr() not in params:
+                            storages[s.data_ptr()] = s.nbytes()
+                        return t
+
+                    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                        training.step(*batch)
+                    peak = max(peak, sum(storages.values()))
+                training.scheduler.step()
         return peak
 
     def level_step_time(self, n_frozen: int, graphed: bool = False) -> float:
         """Median time of one training step with the first n units frozen (after warm-up
-        steps and, graphed, the capture)."""
-        training = self.setup(1.0, graphed)
-        for unit in training.units[:n_frozen]:
-            freeze(unit)
-        times = []
+        steps and, graphed, the capture). Each step is followed by the scheduler's, as in
+        training (its first one ends the forward-order check and its process-wide hook); its
+        schedule (t_0 = 1) spans exactly these steps, so nothing else freezes."""
         warmup = 3 if graphed else 1  # graphed: two eager steps, then the capture
-        for k in range(self.args.level_steps + warmup):
-            sync(self.device)
-            start = time.perf_counter()
-            training.step(*self.batches[k % len(self.batches)])
-            sync(self.device)
-            times.append(time.perf_counter() - start)
+        steps = self.args.level_steps + warmup
+        with self.training(1.0, graphed, total_steps=steps) as training:
+            for unit in training.units[:n_frozen]:
+                freeze(unit)
+            times = []
+            for k in range(steps):
+                sync(self.device)
+                start = time.perf_counter()
+                training.step(*self.batches[k % len(self.batches)])
+                sync(self.device)
+                times.append(time.perf_counter() - start)
+                training.scheduler.step()
         return statistics.median(times[warmup:])
 
 
@@ -233,26 +250,32 @@ def compare(bench: Bench, args, t_i, graphed: bool) -> dict:
     return result
 
 
-def measure(args) -> dict:
+def measure(args, report=lambda result: None) -> dict:
+    """What main measures on the device --device names: `measure_on`, eager then graphed."""
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     graphed, _ = use_cuda_graphs(args.cuda_graphs, device, effective_amp(args.amp, device), False)
-    return measure_on(args, device, graphed)
+    return measure_on(args, device, graphed, report=report)
 
 
-def measure_on(args, device: torch.device, graphed: bool, graphs=CudaGraphs) -> dict:
+def measure_on(args, device: torch.device, graphed: bool, graphs=CudaGraphs,
+               report=lambda result: None) -> dict:
     """Eager, and graphed beside it when `graphed`: the results as one dict (the eager
-    figures at the top level, the graphed ones under "graphed")."""
+    figures at the top level, the graphed ones under "graphed"). `report(result)` gets the
+    eager results before the graphed ones are measured, so that a failure there loses nothing;
+    such a failure (a RuntimeError) is kept as result["graphed_error"] (one line)."""
     bench = Bench(args, device, graphs)
     model = build(args)
     units = model.freeze_units()
     t_i = unit_times(len(units), args.t_0, args.how_scale)
     levels = training_flops_by_level(unit_flops(model, units, ESTIMATE_INPUT))
-    return {
+    result = {
         "model": args.model, "depth": args.depth, "growth_rate": args.growth_rate,
-        "bottleneck": args.bottleneck, "batch_size": args.batch_size, "steps": args.steps,
-        "t_0": args.t_0, "how_scale": args.how_scale, "scale_lr": args.scale_lr,
+        "bottleneck": args.bottleneck, "num_classes": args.num_classes, "batch_size": args.batch_size,
+        "steps": args.steps, "t_0": args.t_0, "how_scale": args.how_scale, "scale_lr": args.scale_lr,
+        "seed": args.seed, "repeats": args.repeats, "level_steps": args.level_steps,
+        "cuda_graphs": args.cuda_graphs,
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else None, "amp": bench.amp, "channels_last": args.channels_last, "threads": torch.get_num_threads(),
         "torch": str(torch.__version__), "n_units": len(units),
@@ -263,11 +286,23 @@ def measure_on(args, device: torch.device, graphed: bool, graphs=CudaGraphs) -> 
         "flop_speedup": schedule_speedup(levels, t_i, args.steps),
         "saved_bytes_baseline": bench.saved_tensor_peak(1.0),
         "saved_bytes_freezeout": bench.saved_tensor_peak(args.t_0),
-        "graphed": compare(bench, args, t_i, graphed=True) if graphed else None,
+        "graphed": None,
     }
+    report(result)
+    if graphed:
+        try:
+            result["graphed"] = compare(bench, args, t_i, graphed=True)
+        except RuntimeError as e:
+            result["graphed_error"] = first_line(e)
+    return result
 
 
 def table(r: dict) -> str:
+    """Everything measured: the eager figures, then the graphed ones."""
+    return "\n".join(filter(None, [eager_table(r), graphed_table(r)]))
+
+
+def eager_table(r: dict) -> str:
     arch = model_name(r["model"], r["depth"], r["growth_rate"], r["bottleneck"])
     lines = [
         f"{arch}, batch {r['batch_size']}, {r['steps']} steps, {r['how_scale']} "
@@ -286,7 +321,14 @@ def table(r: dict) -> str:
         f"FreezeOut {mib(r['peak_mem_freezeout'])}",
         f"  FreezeOut bookkeeping: {100 * r['overhead_frac']:.3f}% of the step time",
     ]
-    g = r["graphed"]
+    return "\n".join(lines)
+
+
+def graphed_table(r: dict) -> str:
+    """The graphed figures, beside the eager ones (empty when none were measured)."""
+    g, lines = r["graphed"], []
+    if "graphed_error" in r:
+        lines.append(f"  CUDA graphs: failed: {r['graphed_error']}")
     if g is not None:
         lines += [
             "  CUDA graphs (one per freeze level; capture time excluded from the runs, given below):",
@@ -332,11 +374,19 @@ def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     check(args, parser)
-    result = measure(args)
-    print(table(result))
+    # The eager table is printed as soon as it is measured: what the graphed part does cannot
+    # take it away.
+    result = measure(args, report=lambda eager: print(eager_table(eager), flush=True))
+    graphed = graphed_table(result)
+    if graphed:
+        print(graphed)
     if args.json:
         print(json.dumps(result))
     sys.stdout.flush()
+    if "graphed_error" in result:
+        print(f"{parser.prog}: error: the graphed step failed ({result['graphed_error']}); the eager "
+              f"figures above stand", file=sys.stderr)
+        raise SystemExit(1)
     return result
 
 

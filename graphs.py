@@ -217,6 +217,11 @@ class GraphedStep:
         self.eager_steps = 0
         self.captures, self.capture_time_s = 0, 0.0
 
+    def release(self) -> None:
+        """Drop the last graph and its output now (its pool's memory goes once the gradients
+        it allocated are gone too), rather than whenever this object is collected."""
+        self.graph = self.loss = self.graph_level = None
+
     def check_fused(self) -> None:
         """The fused SGD reads the rates from the device; the other paths read them with
         `.item()`, which a capture cannot (checked again at each capture: loading an

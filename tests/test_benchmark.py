@@ -2,9 +2,11 @@
 loaded machine's timings prove nothing), the FLOP and paper estimates it prints beside them,
 the memory it reports, and its command line."""
 import argparse
+import gc
 import json
 
 import pytest
+import torch
 
 import benchmark
 from conftest import counted_step_flops, stepped_speedup
@@ -120,3 +122,68 @@ def test_benchmark_refuses_bad_values(argv, message, capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2 and message in err.strip().splitlines()[-1], err
     assert "Traceback" not in err
+
+
+def tiny_args(*extra):
+    parser = benchmark.build_parser()
+    args = parser.parse_args(["-L", "10", "-k", "4", "--batch-size", "4", "--steps", "12", "--repeats", "1",
+                              "--level-steps", "1", "--device", "cpu", "--num-classes", "10", *extra])
+    benchmark.check(args, parser)
+    return args
+
+
+def test_a_finished_run_frees_its_graphs_and_their_memory_without_a_garbage_collection():
+    from graphs import EagerGraphs
+    pools = []
+
+    def new_pool():
+        pools.append(EagerGraphs())
+        return pools[-1]
+
+    bench = benchmark.Bench(tiny_args(), torch.device("cpu"), graphs=new_pool)
+    gc.collect()
+    gc.disable()
+    try:
+        run = bench.timed_run(0.8, graphed=True)
+        pool = pools[-1]
+        assert run["captures"] == pool.captures == 6 and pool.allocated
+        # No graph left, nothing allocated by a capture alive (gradients, losses): all freed
+        # when the run ended, not at some later collection.
+        assert not pool.live and all(ref.expired() for ref in pool.allocated)
+    finally:
+        gc.enable()
+
+
+def test_timing_the_freeze_levels_leaves_no_process_wide_hook_behind():
+    from torch.nn.modules import module
+    bench = benchmark.Bench(tiny_args(), torch.device("cpu"))
+    before = len(module._global_forward_pre_hooks)
+    for n in (0, 3, 5):
+        assert bench.level_step_time(n) > 0
+    assert len(module._global_forward_pre_hooks) == before
+
+
+class FailingGraphs:
+    """A capturer whose every capture fails, as a broken GPU capture would."""
+
+    def run(self, step):
+        return step()
+
+    def capture(self, step, buffers=list):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+
+def test_a_failed_graphed_part_keeps_the_eager_figures_and_exits_1(monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "measure", lambda args, report: benchmark.measure_on(
+        args, torch.device("cpu"), True, FailingGraphs, report))
+    with pytest.raises(SystemExit) as info:
+        benchmark.main(["-L", "10", "-k", "4", "--batch-size", "4", "--steps", "8", "--repeats", "1",
+                        "--level-steps", "0", "--device", "cpu", "--num-classes", "10", "--json"])
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert info.value.code == 1 and lines[1].startswith("  baseline runs")  # the eager table first
+    assert "  CUDA graphs: failed: CUDA error: operation not permitted when stream is capturing" in lines
+    r = json.loads(lines[-1])
+    assert r["graphed"] is None and r["graphed_error"].endswith("is capturing")
+    assert r["measured_speedup"] is not None and (r["seed"], r["repeats"], r["num_classes"]) == (0, 1, 10)
+    assert "the graphed step failed" in err and "the eager figures above stand" in err
