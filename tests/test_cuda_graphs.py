@@ -12,11 +12,13 @@ import train
 from densenet import DenseNet
 from engine import EagerStep, build_training
 from graphs import GraphedStep
+from conftest import closed_form_frozen_at, planned_captures
 from metrics_logger import read_records
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = torch.device("cuda")
 STEPS, BATCH = 50, 32
+UNITS = 10  # DenseNet-BC L=16
 
 
 def make_training(t_0=0.3, dropout=0.0, amp="off"):
@@ -43,13 +45,36 @@ def run(training, step, data, on_step=None):
     return torch.stack(losses).cpu()
 
 
+@pytest.fixture
+def deterministic():
+    """Deterministic cuDNN algorithms, no TF32, no autotuning: the same kernels on the same
+    inputs give the same numbers, so a graph and the eager run of its own step can be compared."""
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warns for a kernel with atomics only
+    yield
+    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+     torch.backends.cuda.matmul.allow_tf32) = saved[:4]
+    torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+
+
+# The graphed step's own eager path runs the same kernels as its graphs (the rates as float32
+# tensors on the device, casts uncached), so the two agree to the rounding of the few kernels
+# that exist only with atomic adds (reordered sums: a few float32 ulps a step, kept small over
+# 50 steps; bf16 rounds activations to 8 bits, so one flipped rounding shows at 1e-2).
+TOLERANCE = {"off": dict(rtol=1e-5, atol=1e-6), "bf16": dict(rtol=2e-2, atol=1e-3)}
+
+
 @pytest.mark.parametrize("amp", ["off", "bf16"])
-def test_graphed_and_eager_steps_agree_across_freeze_points(amp):
+def test_graphs_captured_back_to_back_compute_what_their_step_does_eagerly(amp, deterministic):
     data = batches()
     eager = make_training(amp=amp)
-    eager_losses = run(eager, EagerStep(eager), data)
+    eager_losses = run(eager, GraphedStep(eager, BATCH, STEPS, min_steps=10 ** 9), data)  # never captures
     graphed = make_training(amp=amp)
-    step = GraphedStep(graphed, BATCH, STEPS, min_steps=1)
+    step = GraphedStep(graphed, BATCH, STEPS, min_steps=1)  # every level captured, one after another
     snapshots = {}
 
     def snapshot_frozen(k):
@@ -57,11 +82,14 @@ def test_graphed_and_eager_steps_agree_across_freeze_points(amp):
             snapshots.setdefault(i, [p.detach().clone() for p in graphed.units[i].parameters()])
 
     losses = run(graphed, step, data, snapshot_frozen)
-    assert graphed.scheduler.num_frozen >= 3 and graphed.scheduler.frozen_at == eager.scheduler.frozen_at
-    assert torch.allclose(losses, eager_losses, rtol=1e-4, atol=0)
+    assert graphed.scheduler.frozen_at == eager.scheduler.frozen_at == closed_form_frozen_at(UNITS, STEPS, 0.3)
+    planned = planned_captures(graphed.scheduler.frozen_at, STEPS, graphs.GRAPH_WARMUP_STEPS, 1)
+    assert (step.captures, step.eager_steps) == planned and step.captures >= 5
+    torch.testing.assert_close(losses, eager_losses, **TOLERANCE[amp])
+    for a, b in zip(graphed.model.parameters(), eager.model.parameters()):
+        torch.testing.assert_close(a, b, **TOLERANCE[amp])
     for i, before in snapshots.items():  # frozen weights untouched by every later replay
         assert all(torch.equal(a, b) for a, b in zip(before, graphed.units[i].parameters()))
-    assert step.captures == graphed.scheduler.num_frozen + 1
 
 
 def test_a_replayed_step_never_waits_for_the_gpu():
@@ -85,8 +113,12 @@ def test_a_replayed_step_never_waits_for_the_gpu():
     assert step.captures == 1 and flag.item() == 0
 
 
-TINY = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "512", "-L", "16", "-k", "6",
+# DenseNet-BC L=16 (10 units), 2,048 images in batches of 32: 64 steps an epoch, 192 in all.
+# Cubic t_0 = 0.5 freezes units at steps 24, 33, 44, 57, 73, 91, 112, 135, 162: every level
+# lasts at least GRAPH_MIN_STEPS (8), so each is captured, one after another.
+TINY = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "2048", "-L", "16", "-k", "6",
         "--batch_size", "32", "--epochs", "3", "--t_0", "0.5", "--device", "cuda", "--cuda-graphs", "on"]
+TINY_STEPS, TINY_PER_EPOCH = 192, 64
 
 
 @pytest.mark.slow
@@ -97,22 +129,22 @@ def test_train_py_graphed(tmp_path, extra):
     config = read_records(tmp_path / "g" / "metrics.jsonl", "config")[0]
     epochs = read_records(tmp_path / "g" / "metrics.jsonl", "epoch")
     assert config["training_step"] == "graphed" and all(e["training_step"] == "graphed" for e in epochs)
-    assert sum(e["captures"] for e in epochs) >= 2 and all(e["train_loss"] < 3 for e in epochs)
-    assert summary["frozen_at"][0] is not None and summary["test_err"] < 90
+    frozen_at = closed_form_frozen_at(UNITS, TINY_STEPS, 0.5)
+    assert summary["frozen_at"] == frozen_at
+    planned = planned_captures(frozen_at, TINY_STEPS, graphs.GRAPH_WARMUP_STEPS, graphs.GRAPH_MIN_STEPS)
+    assert (sum(e["captures"] for e in epochs), sum(e["eager_steps"] for e in epochs)) == planned == (10, 2)
+    assert all(e["train_loss"] < 3 for e in epochs) and summary["test_err"] < 90
 
 
 @pytest.mark.slow
-def test_a_resumed_graphed_run_is_bit_identical(tmp_path, monkeypatch):
-    # cuDNN may pick non-deterministic kernels (atomics in weight gradients): bit-identity
-    # across processes needs the deterministic ones, eager or graphed alike.
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+def test_a_resumed_graphed_run_is_bit_identical(tmp_path, monkeypatch, deterministic):
     args = [*TINY, "--dropout", "0.1", "--out-dir", str(tmp_path)]
     train.main([*args, "--name", "whole"])
     real_call, calls = GraphedStep.__call__, []
 
     def call_then_sigint(self, x, y):
         calls.append(1)
-        if len(calls) == 22:  # epoch 2 (16 steps an epoch), batch 5
+        if len(calls) == TINY_PER_EPOCH + 21:  # step 84 (epoch 2, batch 20): the run stops after it
             os.kill(os.getpid(), signal.SIGINT)
         return real_call(self, x, y)
 
@@ -126,4 +158,11 @@ def test_a_resumed_graphed_run_is_bit_identical(tmp_path, monkeypatch):
     assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
     assert whole["scheduler"] == cut["scheduler"]
     cut_epochs = read_records(tmp_path / "cut" / "metrics.jsonl", "epoch")
-    assert [e["epoch"] for e in cut_epochs] == [1, 2, 3] and graphs.GRAPH_WARMUP_STEPS > 0
+    assert [e["epoch"] for e in cut_epochs] == [1, 2, 3]
+    # The resumed process (from step 85, in level 5: steps 73-90) warmed up again, then captured
+    # every level that had at least 8 steps left: its steps were not all eager.
+    resumed = read_records(tmp_path / "cut" / "metrics.jsonl", "epoch")[1:]
+    planned = planned_captures(closed_form_frozen_at(UNITS, TINY_STEPS, 0.5), TINY_STEPS, graphs.GRAPH_WARMUP_STEPS,
+                               graphs.GRAPH_MIN_STEPS, first=85, has_momentum=True)
+    assert planned == (4, 6)
+    assert (sum(e["captures"] for e in resumed), sum(e["eager_steps"] for e in resumed)) == planned
