@@ -329,7 +329,7 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None, dist: Distributed 
         model, device, config["epochs"] * per_epoch, lr=config["lr"], momentum=config["momentum"],
         weight_decay=config["weight_decay"], t_0=config["t_0"], how_scale=config["how_scale"],
         scale_lr=config["scale_lr"], amp=config["amp_effective"], channels_last=config["channels_last"],
-        dist=dist)
+        dist=dist, fused=True if config["training_step"] == "graphed" else None)
     if config["training_step"] == "graphed":
         training.step = GraphedStep(training, config["batch_size"], per_epoch)
     if checkpoint is None:

@@ -2,12 +2,14 @@
 every step, the graphed step computes exactly what the eager one does, one capture per freeze
 level, resume, and the fallbacks and their messages. (Real CUDA graphs: tests/test_cuda.py.)"""
 import math
+import os
+import signal
 
 import pytest
 import torch
 
 import train
-from conftest import TINY, closed_form_frozen_at, closed_form_lrs, planned_captures
+from conftest import TINY, closed_form_frozen_at, closed_form_lrs, planned_captures, same_state
 from densenet import DenseNet
 from distributed import Distributed
 from engine import EagerStep, build_training
@@ -305,3 +307,45 @@ def test_train_speed_tool_compares_runs(tmp_path, capsys):
     assert rows[1]["images_per_s"] == 2 * 3 * 16 / sum(e["train_time_s"] for e in epochs)
     assert rows[1]["captures"] == 0 and rows[1]["training_step"] == "eager"
     assert "1.00x a" in capsys.readouterr().out.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_train_py_graphed_on_the_cpu_stand_in_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """train.py's whole graphed path (the step chosen, built before a resume, the rates per
+    epoch, captures counted in the records, a stop and --resume) on the CPU, under the
+    stand-in's capture rules."""
+    import graphs
+    monkeypatch.setattr(graphs, "graphs_unsupported", lambda *args: None)
+    monkeypatch.setattr(graphs, "CudaGraphs", EagerGraphs)
+    # 480 images in batches of 16: 30 steps an epoch, 60 in all; 7 units frozen at steps 8, 12,
+    # 18, 26, 35, 47: levels of 8, 4, 6, 8, 9, 12 and 13 steps, the last four captured.
+    args = [*TINY, "--subset", "480", "--epochs", "2", "--t_0", "0.5", "--dropout", "0.1", "--no-validate",
+            "--cuda-graphs", "on", "--out-dir", str(tmp_path)]
+    train.main([*args, "--name", "whole"])
+    epochs = read_records(tmp_path / "whole" / "metrics.jsonl", "epoch")
+    frozen_at = closed_form_frozen_at(7, 60, 0.5)
+    planned = planned_captures(frozen_at, 60, graphs.GRAPH_WARMUP_STEPS, graphs.GRAPH_MIN_STEPS)
+    assert (sum(e["captures"] for e in epochs), sum(e["eager_steps"] for e in epochs)) == planned == (4, 18)
+    assert all(e["training_step"] == "graphed" for e in epochs)
+
+    real_call, calls = GraphedStep.__call__, []
+
+    def call_then_sigint(self, x, y):
+        calls.append(1)
+        if len(calls) == 40:  # step 39, in level 4 (steps 35-46): the run stops after it
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_call(self, x, y)
+
+    monkeypatch.setattr(GraphedStep, "__call__", call_then_sigint)
+    with pytest.raises(SystemExit):
+        train.main([*args, "--name", "cut"])
+    monkeypatch.setattr(GraphedStep, "__call__", real_call)
+    train.main([*args, "--name", "cut", "--resume"])
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert same_state(whole["model"], cut["model"]) and same_state(whole["optimizer"], cut["optimizer"])
+    assert whole["scheduler"] == cut["scheduler"]
+    resumed = read_records(tmp_path / "cut" / "metrics.jsonl", "epoch")[1:]
+    planned = planned_captures(frozen_at, 60, graphs.GRAPH_WARMUP_STEPS, graphs.GRAPH_MIN_STEPS,
+                               first=40, has_momentum=True)
+    assert (resumed[0]["captures"], resumed[0]["eager_steps"]) == planned == (1, 7)  # level 5
