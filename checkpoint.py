@@ -102,10 +102,12 @@ def load_checkpoint(path: Path) -> dict:
     except pickle.UnpicklingError as e:
         why = ("it holds pickled objects other than tensors and plain containers, possibly code; "
                "nothing of it was run" if "Weights only load failed" in str(e) else
-               first_line(e) if str(e).strip() else "unreadable pickle")
+               one_line(e) if str(e).strip() else "unreadable pickle")
         raise RunError(f"{path} is not a loadable FreezeOut checkpoint ({why})") from None
     except Exception as e:
-        raise RunError(f"{path} is not a loadable FreezeOut checkpoint ({first_line(e)})") from None
+        raise RunError(f"{path} is not a loadable FreezeOut checkpoint ({one_line(e)}); the run cannot be "
+                       f"continued from it (its metrics.jsonl keeps the epochs recorded so far): start it "
+                       f"again under another --name, or remove {path.parent} to reuse its name") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a FreezeOut checkpoint of this project")
     return state
@@ -114,6 +116,11 @@ def load_checkpoint(path: Path) -> dict:
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def one_line(error: BaseException) -> str:
+    """The whole message of an error, on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 # Param-group options that say how this process's optimizer runs its step, not what it
@@ -133,12 +140,21 @@ def restore(checkpoint: dict, training) -> None:
     set_rng_state(checkpoint["rng"][training.dist.rank])
 
 
+# Settings that fix the schedule's length: T = epochs x steps per epoch.
+LENGTH_FLAGS = {"epochs", "batch_size", "subset", "eval_mode", "const_time"}
+
+
 def check_resume_flags(saved_args: dict, args, explicit: set) -> None:
     """Flags given with --resume must agree with the saved run (runtime flags aside)."""
     for flag in sorted(explicit - RUNTIME_FLAGS):
         given, was = getattr(args, flag), saved_args.get(flag)
         if given != was:
-            raise ValueError(f"--resume: --{flag} {given} contradicts the saved run's {flag} = {was}")
+            why = ("FreezeOut's schedule is set by the run's length (every unit freezes at its fraction of "
+                   "all the steps), so a run of another length freezes its units at other steps than this "
+                   "one did" if flag in LENGTH_FLAGS else "a run continues with the settings it started with")
+            raise ValueError(f"--resume: --{flag} {given} contradicts the saved run's {flag} = {was}: {why}; "
+                             f"leave --{flag} out to continue this run, or start a new run with it under "
+                             f"another --name")
 
 
 def prepare_run_dir(run_dir: Path, out_dir: str, resume: bool,

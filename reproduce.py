@@ -116,8 +116,9 @@ def run_grid(jobs: list[Job], out: Path) -> None:
         start = time.perf_counter()
         print(f"[{i}/{len(todo)}] {job.label}: {'resuming' if state == 'interrupted' else 'starting'}",
               flush=True)
-        # train.py's own hint ("continue with --resume") is not how a grid continues: left out.
-        train_main(job.argv + (["--resume"] if state == "interrupted" else []), resume_hint=None)
+        # train.py's own hint (the train.py command that continues the run) is not how a grid
+        # continues: left out.
+        train_main(job.argv + (["--resume"] if state == "interrupted" else []), resume_hint=False)
         durations.append(time.perf_counter() - start)
         left = statistics.mean(durations) * (len(todo) - i)
         print(f"[{i}/{len(todo)}] {job.label}: done in {durations[-1]:.0f} s; "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import time
@@ -374,14 +375,31 @@ def choose_step(config: dict, device: torch.device, dist: Distributed, parser) -
     return {"amp_effective": amp, "training_step": "graphed" if graphed else "eager"}
 
 
+def continue_command(args, config: dict, world_size: int = 1) -> str:
+    """The command that continues this run: its output directory and name, and this
+    invocation's runtime flags where they differ from the defaults (the checkpoint holds every
+    setting that changes the result)."""
+    launcher = ["python", "train.py"] if world_size == 1 else \
+        ["torchrun", f"--nproc_per_node={world_size}", "train.py"]
+    _, defaults = build_parser()
+    flags = [("--out-dir", args.out_dir, defaults["out_dir"]), ("--name", config["name"], None),
+             ("--data-root", args.data_root, defaults["data_root"]), ("--device", args.device, defaults["device"]),
+             ("--workers", args.workers, defaults["workers"]),
+             ("--cuda-graphs", args.cuda_graphs, defaults["cuda_graphs"])]
+    words = launcher + [w for flag, value, default in flags if value != default for w in (flag, str(value))]
+    return " ".join(shlex.quote(w) for w in words + ["--resume"])
+
+
 def failure(error: BaseException, config: dict, resume_hint: str | None) -> str:
     """The one line for what ended a run early, true about what the run directory holds."""
     run_dir = Path(config["run_dir"])
-    hint = f"; {resume_hint}" if resume_hint else ""
+    hint = f"; continue with: {resume_hint}" if resume_hint else ""
     if isinstance(error, Diverged):
         per_epoch = config["steps_per_epoch"]
+        again = (f"; {resume_hint} continues from it, and the same settings diverge again at the same "
+                 f"step: a new run (another --name) with a smaller --lr may not" if resume_hint else "")
         return (f"{error} (epoch {error.step // per_epoch + 1}, batch {error.step % per_epoch}); "
-                f"{describe_checkpoint(run_dir)}")
+                f"{describe_checkpoint(run_dir)}{again}")
     if isinstance(error, Stopped):
         return f"{error}{hint}"
     if isinstance(error, KeyboardInterrupt):
@@ -391,10 +409,11 @@ def failure(error: BaseException, config: dict, resume_hint: str | None) -> str:
     return str(error)
 
 
-def main(argv=None, *, resume_hint: str | None = "continue with --resume") -> dict:
+def main(argv=None, *, resume_hint: bool = True) -> dict:
     """Train as the command line says; return the run's summary record. A run that stops
-    early raises SystemExit after one line on stderr ending with `resume_hint` where it can be
-    continued (a caller that continues runs its own way, as reproduce.py, passes None)."""
+    early raises SystemExit after one line on stderr ending, where it can be continued, with
+    the command that continues it (a caller that continues runs its own way, as reproduce.py,
+    passes resume_hint=False)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, args, explicit = parse_args(argv)
     try:
@@ -426,7 +445,8 @@ def main(argv=None, *, resume_hint: str | None = "continue with --resume") -> di
     except (RunError, DataError, Stopped, KeyboardInterrupt) as e:
         if dist.is_main:  # a stop by signal is not an error: the run did what it was asked
             prefix = "" if isinstance(e, Stopped) else "error: "
-            print(f"{parser.prog}: {prefix}{failure(e, config, resume_hint)}", file=sys.stderr)
+            command = continue_command(args, config, dist.world_size) if resume_hint else None
+            print(f"{parser.prog}: {prefix}{failure(e, config, command)}", file=sys.stderr)
         stopped = 128 + e.signum if isinstance(e, Stopped) else 128 + signal.SIGINT
         raise SystemExit(stopped if isinstance(e, (Stopped, KeyboardInterrupt)) else 1) from None
     finally:

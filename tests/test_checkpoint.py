@@ -129,3 +129,19 @@ def test_a_checkpoint_of_another_kind_is_refused(tmp_path):
     with pytest.raises(RunError, match="is not a FreezeOut checkpoint of this project"):
         load_checkpoint(tmp_path / "other.pt")
     assert checkpoint.CHECKPOINT_FORMAT == "freezeout-checkpoint-v1"
+
+
+def test_a_truncated_checkpoint_is_refused_in_one_line_with_the_whole_cause_and_what_to_do(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"format": "freezeout-checkpoint-v1", "model": {"w": torch.zeros(1000)}}, run_dir / "checkpoint.pt")
+    whole = (run_dir / "checkpoint.pt").read_bytes()
+    (run_dir / "checkpoint.pt").write_bytes(whole[:len(whole) // 2])  # a copy cut short
+    with pytest.raises(RunError) as refused:
+        load_checkpoint(run_dir / "checkpoint.pt")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{run_dir / 'checkpoint.pt'} is not a loadable FreezeOut "
+                                                       f"checkpoint (PytorchStreamReader failed reading zip archive")
+    assert "your checkpoint file is corrupted" in message  # torch's whole explanation, not its first 200 characters
+    assert message.endswith("the run cannot be continued from it (its metrics.jsonl keeps the epochs recorded so "
+                            f"far): start it again under another --name, or remove {run_dir} to reuse its name")

@@ -1,13 +1,14 @@
 """plot.py: what it draws (every unit's schedule from the paper's formula, the logged rates,
 the loss, error and frozen-unit curves of the epoch records), not only that PNGs appear."""
 from pathlib import Path
+from typing import Optional
 
 import matplotlib.image
 import pytest
 
 import plot
-from conftest import KeptFigures, closed_form_lr, run_train
-from metrics_logger import MetricsLogger
+from conftest import KeptFigures, closed_form_frozen_at, closed_form_lr, run_train
+from metrics_logger import MetricsLogger, read_records, write_records
 
 
 @pytest.fixture
@@ -22,19 +23,28 @@ def is_png(path: Path) -> bool:
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[0] > 200 and image.shape[1] > 200
 
 
-def fabricated_run(run_dir: Path, evaluated: bool = True) -> list[dict]:
-    """A run's metrics: 5 units, T = 40 (4 epochs of 10 steps), linear unscaled t_0 = 0.5."""
-    epochs = []
+def fabricated_run(run_dir: Path, evaluated: bool = True, epochs: int = 4, per_epoch: int = 10,
+                   logged: Optional[int] = None, finished: bool = False, test_err: float = 38.5) -> list[dict]:
+    """A run's metrics: 5 units, linear unscaled t_0 = 0.5, T = epochs x per_epoch steps (by
+    default 4 epochs of 10: the units freeze at steps 20, 25, 30, 35 and never). `logged` epoch
+    records of the `epochs` (all by default); `finished`: the summary record last."""
+    total, logged = epochs * per_epoch, epochs if logged is None else logged
+    frozen_at = closed_form_frozen_at(5, total, 0.5, power=1)
+    records = []
     with MetricsLogger(run_dir / "metrics.jsonl") as log:
-        log.log("config", name="fab", epochs=4, total_steps=40, n_units=5, t_0=0.5, how_scale="linear",
-                scale_lr=False, lr=0.2, t_i=[0.5 + 0.5 * i / 4 for i in range(5)])
-        for e in range(1, 5):
-            record = {"epoch": e, "step": 10 * e, "train_loss": 2.5 - 0.4 * e, "frozen_units": e - 1,
-                      "lr": [closed_form_lr(10 * e, i, 5, 40, 0.5, 1, False, 0.2) for i in range(5)]}
+        log.log("config", name="fab", epochs=epochs, steps_per_epoch=per_epoch, total_steps=total, n_units=5,
+                t_0=0.5, how_scale="linear", scale_lr=False, lr=0.2, t_i=[0.5 + 0.5 * i / 4 for i in range(5)])
+        for e in range(1, logged + 1):
+            step = per_epoch * e
+            record = {"epoch": e, "step": step, "train_loss": 2.5 * 0.9 ** e,
+                      "frozen_units": sum(k is not None and k <= step for k in frozen_at),
+                      "lr": [closed_form_lr(step, i, 5, total, 0.5, 1, False, 0.2) for i in range(5)]}
             if evaluated:
-                record.update(val_loss=2.6 - 0.3 * e, val_err=80.0 - 10 * e)
-            epochs.append(log.log("epoch", **record))
-    return epochs
+                record.update(val_loss=2.6 * 0.92 ** e, val_err=80.0 * 0.97 ** e)
+            records.append(log.log("epoch", **record))
+        if finished:
+            log.log("summary", epochs=epochs, steps=total, test_err=test_err, frozen_at=frozen_at)
+    return records
 
 
 def test_the_learning_rate_figure_draws_every_units_schedule_and_the_logged_rates(tmp_path, drawn, capsys):
@@ -67,9 +77,10 @@ def test_the_curves_figure_draws_the_epoch_records(tmp_path, drawn):
     assert list(train_loss.get_xdata()) == x and list(train_loss.get_ydata()) == [e["train_loss"] for e in epochs]
     assert list(val_loss.get_ydata()) == [e["val_loss"] for e in epochs]
     (err,) = right.lines
-    assert list(err.get_xdata()) == x and list(err.get_ydata()) == [70.0, 60.0, 50.0, 40.0]
-    (steps,) = frozen.lines
-    assert list(steps.get_ydata()) == [0, 1, 2, 3] and frozen.get_ylim() == (0, 5)
+    assert list(err.get_xdata()) == x and list(err.get_ydata()) == [e["val_err"] for e in epochs]
+    (steps,) = frozen.lines  # unfinished (no summary): the freeze steps 20, 25, 30, 35 of the schedule
+    assert list(steps.get_xdata()) == [0, 2, 2.5, 3, 3.5, 4] and list(steps.get_ydata()) == [0, 1, 2, 3, 4, 4]
+    assert frozen.get_ylim() == (0, 5)
 
 
 @pytest.mark.slow  # the figure's second case: kept out of the quick subset
@@ -78,6 +89,92 @@ def test_a_run_without_evaluation_draws_the_training_loss_only(tmp_path, drawn):
     plot.main([str(tmp_path)])
     left, right, frozen = drawn[1].axes
     assert len(left.lines) == 1 and len(right.lines) == 0 and len(frozen.lines) == 1
+
+
+# -- any length: 1, 2 and 100 epochs ---------------------------------------------------------
+LENGTHS = [(1, 2001), (2, 10), (100, 12)]  # (epochs, steps per epoch); 2001: every other step drawn
+
+
+def visible_ticks(axis) -> list:
+    lo, hi = sorted(axis.get_view_interval())
+    return [t for t in axis.get_ticklocs() if lo - 1e-9 <= t <= hi + 1e-9]
+
+
+@pytest.mark.parametrize("epochs, per_epoch", LENGTHS)
+def test_the_epoch_axes_show_whole_epochs_at_any_length(tmp_path, drawn, epochs, per_epoch):
+    fabricated_run(tmp_path, epochs=epochs, per_epoch=per_epoch, finished=True)
+    plot.main([str(tmp_path)])
+    lr_ax = drawn[0].axes[0]
+    (epoch_axis,) = lr_ax.child_axes  # the learning rates' epoch axis, along the top
+    left, right, frozen = drawn[1].axes
+    assert left.get_xlim() == right.get_xlim() == (0, epochs) and lr_ax.get_xlim() == (0, epochs * per_epoch)
+    for axis in (left.xaxis, right.xaxis, epoch_axis.xaxis, lr_ax.xaxis, frozen.yaxis):
+        ticks = visible_ticks(axis)
+        assert 2 <= len(ticks) <= 12 and all(t == int(t) for t in ticks), ticks
+    assert visible_ticks(epoch_axis.xaxis)[-1] == visible_ticks(left.xaxis)[-1] == epochs
+    assert epoch_axis.get_xlabel() == "epoch" and lr_ax.get_xlabel() == "optimizer step"
+    assert all(line.get_xdata()[-1] == epochs * per_epoch for line in lr_ax.lines[:5])  # to the last step
+    # Every epoch end marked while they can be told apart; a plain line for long runs.
+    for line in left.lines + right.lines[:1] + lr_ax.lines[5:]:
+        if epochs <= plot.MARKED_EPOCHS:
+            assert line.get_marker() == "." and line.get_markersize() >= 4
+        else:
+            assert line.get_marker() in ("None", ".") and (line.get_marker() == "None" or line.get_markersize() < 2)
+
+
+@pytest.mark.parametrize("epochs, per_epoch", LENGTHS)
+def test_the_frozen_units_step_up_at_the_step_each_unit_froze(tmp_path, drawn, epochs, per_epoch):
+    fabricated_run(tmp_path, epochs=epochs, per_epoch=per_epoch, finished=True)
+    plot.main([str(tmp_path)])
+    frozen_at = closed_form_frozen_at(5, epochs * per_epoch, 0.5, power=1)
+    assert frozen_at[4] is None and len(set(frozen_at[:4])) == 4  # the output unit never freezes
+    (steps,) = drawn[1].axes[2].lines
+    assert steps.get_drawstyle() == "steps-post" and steps.get_label() == "frozen units"
+    assert list(steps.get_xdata()) == pytest.approx([0] + [k / per_epoch for k in frozen_at[:4]] + [epochs])
+    assert list(steps.get_ydata()) == [0, 1, 2, 3, 4, 4]
+    if epochs == 2:  # T = 20: steps 10, 13, 15, 18, not all at the end of epoch 2
+        assert list(steps.get_xdata()) == [0, 1.0, 1.3, 1.5, 1.8, 2.0]
+
+
+@pytest.mark.parametrize("epochs, per_epoch", LENGTHS)
+def test_the_final_test_error_is_marked_at_the_last_epoch(tmp_path, drawn, epochs, per_epoch):
+    fabricated_run(tmp_path, epochs=epochs, per_epoch=per_epoch, finished=True, test_err=37.25)
+    plot.main([str(tmp_path)])
+    left, right, frozen = drawn[1].axes
+    err, star = right.lines
+    assert list(star.get_xdata()) == [epochs] and list(star.get_ydata()) == [37.25] and star.get_marker() == "*"
+    assert star.get_label() == "final test error 37.25%"
+    assert "final test error 37.25%" in [t.get_text() for t in frozen.get_legend().get_texts()]
+    assert drawn[1].get_suptitle() == f"fab: {epochs} epochs"
+
+
+def test_an_unfinished_run_draws_the_schedules_freeze_steps_as_far_as_it_got(tmp_path, drawn):
+    fabricated_run(tmp_path, logged=3)  # 3 of 4 epochs, no summary: freezes at 20, 25, 30 so far
+    plot.main([str(tmp_path)])
+    left, right, frozen = drawn[1].axes
+    (err,) = right.lines  # no final test error
+    (steps,) = frozen.lines
+    assert list(steps.get_xdata()) == [0, 2, 2.5, 3, 3] and list(steps.get_ydata()) == [0, 1, 2, 3, 3]
+    assert steps.get_label() == "frozen units (by the schedule; run unfinished)"
+    assert left.get_xlim() == (0, 4) and drawn[1].get_suptitle() == "fab: epoch 3 of 4 (unfinished)"
+
+
+def test_epoch_records_that_disagree_with_the_schedule_are_drawn_as_logged(tmp_path, drawn):
+    fabricated_run(tmp_path, logged=3)
+    records = read_records(tmp_path / "metrics.jsonl")
+    records[2]["frozen_units"] = 2  # epoch 2 (step 20) logged one more than the schedule says
+    write_records(tmp_path / "metrics.jsonl", records)
+    plot.main([str(tmp_path)])
+    (steps,) = drawn[1].axes[2].lines
+    assert list(steps.get_xdata()) == [0, 1, 2, 3] and list(steps.get_ydata()) == [0, 0, 2, 3]
+    assert steps.get_label() == "frozen units (counted at epoch ends)"
+
+
+def test_help_says_what_plot_py_draws_with_an_example(capsys):
+    with pytest.raises(SystemExit):
+        plot.main(["-h"])
+    text = capsys.readouterr().out
+    assert "lr.png" in text and "curves.png" in text and "example:\n  python plot.py runs/" in text
 
 
 def test_what_cannot_be_plotted_is_refused(tmp_path, capsys):

@@ -96,7 +96,9 @@ def test_stop_inside_an_epoch_resumes_inside_it(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stopped:
         train.main([*RUN, "--out-dir", str(tmp_path), "--save-weights", "cut"])
     assert stopped.value.code == 128 + signal.SIGINT
-    assert "stopped by SIGINT in epoch 2 after step 8 of 18" in capsys.readouterr().err
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "stopped by SIGINT in epoch 2 after step 8 of 18" in line
+    assert line.endswith(f"; continue with: python train.py --out-dir {tmp_path} --name cut --device cpu --resume")
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"], ckpt["position"]["batch"]) == (1, 8, 2)
     monkeypatch.setattr(engine, "train_step", real_step)
@@ -127,6 +129,9 @@ def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert failed.value.code == 1 and "Traceback" not in "\n".join(err)
     assert "diverged: the loss was not finite at step 10 (epoch 2, batch 4)" in err[-1]
+    assert err[-1].endswith(f"; python train.py --out-dir {tmp_path} --name nan --device cpu --resume continues "
+                            f"from it, and the same settings diverge again at the same step: a new run "
+                            f"(another --name) with a smaller --lr may not")
     assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert epochs_logged(tmp_path / "nan") == [1]
 

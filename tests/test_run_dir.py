@@ -1,6 +1,7 @@
 """A run can be continued at every moment: the step-0 checkpoint, --resume of a run that
 stopped before any checkpoint, and messages that say what the run directory really holds."""
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -59,12 +60,13 @@ def test_a_run_checkpoints_at_step_0_and_resumes_from_it_bit_for_bit(tmp_path, m
     stopped = stop_after_step_0_checkpoint(monkeypatch, tmp_path, "cut")
     assert stopped.code == 128 + signal.SIGINT
     line = last_err_line(capsys)
-    assert f"interrupted (run directory {tmp_path / 'cut'}); continue with --resume" in line
+    command = f"python train.py --out-dir {tmp_path} --name cut --device cpu --resume"
+    assert line.endswith(f"interrupted (run directory {tmp_path / 'cut'}); continue with: {command}")
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"], ckpt["position"], ckpt["train_time_s"]) == (0, 0, None, 0.0)
     assert events(tmp_path / "cut") == ["config"]
 
-    train.main([*TINY, "--out-dir", str(tmp_path), "--name", "cut", "--resume"])
+    train.main(shlex.split(command)[2:])  # the command printed, as it is: the checkpoint holds the rest
     assert same_state(final_state(tmp_path / "cut"), final_state(whole))
     assert events(tmp_path / "cut") == ["config", "epoch", "epoch", "epoch", "summary"]
     cut, ref = (read_records(d / "metrics.jsonl", "epoch") for d in (tmp_path / "cut", whole))
@@ -113,7 +115,10 @@ def test_resume_checks_flags_against_the_config_record(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit) as refused:
         train.main(["--out-dir", str(tmp_path), "--name", "early", "--resume", "--epochs", "5"])
     assert refused.value.code == 2
-    assert "--resume: --epochs 5 contradicts the saved run's epochs = 3" in last_err_line(capsys)
+    line = last_err_line(capsys)
+    assert "--resume: --epochs 5 contradicts the saved run's epochs = 3: FreezeOut's schedule is set by the " \
+           "run's length" in line
+    assert line.endswith("leave --epochs out to continue this run, or start a new run with it under another --name")
     assert (run_dir / "metrics.jsonl").read_bytes() == before
 
 
