@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from cli import (AMP_MODES, CUDA_GRAPHS, DEVICES, SCALINGS, HelpFormatter, check_positive, check_seed,
+from cli import (AMP_MODES, CUDA_GRAPHS, DEVICES, SCALINGS, HelpFormatter, examples, check_positive, check_seed,
                  check_t_0, flag_spellings, ignored_flags_note)
 from engine import Training, build_training, effective_amp, memory_format, resolve_device
 from graphs import CudaGraphs, GraphedStep, use_cuda_graphs
@@ -40,7 +40,8 @@ from utils import ESTIMATE_INPUT, first_frozen_steps, schedule_speedup, training
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=examples(__doc__),
+                                formatter_class=HelpFormatter)
 
     def add(*names, **kwargs):
         p.add_argument(*flag_spellings(*names), **kwargs)

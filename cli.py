@@ -17,15 +17,22 @@ LOADERS = ("auto", "tensor", "torchvision")
 CUDA_GRAPHS = ("auto", "on", "off")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Appends "(default: ...)" to a flag's help unless the help already says what happens
-    when the flag is not given, or the flag is a switch (its help says what it turns on)."""
+    when the flag is not given, or the flag is a switch (its help says what it turns on);
+    the description and the examples keep their lines."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         if "(default:" in text or action.nargs == 0:
             return text
         return super()._get_help_string(action)
+
+
+def examples(doc: str) -> str:
+    """The epilog of a script's -h: the first indented block of its docstring (its examples)."""
+    block = doc.split("\n\n")[1]
+    return "examples:\n" + "\n".join(line[2:] for line in block.splitlines())
 
 
 def flag_spellings(*names: str) -> list[str]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, HelpFormatter, check_positive, check_seed,
+from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, HelpFormatter, examples, check_positive, check_seed,
                  check_t_0, check_which_dataset, flag_spellings, ignored_flags_note)
 from checkpoint import run_progress, run_state
 from engine import resolve_device
@@ -269,7 +269,8 @@ def preset_default(key: str, more: str = "") -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=examples(__doc__),
+                                formatter_class=HelpFormatter)
 
     def add(*names, **kwargs):
         p.add_argument(*flag_spellings(*names), **kwargs)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from checkpoint import (check_resume_flags, describe_checkpoint, host_info, load_average, open_run, restore,
                         save_checkpoint, save_first_checkpoint)
-from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, LOADERS, SCALINGS, HelpFormatter,
+from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, LOADERS, SCALINGS, HelpFormatter, examples,
                  flag_spellings, ignored_flags_note)
 from config import resolve_config
 from distributed import Distributed, check_replicas_agree, init_distributed
@@ -61,7 +61,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     tells which flags were given (what --resume checks against the saved run). Long because it
     is the table of every flag, in groups, read top to bottom."""
     parser = argparse.ArgumentParser(description="Train a network with FreezeOut (Brock et al. 2017).",
-                                     formatter_class=HelpFormatter)
+                                     epilog=examples(__doc__), formatter_class=HelpFormatter)
     defaults = {}
 
     def add(group, *names, default=None, **kwargs):

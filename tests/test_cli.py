@@ -241,15 +241,16 @@ def test_help_says_what_happens_when_a_flag_is_not_given(script):
         assert "default" in shown, f"{script} {action.option_strings[0]}: {shown!r}"
 
 
-@pytest.mark.parametrize("script", ["train.py", "benchmark.py", "reproduce.py", "plot.py"])
-def test_help_runs_for_every_script(script, monkeypatch, capsys):
+@pytest.mark.parametrize("script", ["train.py", "benchmark.py", "reproduce.py", "plot.py", "tools/train_speed.py"])
+def test_help_runs_for_every_script_and_shows_an_example(script, monkeypatch, capsys):
     # As `python script -h` runs it (the script as __main__), in this process: a new process
     # would spend seconds importing torch (test_weight_decay_error_... starts a real one).
     monkeypatch.setattr(sys, "argv", [script, "-h"])
     with pytest.raises(SystemExit) as info:
         runpy.run_path(str(ROOT / script), run_name="__main__")
     out = capsys.readouterr().out
-    assert info.value.code == 0 and out.startswith(f"usage: {script}") and "(default: None)" not in out
+    assert info.value.code == 0 and out.startswith(f"usage: {Path(script).name}") and "(default: None)" not in out
+    assert f"\n  python {script} " in out  # an example command, as it is typed
 
 
 # -- the console: the baseline's header ---------------------------------------------------

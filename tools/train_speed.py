@@ -57,8 +57,9 @@ def line(r: dict, first: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    summary, details = __doc__.split("\n\n", 1)
-    parser = argparse.ArgumentParser(prog="train_speed.py", description=summary, epilog=details,
+    summary, block, rest = __doc__.split("\n\n", 2)
+    epilog = "examples:\n" + "\n".join(line[2:] for line in block.splitlines()) + "\n\n" + rest
+    parser = argparse.ArgumentParser(prog="train_speed.py", description=summary, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="train.py run directories")
     parser.add_argument("--max-loss-diff", type=float, default=None,
