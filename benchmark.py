@@ -107,31 +107,39 @@ class Bench:
                          torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device))
                         for _ in range(n)]
 
+    def graphed_step(self, training: Training, steps: int) -> GraphedStep:
+        """The graphed step for `steps` steps from where the training's schedule stands: every
+        freeze level captured (however short: a real run's levels are long, and capture time
+        is reported apart), after two eager warm-up steps."""
+        step = GraphedStep(training, self.args.batch_size, steps, graphs=self.graphs(), warmup=2, min_steps=1)
+        step.start_epoch(training.scheduler.last_epoch, 0)
+        return step
+
     @contextlib.contextmanager
-    def training(self, t_0: float, graphed: bool = False, total_steps: int | None = None):
+    def training(self, t_0: float, graphed: bool = False, total_steps: int | None = None,
+                 fused: bool | None = None):
         """A fresh model and its training objects for one run of `total_steps` (default
         --steps) steps, released when the run ends: the training and its step refer to each
         other, so without that each run's graph and memory pool would stay until a full garbage
         collection. The graphed step captures every freeze level (however short: a real run's
-        levels are long, and capture time is reported apart), after two eager warm-up steps."""
+        levels are long, and capture time is reported apart), after two eager warm-up steps.
+        `fused`: the fused SGD without the graphed step (default: with it)."""
         steps = total_steps or self.args.steps
         torch.manual_seed(self.args.seed)
         training = build_training(
             build(self.args), self.device, steps, lr=0.1, momentum=0.9, weight_decay=1e-4,
             t_0=t_0, how_scale=self.args.how_scale, scale_lr=self.args.scale_lr, amp=self.amp,
-            channels_last=self.args.channels_last, fused=True if graphed else None)
+            channels_last=self.args.channels_last, fused=True if graphed or fused else None)
         training.model.train()
         if graphed:
-            training.step = GraphedStep(training, self.args.batch_size, steps, graphs=self.graphs(),
-                                        warmup=2, min_steps=1)
-            training.step.start_epoch(0, 0)
+            training.step = self.graphed_step(training, steps)
         try:
             yield training
         finally:
-            if graphed:
+            if isinstance(training.step, GraphedStep):
                 training.step.release()
             training.step = None
-            if graphed and self.device.type == "cuda":
+            if (graphed or fused) and self.device.type == "cuda":
                 torch.cuda.empty_cache()  # where the allocator frees the memory of released pools
 
     def timed_run(self, t_0: float, graphed: bool = False) -> dict:
@@ -181,25 +189,33 @@ class Bench:
                 training.scheduler.step()
         return peak
 
-    def level_step_time(self, n_frozen: int, graphed: bool = False) -> float:
-        """Median time of one training step with the first n units frozen (after warm-up
-        steps and, graphed, the capture). Each step is followed by the scheduler's, as in
-        training (its first one ends the forward-order check and its process-wide hook); its
-        schedule (t_0 = 1) spans exactly these steps, so nothing else freezes."""
-        warmup = 3 if graphed else 1  # graphed: two eager steps, then the capture
-        steps = self.args.level_steps + warmup
-        with self.training(1.0, graphed, total_steps=steps) as training:
-            for unit in training.units[:n_frozen]:
-                freeze(unit)
-            times = []
-            for k in range(steps):
-                sync(self.device)
-                start = time.perf_counter()
-                training.step(*self.batches[k % len(self.batches)])
-                sync(self.device)
-                times.append(time.perf_counter() - start)
-                training.scheduler.step()
-        return statistics.median(times[warmup:])
+    def level_step_times(self, levels: list[int], graphed: bool = False) -> dict[int, float]:
+        """Median time of one training step with the first n units frozen, for each n of
+        `levels` (ascending), on one model whose units are frozen level after level: after a
+        warm-up step at each level and, graphed, two eager steps and the level's capture (a
+        new graphed step per level). Each step is followed by the scheduler's, as in training
+        (its first one ends the forward-order check and its process-wide hook); its schedule
+        (t_0 = 1) spans exactly these steps, so nothing else freezes."""
+        warmup = 3 if graphed else 1
+        per_level = self.args.level_steps + warmup
+        times = {}
+        with self.training(1.0, graphed=False, total_steps=len(levels) * per_level, fused=graphed) as training:
+            for n in levels:
+                for unit in training.units[:n]:
+                    freeze(unit)
+                step = self.graphed_step(training, per_level) if graphed else training.step
+                taken = []
+                for k in range(per_level):
+                    sync(self.device)
+                    start = time.perf_counter()
+                    step(*self.batches[k % len(self.batches)])
+                    sync(self.device)
+                    taken.append(time.perf_counter() - start)
+                    training.scheduler.step()
+                if graphed:
+                    step.release()
+                times[n] = statistics.median(taken[warmup:])
+        return times
 
 
 def build(args) -> torch.nn.Module:
@@ -227,7 +243,7 @@ def compare(bench: Bench, args, t_i, graphed: bool) -> dict:
     if args.level_steps > 0:
         first = first_frozen_steps(t_i, args.steps)
         visited = sorted({sum(f <= k for f in first) for k in range(args.steps)})
-        level_times = {n: bench.level_step_time(n, graphed) for n in visited}
+        level_times = bench.level_step_times(visited, graphed)
         ideal = schedule_speedup([level_times.get(n, 0.0) for n in range(len(t_i))], t_i, args.steps)
     b_time = statistics.median(r["time_s"] for r in baseline)
     f_time = statistics.median(r["time_s"] for r in freezeout)

@@ -28,9 +28,9 @@ class GivenTimes:
         self.calls.append(("run", t_0, graphed))
         return self.runs.pop(0)
 
-    def level_step_time(self, n, graphed=False):
-        self.calls.append(("level", n, graphed))
-        return self.levels[n]
+    def level_step_times(self, levels, graphed=False):
+        self.calls += [("level", n, graphed) for n in levels]
+        return {n: self.levels[n] for n in levels}
 
 
 def run(time_s, scheduler_s=0.0, captures=0, capture_s=0.0):
@@ -155,11 +155,14 @@ def test_a_finished_run_frees_its_graphs_and_their_memory_without_a_garbage_coll
 
 
 def test_timing_the_freeze_levels_leaves_no_process_wide_hook_behind():
+    # One model for every level, frozen level after level; graphed, one capture per level.
     from torch.nn.modules import module
-    bench = benchmark.Bench(tiny_args(), torch.device("cpu"))
+    from graphs import EagerGraphs
+    bench = benchmark.Bench(tiny_args(), torch.device("cpu"), graphs=EagerGraphs)
     before = len(module._global_forward_pre_hooks)
-    for n in (0, 3, 5):
-        assert bench.level_step_time(n) > 0
+    for graphed in (False, True):
+        times = bench.level_step_times([0, 3, 5], graphed)
+        assert sorted(times) == [0, 3, 5] and all(t > 0 for t in times.values())
     assert len(module._global_forward_pre_hooks) == before
 
 

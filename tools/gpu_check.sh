@@ -77,8 +77,8 @@ bench() {  # name, then benchmark.py flags
   grep -v '^{' "$RUNS/stage.txt" | tee -a "$OUT/summary.txt"
   grep '^{' "$RUNS/stage.txt" >> "$OUT/bench.jsonl"
 }
-bench "fp32, batch 50" --batch-size 50 --steps 200 --repeats 3 --amp off
-bench "bf16, batch 50" --batch-size 50 --steps 200 --repeats 3 --amp bf16
+bench "fp32, batch 50" --batch-size 50 --steps 160 --repeats 2 --amp off
+bench "bf16, batch 50" --batch-size 50 --steps 160 --repeats 2 --amp bf16
 bench "bf16, batch 256" --batch-size 256 --steps 100 --repeats 2 --amp bf16
 
 say "== 3. train.py, DenseNet-BC L=76, 10,000 synthetic images, 3 epochs, batch 50"
