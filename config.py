@@ -50,18 +50,33 @@ def args_paper_speedup(args, t_0: float):
     return paper_speedup(args.model, args.depth, args.growth_rate, t_0, args.how_scale, args.bottleneck)
 
 
-def default_run_name(args, dataset: str) -> str:
+# Settings that change what a run computes beyond those every default name spells out: each
+# one that differs from its default is added, so that a sweep over it gets a directory per value.
+NAME_LABELS = {"reduction": "red{:g}", "dropout": "drop{:g}", "batch_size": "bs{}", "lr": "lr{:g}",
+               "momentum": "mom{:g}", "weight_decay": "wd{:g}", "augment": "noaug",
+               "eval_mode": {"test": "valtest", "none": "noval"}, "const_time": "consttime", "amp": "{}"}
+
+
+def default_run_name(args, dataset: str, defaults: dict) -> str:
     arch = {"densenet": f"densenet{'BC' if args.bottleneck else ''}-L{args.depth}-k{args.growth_rate}",
             "wrn": f"wrn-{args.depth}-{args.growth_rate}", "vgg": f"vgg{args.depth}"}[args.model]
     data = dataset + (f"{args.which_dataset}" if dataset == "synthetic" and args.which_dataset else "")
     data += f"-sub{args.subset}" if args.subset else ""
     fo = (f"ts{args.target_speedup:g}" if args.target_speedup is not None else f"t0-{args.t_0:g}")
     scaling = "scaled" if args.scale_lr else "unscaled"
-    return f"{arch}_{data}_{args.how_scale}-{scaling}-{fo}_e{args.epochs}_s{args.seed}"
+    name = f"{arch}_{data}_{args.how_scale}-{scaling}-{fo}_e{args.epochs}_s{args.seed}"
+    extras = []
+    for dest, label in NAME_LABELS.items():
+        value = getattr(args, dest)
+        if value == defaults[dest] or (dest == "reduction" and args.model != "densenet"):
+            continue
+        extras.append(label[value] if isinstance(label, dict) else label.format(value))
+    return "_".join([name, *extras])
 
 
-def resolve_config(args, explicit: set, argv) -> dict:
-    """Everything the run is defined by, checked before any work is done."""
+def resolve_config(args, explicit: set, argv, defaults: dict) -> dict:
+    """Everything the run is defined by, checked before any work is done (`defaults`: every
+    flag's default, for the run's default name)."""
     check_args(args, explicit)
     dataset, synthetic_classes = resolve_dataset(args)
     steps_per_epoch(split_sizes(args.eval_mode, args.subset)[0], args.batch_size)
@@ -79,7 +94,7 @@ def resolve_config(args, explicit: set, argv) -> dict:
     device = resolve_device(args.device)
     amp = effective_amp(args.amp, device)
     use_cuda_graphs(args.cuda_graphs, device, amp, int(os.environ.get("WORLD_SIZE", "1")) > 1)
-    name = args.name or default_run_name(args, dataset)
+    name = args.name or default_run_name(args, dataset, defaults)
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise ValueError(f"--name {name!r}: a run name must be a plain file name")
     return {

@@ -417,7 +417,7 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, args, explicit = parse_args(argv)
     try:
-        config = resolve_config(args, explicit, argv)
+        config = resolve_config(args, explicit, argv, build_parser()[1])
     except ValueError as e:  # a flag value no run can use
         parser.error(str(e))
     dist, device = init_distributed(torch.device(config["device"]))

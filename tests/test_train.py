@@ -342,3 +342,24 @@ def test_command_line_errors_and_help(tmp_path, capsys):
     for text in ("--batch_size", "--t_0", "(default: 0.8)", "(default: 76 for densenet", "(default: cifar100",
                  "--no-validate", "--validate-test", "--no_scale", "--const_time", "--amp"):
         assert text in help_text, text
+
+
+def test_the_default_run_name_holds_every_setting_that_changes_the_result():
+    """A sweep over any setting that changes what a run computes gets one directory per value
+    (the name spells out every such setting that differs from its default)."""
+    from config import resolve_config
+
+    def name(*flags):
+        parser, args, explicit = train.parse_args(["--dataset", "synthetic", "--device", "cpu", *flags])
+        return resolve_config(args, explicit, [], train.build_parser()[1])["name"]
+
+    base = "densenetBC-L76-k12_synthetic_cubic-scaled-t0-0.8_e100_s0"
+    assert name() == base and name("--lr", "0.1") == base  # a default given is still the default
+    sweeps = [["--lr", "0.05"], ["--dropout", "0.2"], ["--batch_size", "64"], ["--momentum", "0.95"],
+              ["--weight-decay", "5e-4"], ["--no-augment"], ["--amp", "bf16"], ["--reduction", "0.25"],
+              ["--validate-test"], ["--no-validate"], ["--const_time"]]
+    names = [name(*flags) for flags in sweeps]
+    assert names[:3] == [f"{base}_lr0.05", f"{base}_drop0.2", f"{base}_bs64"]
+    assert name("--lr", "0.05", "--no-augment", "--amp", "bf16") == f"{base}_lr0.05_noaug_bf16"
+    assert len(set(names + [base])) == len(sweeps) + 1  # all different from each other
+    assert name("--model", "wrn", "--reduction", "0.25") == "wrn-40-4_synthetic_cubic-scaled-t0-0.8_e100_s0"
