@@ -7,24 +7,41 @@ interrupted run leaves at worst one torn last line; `read_records` skips it and 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a read-only file system, ...); the message
+    names the file, the cause and what was kept, on one line."""
+
+
+def _cause(error: OSError) -> str:
+    return error.strerror or str(error) or type(error).__name__
+
+
 class MetricsLogger:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_torn_tail(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_torn_tail(self.path)
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise WriteError(f"cannot write {self.path}: {_cause(e)}") from None
 
     def log(self, event: str, **fields) -> dict:
         record = {"event": event, **fields}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            raise WriteError(f"cannot append the {event} record to {self.path}: {_cause(e)}; the records "
+                             f"before it are kept") from None
         return record
 
     def close(self) -> None:
@@ -76,14 +93,21 @@ def write_records(path: str | os.PathLike, records: Iterable[dict]) -> None:
 
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Write a file through `write(binary file)` so that a crash at any moment leaves either
-    the old file or the new one, whole: a temporary file, fsync, rename, fsync the directory."""
+    the old file or the new one, whole: a temporary file, fsync, rename, fsync the directory.
+    A write that fails (WriteError) removes its temporary file and leaves the old file as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        kept = f"{path} is kept as it was" if path.exists() else f"no {path.name} was written"
+        raise WriteError(f"cannot write {path}: {_cause(e)}; {kept}") from None
     fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(fd)

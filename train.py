@@ -40,7 +40,7 @@ from engine import (NO_STEP, Diverged, StopSignals, Training, build_training, ef
                     train_one_epoch)
 from graphs import GraphedStep, use_cuda_graphs
 from loaders import choose_loader, load_data, make_loaders
-from metrics_logger import MetricsLogger, read_records, write_records
+from metrics_logger import MetricsLogger, WriteError, read_records, write_records
 from models import MODELS, build_model, model_name, resolve_size, run_estimates
 from utils import DataError, RunError, steps_per_epoch
 
@@ -402,6 +402,9 @@ def failure(error: BaseException, config: dict, resume_hint: str | None) -> str:
                 f"{describe_checkpoint(run_dir)}{again}")
     if isinstance(error, Stopped):
         return f"{error}{hint}"
+    if isinstance(error, WriteError):
+        resumable = resume_hint and (run_dir / "checkpoint.pt").exists()
+        return f"{error}" + (f"; once that is fixed, continue with: {resume_hint}" if resumable else "")
     if isinstance(error, KeyboardInterrupt):
         if (run_dir / "checkpoint.pt").exists() or (run_dir / "metrics.jsonl").exists():
             return f"interrupted (run directory {run_dir}){hint}"
@@ -442,7 +445,7 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
         if prepared.notice is not None and dist.is_main:
             print(prepared.notice, flush=True)
         return run(config, Path(config["run_dir"]), prepared.checkpoint, dist)
-    except (RunError, DataError, Stopped, KeyboardInterrupt) as e:
+    except (RunError, DataError, WriteError, Stopped, KeyboardInterrupt) as e:
         if dist.is_main:  # a stop by signal is not an error: the run did what it was asked
             prefix = "" if isinstance(e, Stopped) else "error: "
             command = continue_command(args, config, dist.world_size) if resume_hint else None

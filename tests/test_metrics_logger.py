@@ -45,3 +45,25 @@ def test_write_records_replaces_atomically(tmp_path):
     write_records(path, [{"event": "config"}])
     assert read_records(path) == [{"event": "config"}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_failed_write_keeps_the_old_file_leaves_no_temporary_and_says_so_in_one_line(tmp_path):
+    import errno
+
+    from metrics_logger import WriteError, write_atomically
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"the last good one")
+
+    def disk_full(f):
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for target, kept in [(path, f"{path} is kept as it was"), (tmp_path / "new.pt", "no new.pt was written")]:
+        with pytest.raises(WriteError) as failed:
+            write_atomically(target, disk_full)
+        assert str(failed.value) == f"cannot write {target}: No space left on device; {kept}"
+    assert path.read_bytes() == b"the last good one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no .tmp left
+    (tmp_path / "run").write_bytes(b"")  # a file where the run directory would be
+    with pytest.raises(WriteError, match=f"^cannot write {tmp_path}/run/metrics.jsonl: File exists$"):
+        MetricsLogger(tmp_path / "run" / "metrics.jsonl")

@@ -221,3 +221,31 @@ def test_a_divergence_at_the_first_step_leaves_a_run_that_can_be_continued(tmp_p
     err = capsys.readouterr().err
     assert failed.value.code == 1 and "no checkpoint" not in err
     assert "training diverged" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # two train.py runs
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, monkeypatch, capsys, whole):
+    import errno
+    real_save = torch.save
+
+    def disk_full_at_epoch_2(state, f):
+        if state.get("epoch") == 2:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(state, f)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_epoch_2)
+    with pytest.raises(SystemExit) as failed:
+        train.main([*TINY, "--out-dir", str(tmp_path), "--name", "full"])
+    run_dir = tmp_path / "full"
+    command = f"python train.py --out-dir {tmp_path} --name full --device cpu --resume"
+    assert failed.value.code == 1
+    assert last_err_line(capsys).endswith(f"error: cannot write {run_dir / 'checkpoint.pt'}: No space left on "
+                                     f"device; {run_dir / 'checkpoint.pt'} is kept as it was; once that is fixed, "
+                                     f"continue with: {command}")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no .tmp
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(torch, "save", real_save)  # space freed
+    train.main(shlex.split(command)[2:])
+    assert same_state(final_state(run_dir), final_state(whole))
+    assert events(run_dir) == ["config", "epoch", "epoch", "epoch", "summary"]
