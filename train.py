@@ -18,6 +18,7 @@ graphs.py, checkpoint.py, loaders.py, models.py and utils.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -408,6 +409,8 @@ def failure(error: BaseException, config: dict, resume_hint: str | None) -> str:
     if isinstance(error, KeyboardInterrupt):
         if (run_dir / "checkpoint.pt").exists() or (run_dir / "metrics.jsonl").exists():
             return f"interrupted (run directory {run_dir}){hint}"
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # made just before the interrupt, still empty: as if never started
         return "interrupted before the run started; nothing was written"
     return str(error)
 

@@ -249,3 +249,15 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, 
     train.main(shlex.split(command)[2:])
     assert same_state(final_state(run_dir), final_state(whole))
     assert events(run_dir) == ["config", "epoch", "epoch", "epoch", "summary"]
+
+
+def test_ctrl_c_before_the_first_record_leaves_no_run_directory(tmp_path, monkeypatch, capsys):
+    def interrupted(path, records):
+        raise KeyboardInterrupt  # Ctrl-C between making the run directory and its config record
+
+    monkeypatch.setattr(train, "write_records", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        train.main([*TINY, "--out-dir", str(tmp_path), "--name", "early"])
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert last_err_line(capsys).endswith("interrupted before the run started; nothing was written")
+    assert list(tmp_path.iterdir()) == []
