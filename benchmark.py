@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -34,7 +35,7 @@ from engine import Training, build_training, effective_amp, memory_format, resol
 from graphs import CudaGraphs, GraphedStep, use_cuda_graphs
 from checkpoint import first_line
 from figures import mib, pct
-from freezeout import freeze, unit_times
+from freezeout import SCALE_POWERS, freeze, unit_times
 from models import MODELS, build_model, check_depth, model_name, paper_speedup, resolve_size
 from utils import ESTIMATE_INPUT, first_frozen_steps, schedule_speedup, training_flops_by_level, unit_flops
 
@@ -376,6 +377,10 @@ def check(args, parser) -> None:
         if args.level_steps < 0:
             raise ValueError(f"--level-steps must be >= 0, got {args.level_steps}")
         check_t_0("--t_0", args.t_0)
+        if args.t_0 < 1 and math.ceil(args.t_0 ** SCALE_POWERS[args.how_scale] * args.steps) >= args.steps:
+            raise ValueError(f"--steps {args.steps}: no unit freezes in so few steps (the first would at step "
+                             f"{math.ceil(args.t_0 ** SCALE_POWERS[args.how_scale] * args.steps)}), so FreezeOut "
+                             f"would be timed as the baseline; give more --steps")
         check_seed("--seed", args.seed)
         check_depth(args.model, args.depth, args.bottleneck)
         device = resolve_device(args.device)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import shlex
 import signal
@@ -43,7 +44,7 @@ from graphs import GraphedStep, use_cuda_graphs
 from loaders import choose_loader, load_data, make_loaders
 from metrics_logger import MetricsLogger, WriteError, read_records, write_records
 from models import MODELS, build_model, model_name, resolve_size, run_estimates
-from utils import DataError, RunError, steps_per_epoch
+from utils import DataError, RunError, first_frozen_steps, steps_per_epoch
 
 
 class Stopped(Exception):
@@ -184,7 +185,7 @@ def describe(config: dict, splits) -> str:
         f"{config['steps_per_epoch']} steps/epoch x {config['epochs']} epochs = {config['total_steps']:,} steps",
         f"  {config['how_scale']}, {'scaled' if config['scale_lr'] else 'unscaled'}, t_0 = {config['t_0']:g}: "
         + ("baseline: no unit freezes" if config["t_0"] >= 1 else
-           f"first unit freezes at {config['t_i'][0]:.1%} of the run"),
+           f"first unit freezes at {config['t_i'][0]:.1%} of the run" + too_short(config)),
         f"  estimated speedup: {'n/a' if paper is None else f'{paper:.1%}'} (paper), "
         f"{config['flop_speedup']:.1%} (FLOPs)",
         f"  device {config['device']}"
@@ -193,6 +194,17 @@ def describe(config: dict, splits) -> str:
         f"batch {config['batch_size']}, lr {config['lr']:g}, seed {config['seed']}; "
         f"run directory {config['run_dir']}",
     ])
+
+
+def too_short(config: dict) -> str:
+    """A warning for a run too short for any unit to freeze (it is the baseline, whatever the
+    estimates say), else nothing."""
+    first = first_frozen_steps(config["t_i"][:1], config["total_steps"])[0]
+    if first < config["total_steps"]:
+        return ""
+    return (f"; WARNING: in {config['total_steps']} steps no unit freezes (the first would at step "
+            f"{math.ceil(config['t_i'][0] * config['total_steps'])}): this run is the baseline, whatever "
+            f"the estimates below say; train for more steps (--epochs, --subset, --batch_size)")
 
 
 def epoch_line(record: dict, config: dict) -> str:

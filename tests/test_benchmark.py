@@ -115,7 +115,8 @@ def test_benchmark_reports_estimates_memory_and_a_json_line(capsys):
 
 @pytest.mark.parametrize("argv,message", [(["--steps", "0"], "--steps must be a positive integer"),
                                           (["--t_0", "2"], "--t_0 must be in (0, 1]"),
-                                          (["-L", "75"], "depth 75 is not a valid")])
+                                          (["-L", "75"], "depth 75 is not a valid"),
+                                          (["--steps", "1"], "--steps 1: no unit freezes in so few steps")])
 def test_benchmark_refuses_bad_values(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         benchmark.main(argv)

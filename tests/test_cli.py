@@ -266,3 +266,7 @@ def test_the_baselines_header_says_no_unit_freezes():
     assert "t_0 = 1: baseline: no unit freezes" in text and "100.0%" not in text
     config.update(t_0=0.8, t_i=[0.512] + [1.0] * 6)
     assert "first unit freezes at 51.2% of the run" in train.describe(config, splits)
+    assert "WARNING" not in train.describe(config, splits)  # unit 0 freezes at step ceil(0.512 * 8) = 5
+    config.update(total_steps=2)  # ceil(0.512 * 2) = 2: never, in 2 steps
+    assert ("first unit freezes at 51.2% of the run; WARNING: in 2 steps no unit freezes (the first would at "
+            "step 2): this run is the baseline") in train.describe(config, splits)
