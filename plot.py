@@ -28,6 +28,7 @@ from figures import plot_lr_curves, pyplot, schedule_of
 from metrics_logger import read_records
 
 MARKED_EPOCHS = 30  # up to this many epoch records, each is marked with a dot
+X_PAD = 0.03  # room past the last epoch (of the axis's length), so that its markers are not cut in half
 
 
 def steps_per_epoch(config: dict) -> float:
@@ -36,8 +37,9 @@ def steps_per_epoch(config: dict) -> float:
 
 
 def integer_ticks(axis) -> None:
+    """Ticks at whole numbers only, 1, 2 or 5 times a power of ten apart (never 0.2 epoch or 40)."""
     from matplotlib.ticker import MaxNLocator
-    axis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
 
 
 def scheduled_frozen_at(config: dict, until_step: int) -> list[Optional[int]]:
@@ -85,13 +87,14 @@ def plot_lr(config: dict, epochs: list, path: Path) -> None:
     cmap = plt.get_cmap("viridis")
     fig, ax = plt.subplots(figsize=(8, 4.8))
     plot_lr_curves(ax, scheduler, steps, steps, cmap)
-    dot_size = 4 if len(epochs) <= MARKED_EPOCHS else 1.5
+    dot_size = 4 if len(epochs) <= MARKED_EPOCHS else 1
     for i in range(len(t_i)):
         ax.plot([e["step"] for e in epochs], [e["lr"][i] for e in epochs], ".",
                 color=cmap(i / max(len(t_i) - 1, 1)), ms=dot_size)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, len(t_i) - 1))
-    fig.colorbar(sm, ax=ax, label="unit (0 = first layer)")
-    ax.set_xlim(0, total)
+    colorbar = fig.colorbar(sm, ax=ax, label="unit (0 = first layer)")
+    integer_ticks(colorbar.ax.yaxis)
+    ax.set_xlim(0, total * (1 + X_PAD))
     integer_ticks(ax.xaxis)
     ax.set_xlabel("optimizer step")
     per_epoch = steps_per_epoch(config)
@@ -112,14 +115,15 @@ def plot_curves(config: dict, epochs: list, path: Path, summary: Optional[dict] 
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     x = [e["epoch"] for e in epochs]
-    marker = "." if len(epochs) <= MARKED_EPOCHS else None
-    left.plot(x, [e["train_loss"] for e in epochs], marker=marker, label="training loss")
+    marker = "o" if len(epochs) <= MARKED_EPOCHS else None
+    ms = 4
+    left.plot(x, [e["train_loss"] for e in epochs], marker=marker, ms=ms, label="training loss")
     if "val_loss" in epochs[0]:
-        left.plot(x, [e["val_loss"] for e in epochs], marker=marker, label="evaluation loss")
+        left.plot(x, [e["val_loss"] for e in epochs], marker=marker, ms=ms, label="evaluation loss")
     left.set_ylabel("cross-entropy")
-    left.legend()
     if "val_err" in epochs[0]:
-        right.plot(x, [e["val_err"] for e in epochs], marker=marker, color="C3", label="evaluation error")
+        right.plot(x, [e["val_err"] for e in epochs], marker=marker, ms=ms, color="C3",
+                   label="evaluation error")
     test_err = summary.get("test_err") if summary is not None else None
     if test_err is not None:
         right.plot([summary["epochs"]], [test_err], marker="*", ms=13, ls="none", color="C1",
@@ -133,15 +137,18 @@ def plot_curves(config: dict, epochs: list, path: Path, summary: Optional[dict] 
     frozen.set_ylim(0, config["n_units"])
     integer_ticks(frozen.yaxis)
     for ax in (left, right):
-        ax.set_xlim(0, config["epochs"])
+        ax.set_xlim(0, config["epochs"] * (1 + X_PAD))
         integer_ticks(ax.xaxis)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+    # The legends sit above the axes: no curve can run under them, whatever the run's length.
+    above = dict(loc="lower left", bbox_to_anchor=(0, 1.01), borderaxespad=0, fontsize=9, frameon=False)
+    left.legend(ncols=2, **above)
     handles = right.get_legend_handles_labels()[0] + frozen.get_legend_handles_labels()[0]
-    # Above the twin axis, so that no curve hides it.
-    frozen.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=9)
+    frozen.legend(handles, [h.get_label() for h in handles], ncols=2, **above)
     done = summary is not None or epochs[-1]["epoch"] >= config["epochs"]
-    length = f"{config['epochs']} epochs" if done else f"epoch {epochs[-1]['epoch']} of {config['epochs']} (unfinished)"
+    n = config["epochs"]
+    length = f"{n} epoch{'s' if n != 1 else ''}" if done else f"epoch {epochs[-1]['epoch']} of {n} (unfinished)"
     fig.suptitle(f"{config.get('name', '')}: {length}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
