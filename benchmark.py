@@ -377,14 +377,14 @@ def check(args, parser) -> None:
         if args.level_steps < 0:
             raise ValueError(f"--level-steps must be >= 0, got {args.level_steps}")
         check_t_0("--t_0", args.t_0)
-        if args.t_0 < 1 and math.ceil(args.t_0 ** SCALE_POWERS[args.how_scale] * args.steps) >= args.steps:
-            raise ValueError(f"--steps {args.steps}: no unit freezes in so few steps (the first would at step "
-                             f"{math.ceil(args.t_0 ** SCALE_POWERS[args.how_scale] * args.steps)}), so FreezeOut "
-                             f"would be timed as the baseline; give more --steps")
         check_seed("--seed", args.seed)
         check_depth(args.model, args.depth, args.bottleneck)
         device = resolve_device(args.device)
         use_cuda_graphs(args.cuda_graphs, device, effective_amp(args.amp, device), False)
+        if args.t_0 < 1 and math.ceil(args.t_0 ** SCALE_POWERS[args.how_scale] * args.steps) >= args.steps:
+            raise ValueError(f"--steps {args.steps}: no unit freezes in so few steps (the first would at step "
+                             f"{math.ceil(args.t_0 ** SCALE_POWERS[args.how_scale] * args.steps)}), so FreezeOut "
+                             f"would be timed as the baseline; give more --steps")
     except ValueError as e:
         parser.error(str(e))
     note = ignored_flags_note(args.model, given)
