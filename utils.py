@@ -55,12 +55,25 @@ def calc_speedup(growth_rate: int, n_dense_blocks: int, t_0: float, how_scale: s
 
     >>> round(calc_speedup(12, 12, 0.8, "cubic"), 6)
     0.177813
+
+    A second argument that looks like a depth L of DenseNet-BC (76, say) is refused: see
+    `_check_not_a_depth`; `densenet_bc_speedup` takes the layers per block without that check.
     """
-    t_0, power = check_t_0(t_0), SCALE_POWERS[check_how_scale(how_scale)]
-    _check_count("growth_rate", growth_rate, "the DenseNet growth rate k, 12 in the paper")
     _check_count("n_dense_blocks", n_dense_blocks,
                  "the number of layers in each dense block, (L - 4) / 6: 12 for L=76")
-    k = growth_rate
+    _check_not_a_depth(n_dense_blocks)
+    return densenet_bc_speedup(growth_rate, n_dense_blocks, t_0, how_scale)
+
+
+def densenet_bc_speedup(growth_rate: int, layers_per_block: int, t_0: float,
+                        how_scale: str = "cubic") -> float:
+    """`calc_speedup` for a DenseNet-BC whose layers per block were computed from its depth
+    (by models.py), so that they cannot be the depth passed by mistake: any number of layers."""
+    t_0, power = check_t_0(t_0), SCALE_POWERS[check_how_scale(how_scale)]
+    _check_count("growth_rate", growth_rate, "the DenseNet growth rate k, 12 in the paper")
+    _check_count("n_dense_blocks", layers_per_block,
+                 "the number of layers in each dense block, (L - 4) / 6: 12 for L=76")
+    n_dense_blocks, k = layers_per_block, growth_rate
     costs = [3 * 2 * k * 32 * 32 * 9]  # stem: 3 -> 2k channels, 3x3, at 32x32
     n = 2  # input channels of the next layer, in units of k
     for block in range(3):
@@ -80,6 +93,23 @@ def _check_count(name: str, value, meaning: str) -> None:
     count); with 0 or a negative value the formula would return a number for no network."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"calc_speedup: {name} is {meaning}; it must be a positive integer, got {value!r}")
+
+
+# The smallest depth of the paper's DenseNet-BCs (L = 40, 76, 100, 190, 250).
+SMALLEST_PAPER_DEPTH = 40
+
+
+def _check_not_a_depth(layers_per_block: int) -> None:
+    """Refuse a second argument that looks like the depth L passed where the layers per block
+    are meant: a depth of DenseNet-BC ((L - 4) divisible by 6) from the paper's smallest, 40,
+    up. As layers per block such a value means a network of depth 6 * value + 4 >= 244 that
+    nobody trains on CIFAR; as a depth it is a common mistake that would give a wrong number."""
+    value = int(layers_per_block)
+    if value >= SMALLEST_PAPER_DEPTH and (value - 4) % 6 == 0:
+        raise ValueError(f"calc_speedup: n_dense_blocks={value} looks like a DenseNet-BC depth L, but the "
+                         f"argument is the number of layers in each dense block, (L - 4) / 6: did you "
+                         f"mean the depth L={value}? Its layers per block would be {(value - 4) // 6} "
+                         f"({value} layers per block is the depth L={6 * value + 4})")
 
 
 # ---------------------------------------------------------------------------------------

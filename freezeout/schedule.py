@@ -7,6 +7,7 @@ t_i = scale(t_0 + (1 - t_0) * i / N); step k uses lr_i(k) = 0.5 * alpha_i * (1 +
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Sequence
 
@@ -21,6 +22,10 @@ SCALE_POWERS = {"linear": 1, "squared": 2, "cubic": 3}
 
 
 def check_t_0(t_0: float) -> float:
+    """t_0 as a float; TypeError for what is not a real number (a string "0.8", a bool),
+    ValueError for a number outside (0, 1]."""
+    if isinstance(t_0, bool) or not isinstance(t_0, numbers.Real):
+        raise TypeError(f"t_0 must be a number in (0, 1], got {type(t_0).__name__} {t_0!r}")
     t_0 = float(t_0)
     if not 0.0 < t_0 <= 1.0:  # also rejects NaN
         raise ValueError(f"t_0 must be in (0, 1], got {t_0}")
@@ -28,7 +33,7 @@ def check_t_0(t_0: float) -> float:
 
 
 def check_how_scale(how_scale: str) -> str:
-    if how_scale not in SCALE_POWERS:
+    if not isinstance(how_scale, str) or how_scale not in SCALE_POWERS:
         raise ValueError(f"how_scale must be one of {', '.join(SCALE_POWERS)}, got {how_scale!r}")
     return how_scale
 
