@@ -136,6 +136,12 @@ class FreezeOut(LRScheduler):
         super().step()
         self._freeze_due_units()
 
+    @property
+    def checking_order(self) -> bool:
+        """Whether the scheduler still watches the modules run, to check the units' order at
+        the first step. A compiled forward pass is not watched: run the first step eagerly."""
+        return self._order_watch is not None
+
     # -- freezing -----------------------------------------------------------------------
     @property
     def frozen(self) -> list[bool]:
