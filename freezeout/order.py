@@ -100,12 +100,12 @@ class ForwardOrderWatch:
         if missing:
             warnings.warn(f"FreezeOut units {missing} did not run in the first training step; "
                           "freezing them saves nothing if they are not part of the forward pass",
-                          stacklevel=4)
+                          stacklevel=3)
         left_out = _trainable_modules_outside(list(self.ran.values()), unit_of)
         if left_out:
             warnings.warn("FreezeOut: modules that ran in the first step hold trainable parameters "
                           "but belong to no unit, so they are never annealed or frozen: "
-                          + _describe(left_out), stacklevel=4)
+                          + _describe(left_out), stacklevel=3)
 
     def _ran_compiled(self) -> bool:
         """Whether the forward pass ran under torch.compile: the wrapper torch.compile(model)

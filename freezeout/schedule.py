@@ -77,6 +77,10 @@ class FreezeOut(LRScheduler):
 
     Step k (counted from 0) uses lr_i(k) = 0.5 * alpha_i * (1 + cos(pi * k / (t_i * T)))
     while k < t_i * T. When preparing step k < T, every unit with k >= t_i * T is frozen.
+
+    The model may be compiled (torch.compile(model) or model.compile(), before or after the
+    scheduler is made): each freeze level compiles once, and the scheduler makes room for that
+    in dynamo's recompile limit (freezeout/compile.py).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, units: Sequence[Unit], total_steps: int,

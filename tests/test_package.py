@@ -97,3 +97,30 @@ def test_the_installed_package_gives_the_public_api(tmp_path, installed):
     for name in ("FreezeOut", "param_groups", "freeze", "find_units", "unit_times", "unit_lr",
                  "estimate_speedup", "t_0_for_speedup", "unit_flops", "schedule_speedup", "compile_model"):
         assert repr(name) in api, name
+
+
+def test_the_installed_package_trains_a_compiled_model_past_the_recompile_limit(tmp_path, installed):
+    # torch.compile(model) after the scheduler was made (what used to fail at the first forward),
+    # 10 units, so 10 freeze levels: more than dynamo's default limit of 8 compiles.
+    code = ("import torch, torch.nn.functional as F\n"
+            "from torch._dynamo.utils import counters\n"
+            "from freezeout import FreezeOut, param_groups\n"
+            "torch.manual_seed(0)\n"
+            "model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))\n"
+            "                              for _ in range(9)], torch.nn.Linear(8, 2))\n"
+            "units = list(model)\n"
+            "opt = torch.optim.SGD(param_groups(units), lr=0.05)\n"
+            "scheduler = FreezeOut(opt, units, total_steps=20, t_0=0.05, how_scale='linear')\n"
+            "compiled = torch.compile(model, backend='aot_eager')\n"
+            "for step in range(20):\n"
+            "    loss = F.cross_entropy(compiled(torch.randn(16, 8)), torch.randint(0, 2, (16,)))\n"
+            "    opt.zero_grad(set_to_none=True)\n"
+            "    loss.backward()\n"
+            "    opt.step()\n"
+            "    scheduler.step()\n"
+            "print(scheduler.num_frozen, counters['stats']['unique_graphs'],\n"
+            "      counters['frames']['total'] - counters['frames']['ok'])")
+    p = in_elsewhere(tmp_path, installed, code)
+    assert p.returncode == 0, p.stderr
+    frozen, graphs, failed = map(int, p.stdout.split())
+    assert frozen == 9 and graphs >= 10 and failed == 0
