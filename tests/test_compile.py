@@ -110,7 +110,11 @@ def test_compiled_training_freezes_like_eager_with_a_low_recompile_limit(fresh_d
     n_units = 6
     eager_losses, _, _, _ = train(n_units, how, None)
     counters.clear()
-    losses, _, scheduler, _ = train(n_units, how, "aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses, _, scheduler, _ = train(n_units, how, "aot_eager")
+    said = [w for w in caught if "order of the units was not checked" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__  # once, pointing at scheduler.step()
     assert levels_trained(scheduler) > 3
     assert counters["stats"]["unique_graphs"] >= levels_trained(scheduler)
     assert counters["frames"]["total"] == counters["frames"]["ok"]
