@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+import torch
 from torch import nn
 
 # Recompiles of the user's own allowed on top of FreezeOut's: dynamo's own default limit.
@@ -49,15 +50,6 @@ def compile_model(model: nn.Module, units: Sequence, **compile_options) -> nn.Mo
     """`torch.compile(model, **compile_options)` with room for a compile per freeze level of
     `units`: for code that freezes units itself (with `freeze`) rather than through the
     FreezeOut scheduler, which makes the room on its own."""
-    import torch
-
     compiled = torch.compile(model, **compile_options)  # imports torch._dynamo
     allow_a_compile_per_freeze_level(len(units))
     return compiled
-
-
-def recompile_limit() -> int:
-    """dynamo's current limit on compiles of one frame."""
-    import torch._dynamo.config as config
-
-    return getattr(config, "recompile_limit", None) or config.cache_size_limit

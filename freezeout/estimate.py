@@ -125,6 +125,7 @@ def unit_flops(model: nn.Module, units: Sequence[Unit], example_input) -> list[d
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: count the model inside
     name_of = {id(m): name for name, m in model.named_modules()}
     try:
         unit_names = [[name_of[id(m)] for m in unit_modules(u)] for u in units]
@@ -186,7 +187,11 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     memo = {id(b): torch.empty_like(b, device="meta") for b in model.buffers()}
     memo.update({id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
                  for p in model.parameters()})
-    return copy.deepcopy(model, memo).train()
+    meta = copy.deepcopy(model, memo).train()
+    for module in meta.modules():  # model.compile(): count eagerly, dynamo cannot trace meta models well
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    return meta
 
 
 def _unit_inputs(meta: nn.Module, modules: dict, names: set[str], args: tuple) -> dict:

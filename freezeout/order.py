@@ -20,6 +20,7 @@ from torch import nn
 
 from .units import Unit, _describe, _owns_state, _owns_trainable, unit_modules
 
+
 def _module_units(units: Sequence[Unit]) -> dict[int, int]:
     """id of every module whose call shows a unit running -> that unit's index: the unit's own
     modules, and every module inside them that holds parameters or buffers itself. A slice of an

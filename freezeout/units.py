@@ -16,6 +16,7 @@ from torch import nn
 
 Unit = Union[nn.Module, Sequence[nn.Module]]
 
+
 def unit_modules(unit: Unit) -> list[nn.Module]:
     return [unit] if isinstance(unit, nn.Module) else list(unit)
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import freezeout.order
-from freezeout import FreezeOut, compile_model, compiles_needed, freeze, param_groups
+from freezeout import FreezeOut, compile_model, compiles_needed, estimate_speedup, freeze, param_groups
 
 D, B = 8, 16
 
@@ -152,3 +152,13 @@ def test_freeze_by_hand_under_compile_model_recompiles_each_level(fresh_dynamo):
     assert counters["stats"]["unique_graphs"] >= 4
     assert counters["frames"]["total"] == counters["frames"]["ok"]
     assert all(p.grad is None for p in model[:3].parameters())
+
+
+def test_the_estimate_counts_a_compiled_model_as_the_model_itself(fresh_dynamo):
+    model = chain(4)
+    units, x = list(model), torch.randn(1, D)
+    expected = estimate_speedup(model, units, x, t_0=0.5)
+    assert estimate_speedup(torch.compile(model), units, x, t_0=0.5) == expected
+    model.compile()
+    assert estimate_speedup(model, units, x, t_0=0.5) == expected
+    assert counters["frames"]["total"] == 0  # nothing was compiled to count
