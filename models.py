@@ -17,7 +17,7 @@ from densenet import DenseNet, layers_per_block
 from vgg import VGG, config_for_depth
 from wrn import WideResNet, blocks_per_group
 from freezeout import unit_times
-from utils import (ESTIMATE_INPUT, calc_speedup, schedule_speedup, training_flops_by_level,
+from utils import (ESTIMATE_INPUT, densenet_bc_speedup, schedule_speedup, training_flops_by_level,
                    unit_flops)
 
 # Each architecture's paper default (depth L, width k).
@@ -68,10 +68,10 @@ def model_name(model: str, depth: int, width: Optional[int], bottleneck: bool = 
 
 def paper_speedup(model: str, depth: int, width: Optional[int], t_0: float, how_scale: str,
                   bottleneck: bool = True) -> Optional[float]:
-    """The paper's estimate (`calc_speedup`) where it applies, DenseNet-BC; else None."""
+    """The paper's estimate (`calc_speedup`'s formula) where it applies, DenseNet-BC; else None."""
     if model != "densenet" or not bottleneck:
         return None
-    return calc_speedup(width, layers_per_block(depth, bottleneck), t_0, how_scale)
+    return densenet_bc_speedup(width, layers_per_block(depth, bottleneck), t_0, how_scale)
 
 
 def speedup_estimator(model: str, depth: int, width: Optional[int], how_scale: str,

@@ -40,6 +40,7 @@ from distributed import Distributed, check_replicas_agree, init_distributed
 from engine import (NO_STEP, Diverged, StopSignals, Training, build_training, effective_amp,
                     epoch_stats, evaluate, new_position, seed_everything, stop_or_diverged,
                     train_one_epoch)
+from compiled_step import CompiledStep
 from graphs import GraphedStep, use_cuda_graphs
 from loaders import choose_loader, load_data, make_loaders
 from metrics_logger import MetricsLogger, WriteError, read_records, write_records
@@ -154,6 +155,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     add(run, "--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
         help="on: the whole training step as one CUDA graph per freeze level; off: eager; "
              "auto: on wherever supported (CUDA, no fp16 scaler, one process)")
+    add(run, "--compile", action="store_true", default=False,
+        help="compile the model for the training step with torch.compile, once per freeze level; "
+             "CUDA graphs stay off (default: off)")
     return parser, defaults
 
 
@@ -346,6 +350,8 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None, dist: Distributed 
         dist=dist, fused=True if config["training_step"] == "graphed" else None)
     if config["training_step"] == "graphed":
         training.step = GraphedStep(training, config["batch_size"], per_epoch)
+    elif config["training_step"] == "compiled":
+        training.step = CompiledStep(training)
     if checkpoint is None:
         start_run(config, training, splits, run_dir, per_epoch)
         done_epochs, train_time, position = 0, 0.0, new_position(1)
@@ -379,6 +385,8 @@ def choose_step(config: dict, device: torch.device, dist: Distributed, parser) -
     """The precision autocast really uses here and the training step (graphed or eager) for
     this invocation: a resumed run may change device or --cuda-graphs."""
     amp = effective_amp(config["amp"], device)
+    if config.get("compile", False):  # --compile: torch.compile's step, no CUDA graphs
+        return {"amp_effective": amp, "training_step": "compiled"}
     try:
         graphed, why_not = use_cuda_graphs(config.get("cuda_graphs", "auto"), device, amp, dist.enabled)
     except ValueError as e:

@@ -1,8 +1,9 @@
 """The estimates and the data sets.
 
-- `calc_speedup`: the paper's speedup estimate for DenseNet-BC (same numbers as the 2017 code);
-  `unit_flops`, `training_flops_by_level`, `schedule_speedup`: the FLOP-based one for any
-  model; `solve_t_0`: the t_0 at which an estimate reaches a target.
+- `calc_speedup`: the paper's speedup estimate for DenseNet-BC (same numbers as the 2017 code).
+  The FLOP-based one for any model (`unit_flops`, `training_flops_by_level`,
+  `schedule_speedup`, `solve_t_0`, ...) is the library's (freezeout/estimate.py), imported here
+  for the scripts.
 - `load_splits` and `split_sizes`: CIFAR-10/100 (torchvision) or the synthetic CIFAR-shaped
   set, split as in the paper, as uint8 tensors; `steps_per_epoch`.
 - `DataError` and `RunError`: problems reported to the user as one line.
@@ -10,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import numbers
 import os
@@ -18,12 +18,16 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 
 from freezeout import SCALE_POWERS, check_how_scale, check_t_0
+# The estimate for any model lives in the library; the scripts (and earlier users of utils)
+# import it from here as before.
+from freezeout import (ESTIMATE_INPUT, first_frozen_steps, schedule_speedup,  # noqa: F401
+                       solve_t_0, training_flops_by_level, unit_flops)
 
 
 class DataError(Exception):
@@ -51,12 +55,25 @@ def calc_speedup(growth_rate: int, n_dense_blocks: int, t_0: float, how_scale: s
 
     >>> round(calc_speedup(12, 12, 0.8, "cubic"), 6)
     0.177813
+
+    A second argument that looks like a depth L of DenseNet-BC (76, say) is refused: see
+    `_check_not_a_depth`; `densenet_bc_speedup` takes the layers per block without that check.
     """
-    t_0, power = check_t_0(t_0), SCALE_POWERS[check_how_scale(how_scale)]
-    _check_count("growth_rate", growth_rate, "the DenseNet growth rate k, 12 in the paper")
     _check_count("n_dense_blocks", n_dense_blocks,
                  "the number of layers in each dense block, (L - 4) / 6: 12 for L=76")
-    k = growth_rate
+    _check_not_a_depth(n_dense_blocks)
+    return densenet_bc_speedup(growth_rate, n_dense_blocks, t_0, how_scale)
+
+
+def densenet_bc_speedup(growth_rate: int, layers_per_block: int, t_0: float,
+                        how_scale: str = "cubic") -> float:
+    """`calc_speedup` for a DenseNet-BC whose layers per block were computed from its depth
+    (by models.py), so that they cannot be the depth passed by mistake: any number of layers."""
+    t_0, power = check_t_0(t_0), SCALE_POWERS[check_how_scale(how_scale)]
+    _check_count("growth_rate", growth_rate, "the DenseNet growth rate k, 12 in the paper")
+    _check_count("n_dense_blocks", layers_per_block,
+                 "the number of layers in each dense block, (L - 4) / 6: 12 for L=76")
+    n_dense_blocks, k = layers_per_block, growth_rate
     costs = [3 * 2 * k * 32 * 32 * 9]  # stem: 3 -> 2k channels, 3x3, at 32x32
     n = 2  # input channels of the next layer, in units of k
     for block in range(3):
@@ -78,25 +95,21 @@ def _check_count(name: str, value, meaning: str) -> None:
         raise ValueError(f"calc_speedup: {name} is {meaning}; it must be a positive integer, got {value!r}")
 
 
-def solve_t_0(target: float, estimate: Callable[[float], float], what: str = "the estimate") -> float:
-    """The t_0 in (0, 1] at which `estimate(t_0)` (decreasing in t_0, 0 at t_0 = 1) equals
-    `target`, found by bisection."""
-    if not math.isfinite(target) or target < 0:
-        raise ValueError(f"target speedup must be a number >= 0, got {target}")
-    if target == 0:
-        return 1.0
-    lo, hi = 1e-6, 1.0
-    best = estimate(lo)
-    if best < target:
-        raise ValueError(f"no t_0 in (0, 1] reaches a speedup of {target:g}: "
-                         f"{what} is at most {best:.4f}")
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if estimate(mid) >= target:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+# The smallest depth of the paper's DenseNet-BCs (L = 40, 76, 100, 190, 250).
+SMALLEST_PAPER_DEPTH = 40
+
+
+def _check_not_a_depth(layers_per_block: int) -> None:
+    """Refuse a second argument that looks like the depth L passed where the layers per block
+    are meant: a depth of DenseNet-BC ((L - 4) divisible by 6) from the paper's smallest, 40,
+    up. As layers per block such a value means a network of depth 6 * value + 4 >= 244 that
+    nobody trains on CIFAR; as a depth it is a common mistake that would give a wrong number."""
+    value = int(layers_per_block)
+    if value >= SMALLEST_PAPER_DEPTH and (value - 4) % 6 == 0:
+        raise ValueError(f"calc_speedup: n_dense_blocks={value} looks like a DenseNet-BC depth L, but the "
+                         f"argument is the number of layers in each dense block, (L - 4) / 6: did you "
+                         f"mean the depth L={value}? Its layers per block would be {(value - 4) // 6} "
+                         f"({value} layers per block is the depth L={6 * value + 4})")
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,102 +350,3 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple, tuple]:
     mean = total.double() / n
     std = (squares.double() / n - mean ** 2).clamp_min(0).sqrt()
     return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
-
-
-# ---------------------------------------------------------------------------------------
-# Estimates for any model: FLOPs counted by PyTorch, combined with the schedule
-# ---------------------------------------------------------------------------------------
-# Estimates count FLOPs on a (2, 3, 32, 32) batch: FLOP ratios do not depend on the batch size.
-ESTIMATE_INPUT = (2, 3, 32, 32)
-
-
-def first_frozen_steps(t_i: Sequence[float], total_steps: int) -> list[int]:
-    """The step at which each unit is first frozen (FreezeOut's `k >= t_i * T`), or
-    `total_steps` for a unit that trains to the end."""
-    return [min(math.ceil(t * total_steps), total_steps) for t in t_i]
-
-
-def schedule_speedup(level_costs: Sequence[float], t_i: Sequence[float],
-                     total_steps: Optional[int] = None) -> float:
-    """1 - cost(FreezeOut run) / cost(baseline run), where level_costs[n] is the cost (FLOPs,
-    seconds, ...) of one training step with the first n units frozen.
-
-    With `total_steps` the run's real steps are counted (unit i frozen from step
-    ceil(t_i * T) on); without, the schedule's continuous limit (unit i frozen for the last
-    1 - t_i of the run), which is smooth in t_0.
-    """
-    if total_steps is None:
-        ends = list(t_i)
-        total_steps = 1.0
-    else:
-        ends = first_frozen_steps(t_i, total_steps)
-    cost, start = 0.0, 0.0
-    for n, end in enumerate(ends):  # from start to end the step has n units frozen
-        cost += (end - start) * level_costs[n]
-        start = max(start, end)
-    return 1.0 - cost / (total_steps * level_costs[0])
-
-
-def unit_flops(model: torch.nn.Module, units: Sequence, input_shape: Sequence[int]) -> list[dict]:
-    """Per-unit FLOPs of a training step, counted by `torch.utils.flop_counter.FlopCounterMode`:
-    `forward`, `backward` (weight and input gradients) and `backward_no_input_grad` (weight
-    gradients only, what the first active unit after a frozen prefix computes).
-
-    Counted on a copy of the model on the meta device (shapes only, no arithmetic): one forward
-    pass records each unit's inputs, then every module of every unit is run on its own.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-    from freezeout import unit_modules
-
-    name_of = {id(m): name for name, m in model.named_modules()}
-    try:
-        unit_names = [[name_of[id(m)] for m in unit_modules(u)] for u in units]
-    except KeyError:
-        raise ValueError("every unit must be a submodule of the model") from None
-    meta = copy.deepcopy(model).to("meta").train()
-    modules = dict(meta.named_modules())
-    inputs, hooks = {}, []
-    for name in {n for names in unit_names for n in names}:
-        def record(module, args, kwargs, name=name):
-            inputs.setdefault(name, (args, kwargs))
-        hooks.append(modules[name].register_forward_pre_hook(record, with_kwargs=True))
-    with torch.no_grad():
-        meta(torch.zeros(tuple(input_shape), device="meta"))
-    for h in hooks:
-        h.remove()
-
-    def count(name: str, input_grad: bool) -> tuple[int, int]:
-        args, kwargs = inputs[name]
-        args = [a.detach().requires_grad_(input_grad and a.is_floating_point())
-                if torch.is_tensor(a) else a for a in args]
-        with FlopCounterMode(display=False) as forward:
-            out = modules[name](*args, **kwargs)
-        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
-                if torch.is_tensor(o) and o.requires_grad]
-        with FlopCounterMode(display=False) as backward:
-            if outs:
-                sum(o.float().sum() for o in outs).backward()
-        return forward.get_total_flops(), backward.get_total_flops()
-
-    result = []
-    for names in unit_names:
-        missing = [n for n in names if n not in inputs]
-        if missing:
-            raise ValueError(f"unit module {missing[0]!r} is not called by the model's forward pass")
-        full = [count(n, True) for n in names]
-        weights_only = [count(n, False)[1] for n in names]
-        result.append({"forward": sum(f for f, _ in full), "backward": sum(b for _, b in full),
-                       "backward_no_input_grad": sum(weights_only)})
-    return result
-
-
-def training_flops_by_level(per_unit: Sequence[dict]) -> list[int]:
-    """FLOPs of one training step with the first n units frozen, n = 0..N: every unit runs
-    forward, active units run backward, and the first active unit (like the stem, whose input
-    is the data) needs no gradient for its input."""
-    forward = sum(u["forward"] for u in per_unit)
-    costs = []
-    for n in range(len(per_unit)):
-        backward = sum(u["backward"] for u in per_unit[n + 1:])
-        costs.append(forward + per_unit[n]["backward_no_input_grad"] + backward)
-    return costs

@@ -30,3 +30,39 @@ def test_the_issue_example_no_longer_returns_a_number():
 def test_integer_types_other_than_int_still_work():
     assert calc_speedup(np.int64(12), np.int32(12), 0.8) == calc_speedup(12, 12, 0.8)
     assert round(calc_speedup(12, 12, 0.8, "cubic"), 6) == 0.177813
+
+
+@pytest.mark.parametrize("t_0", ["0.8", b"0.8", None, True, [0.8]])
+def test_a_t_0_that_is_not_a_number_is_refused(t_0):
+    # calc_speedup(12, 12, "0.8") used to return the estimate for 0.8.
+    with pytest.raises(TypeError) as refused:
+        calc_speedup(12, 12, t_0)
+    message = str(refused.value)
+    assert "\n" not in message and "t_0 must be a number" in message and repr(t_0) in message
+
+
+@pytest.mark.parametrize("depth,per_block", [(40, 6), (76, 12), (100, 16), (190, 31), (250, 41)])
+def test_the_depth_of_a_paper_densenet_is_refused_naming_its_layers_per_block(depth, per_block):
+    # calc_speedup(12, 76, 0.8) used to return 0.167, the estimate for a network of depth 460.
+    with pytest.raises(ValueError) as refused:
+        calc_speedup(12, depth, 0.8)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"did you mean the depth L={depth}? Its layers per block would be {per_block}" in message
+    assert f"is the depth L={6 * depth + 4}" in message
+    assert calc_speedup(12, per_block, 0.8) > 0  # what the user meant
+
+
+@pytest.mark.parametrize("layers", [1, 6, 12, 16, 31, 34, 39, 41, 45, 77])
+def test_layers_per_block_that_are_no_densenet_bc_depth_are_accepted(layers):
+    # 16 and 34 are DenseNet-BC depths too (2 and 5 layers per block), but below the paper's
+    # smallest, 40: values that small are read as counts. 41 and 77 are no depth at all.
+    assert 0 < calc_speedup(12, layers, 0.8) < 1
+
+
+def test_the_scripts_estimate_a_deep_densenet_whose_layers_per_block_look_like_a_depth():
+    # -L 244 has 40 layers per block: models.py computes them from the depth, so they are no mistake.
+    import models
+
+    assert models.paper_speedup("densenet", 244, 12, 0.8, "cubic") == pytest.approx(
+        models.paper_speedup("densenet", 250, 12, 0.8, "cubic"), abs=0.01)

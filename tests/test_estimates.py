@@ -1,6 +1,7 @@
-"""utils.py's estimates: the paper's `calc_speedup`, the t_0 solver, and the FLOP-based
-estimate (per-unit counts, freeze levels, the schedule), against numbers counted by hand or
-counted on the whole model."""
+"""The estimates: the paper's `calc_speedup` (utils.py), the t_0 solver, and the FLOP-based
+estimate for any model (freezeout/estimate.py, imported by the scripts through utils.py):
+per-unit counts, freeze levels, the schedule, against numbers counted by hand or counted on
+the whole model; and that the estimate leaves the model as it was."""
 import copy
 
 import pytest
@@ -10,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import PLAIN_L13_K4_FORWARD, continuous_speedup, stepped_speedup
 from densenet import DenseNet
-from freezeout import freeze, unit_times
+from freezeout import estimate_speedup, freeze, t_0_for_speedup, unit_times
 from utils import (calc_speedup, first_frozen_steps, schedule_speedup, solve_t_0,
                    training_flops_by_level, unit_flops)
 
@@ -133,3 +134,89 @@ def test_units_outside_the_model_are_refused():
     model = linear_chain()
     with pytest.raises(ValueError, match="submodule of the model"):
         unit_flops(model, [nn.Linear(2, 2)], (B, D))
+
+
+# -- the estimate for any model, from the library ----------------------------------------
+def small_bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8), nn.BatchNorm1d(8),
+                         nn.Linear(8, 4))
+
+
+def resnet18_and_units():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    return model, [[model.conv1, model.bn1], model.layer1, model.layer2, model.layer3,
+                   model.layer4, model.fc]
+
+
+def snapshot(model: nn.Module) -> dict:
+    """All a model is: its tensors (with device and requires_grad), every module's mode and
+    hooks, and the random number generator."""
+    return {"tensors": {k: (v.clone(), v.device, v.requires_grad) for k, v in model.state_dict(keep_vars=True).items()},
+            "modes": [m.training for m in model.modules()],
+            "hooks": [(dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+                      for m in model.modules()],
+            "rng": torch.get_rng_state()}
+
+
+def assert_same(before: dict, after: dict) -> None:
+    assert before["tensors"].keys() == after["tensors"].keys()
+    for key, (value, device, grad) in before["tensors"].items():
+        now, now_device, now_grad = after["tensors"][key]
+        assert torch.equal(value, now) and device == now_device and grad == now_grad, key
+    assert before["modes"] == after["modes"]
+    assert before["hooks"] == after["hooks"]
+    assert torch.equal(before["rng"], after["rng"])
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_the_estimate_at_batch_1_with_batch_norm_leaves_the_model_as_it_was(train_mode):
+    # unit_flops at batch 1 used to raise batch norm's "Expected more than 1 value per channel".
+    model = small_bn_net().train(train_mode)
+    seen = []
+    model[0].register_forward_hook(lambda m, args, out: seen.append(out.device.type))
+    units = [list(model[0:3]), list(model[3:7]), list(model[9:11]), model[11]]
+    x = torch.randn(1, 3, 8, 8)
+    before = snapshot(model)
+    speedup = estimate_speedup(model, units, x, t_0=0.5, how_scale="cubic")
+    t_0 = t_0_for_speedup(model, units, x, speedup, how_scale="cubic")
+    assert_same(before, snapshot(model))
+    assert seen and set(seen) == {"meta"}  # the model's own hooks ran on the meta copy only
+    assert 0 < speedup < 1 and t_0 == pytest.approx(0.5, abs=1e-9)
+    # A batch of one costs half a batch of two, so the speedup is the same.
+    one, two = unit_flops(model, units, x), unit_flops(model, units, (2, 3, 8, 8))
+    assert [{k: 2 * v for k, v in u.items()} for u in one] == two
+    assert speedup == estimate_speedup(model, units, (4, 3, 8, 8), t_0=0.5)
+
+
+def test_the_estimate_for_a_torchvision_resnet18_at_batch_1():
+    # At 32x32 layer4's batch norms see one value per channel of a batch of one.
+    model, units = resnet18_and_units()
+    x = torch.randn(1, 3, 32, 32)
+    before = snapshot(model)
+    speedup = estimate_speedup(model, units, x, t_0=0.8, how_scale="cubic")
+    assert_same(before, snapshot(model))
+    # The same numbers as the scripts' path (utils' functions on a batch of two).
+    levels = training_flops_by_level(unit_flops(model, units, (2, 3, 32, 32)))
+    assert speedup == pytest.approx(schedule_speedup(levels, unit_times(6, 0.8, "cubic")), rel=1e-12)
+    target = 0.25
+    t_0 = t_0_for_speedup(model, units, x, target, how_scale="linear", total_steps=1000)
+    assert schedule_speedup(levels, unit_times(6, t_0, "linear"), 1000) >= target
+    assert schedule_speedup(levels, unit_times(6, t_0 + 1e-3, "linear"), 1000) < target
+
+
+def test_the_estimate_refuses_inputs_that_are_no_example():
+    model = small_bn_net()
+    units = [list(model[0:3]), list(model[3:7]), list(model[9:11]), model[11]]
+    for bad in ("x", (2, 0, 8), [2.5, 3], None):
+        with pytest.raises(ValueError, match="example_input must be a tensor"):
+            estimate_speedup(model, units, bad)
+    with pytest.raises(ValueError, match="no t_0 in"):
+        t_0_for_speedup(model, units, (2, 3, 8, 8), 0.99)
+    with pytest.raises(TypeError, match="target speedup must be a number"):
+        t_0_for_speedup(model, units, (2, 3, 8, 8), "0.2")

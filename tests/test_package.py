@@ -1,5 +1,6 @@
-"""`pip install .` installs the library, freezeout, and nothing else: the scripts' generic
-module names (utils, train, models, ...) stay out of the user's site-packages."""
+"""`pip install .` installs the library, the package freezeout, and nothing else: the scripts'
+generic module names (utils, train, models, ...) stay out of the user's site-packages; from
+the installed copy, `import freezeout` gives the scheduler, the units helpers and the estimate."""
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.slow  # a pip build and install: about 10 s
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_MODULES = ["utils", "train", "models", "engine", "checkpoint", "cli", "loaders", "densenet", "wrn",
-                  "vgg", "layers", "metrics_logger", "distributed", "figures", "benchmark", "reproduce", "plot"]
+                  "vgg", "layers", "metrics_logger", "distributed", "figures", "benchmark", "reproduce", "plot", "compiled_step", "config", "graphs"]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +38,13 @@ def in_elsewhere(tmp_path: Path, target: Path, code: str) -> subprocess.Complete
     return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
 
 
+LIBRARY_MODULES = {"__init__.py", "schedule.py", "units.py", "order.py", "estimate.py", "compile.py"}
+
+
 def test_only_freezeout_is_installed(installed):
     names = {p.name for p in installed.iterdir()} - {"__pycache__"}
-    assert names == {"freezeout.py", "freezeout-0.2.0.dist-info"}, names
+    assert names == {"freezeout", "freezeout-0.2.0.dist-info"}, names
+    assert {p.name for p in (installed / "freezeout").glob("*.py")} == LIBRARY_MODULES
     metadata = (installed / "freezeout-0.2.0.dist-info" / "METADATA").read_text()
     assert "Name: freezeout" in metadata and "Requires-Dist: torch>=2.1" in metadata
     assert "Requires-Python: >=3.10" in metadata
@@ -54,7 +59,7 @@ def test_import_freezeout_from_another_directory(tmp_path, installed):
             "print(freezeout.__file__)")
     p = in_elsewhere(tmp_path, installed, code)
     assert p.returncode == 0, p.stderr
-    assert Path(p.stdout.strip()).parent == installed
+    assert Path(p.stdout.strip()) == installed / "freezeout" / "__init__.py"
 
 
 def test_the_scripts_modules_are_not_importable_from_the_install(tmp_path, installed):
@@ -67,3 +72,55 @@ def test_the_scripts_modules_are_not_importable_from_the_install(tmp_path, insta
     p = in_elsewhere(tmp_path, installed, code)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == []
+
+
+def test_the_installed_package_gives_the_public_api(tmp_path, installed):
+    # A user's script outside the clone: the units helpers, the scheduler and the estimate for a
+    # model of their own, at batch 1, with batch norm.
+    code = ("import torch, freezeout\n"
+            "from freezeout import (FreezeOut, estimate_speedup, find_units, freeze, param_groups,\n"
+            "                       t_0_for_speedup, unit_times)\n"
+            "model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),\n"
+            "                            torch.nn.Conv2d(8, 8, 3), torch.nn.Flatten(), torch.nn.LazyLinear(4))\n"
+            "x = torch.randn(1, 3, 8, 8)\n"
+            "model(torch.randn(2, 3, 8, 8))\n"
+            "units = find_units(model, x)\n"
+            "s = estimate_speedup(model, units, x, t_0=0.5)\n"
+            "t = t_0_for_speedup(model, units, x, s)\n"
+            "print(len(units), round(s, 6), round(t, 6))\n"
+            "print(sorted(freezeout.__all__))")
+    p = in_elsewhere(tmp_path, installed, code)
+    assert p.returncode == 0, p.stderr
+    counts, api = p.stdout.splitlines()
+    n_units, speedup, t_0 = counts.split()
+    assert n_units == "4" and 0 < float(speedup) < 1 and float(t_0) == 0.5
+    for name in ("FreezeOut", "param_groups", "freeze", "find_units", "unit_times", "unit_lr",
+                 "estimate_speedup", "t_0_for_speedup", "unit_flops", "schedule_speedup", "compile_model"):
+        assert repr(name) in api, name
+
+
+def test_the_installed_package_trains_a_compiled_model_past_the_recompile_limit(tmp_path, installed):
+    # torch.compile(model) after the scheduler was made (what used to fail at the first forward),
+    # 10 units, so 10 freeze levels: more than dynamo's default limit of 8 compiles.
+    code = ("import torch, torch.nn.functional as F\n"
+            "from torch._dynamo.utils import counters\n"
+            "from freezeout import FreezeOut, param_groups\n"
+            "torch.manual_seed(0)\n"
+            "model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))\n"
+            "                              for _ in range(9)], torch.nn.Linear(8, 2))\n"
+            "units = list(model)\n"
+            "opt = torch.optim.SGD(param_groups(units), lr=0.05)\n"
+            "scheduler = FreezeOut(opt, units, total_steps=20, t_0=0.05, how_scale='linear')\n"
+            "compiled = torch.compile(model, backend='aot_eager')\n"
+            "for step in range(20):\n"
+            "    loss = F.cross_entropy(compiled(torch.randn(16, 8)), torch.randint(0, 2, (16,)))\n"
+            "    opt.zero_grad(set_to_none=True)\n"
+            "    loss.backward()\n"
+            "    opt.step()\n"
+            "    scheduler.step()\n"
+            "print(scheduler.num_frozen, counters['stats']['unique_graphs'],\n"
+            "      counters['frames']['total'] - counters['frames']['ok'])")
+    p = in_elsewhere(tmp_path, installed, code)
+    assert p.returncode == 0, p.stderr
+    frozen, graphs, failed = map(int, p.stdout.split())
+    assert frozen == 9 and graphs >= 10 and failed == 0

@@ -45,3 +45,18 @@ def test_find_units_example_runs_and_prints_what_the_readme_says(capsys):
     exec(compile(code, "README.md", "exec"), namespace)
     assert capsys.readouterr().out == printed
     assert len(namespace["units"]) == 8 and namespace["scheduler"].num_frozen == 6
+
+
+def test_own_model_estimate_example_prints_what_the_readme_says(capsys):
+    # The estimate block continues the own-model example: its model and units, without training.
+    import torch
+    import torchvision
+
+    section = README[README.index("## FreezeOut for your own model"):README.index("## FreezeOut for any model")]
+    block = re.findall(r"```python\n(.*?)```", section, re.S)[1]
+    model = torchvision.models.resnet18(num_classes=10)
+    units = [[model.conv1, model.bn1], model.layer1, model.layer2, model.layer3, model.layer4, model.fc]
+    exec(compile(block, "README.md", "exec"), {"torch": torch, "model": model, "units": units})
+    printed = capsys.readouterr().out.split()
+    expected = [line.split("# ")[1].split(":")[0] for line in block.splitlines() if line.startswith("print(")]
+    assert printed == expected

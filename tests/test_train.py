@@ -3,6 +3,7 @@ errors recomputed from the checkpoint, evaluation modes, augmentation and speed 
 inside the step, estimates against hand counts, resume, bad input."""
 import math
 import urllib.error
+import warnings
 
 import pytest
 import torch
@@ -176,6 +177,40 @@ def test_speed_switches_train_and_freeze_on_cpu(tmp_path, monkeypatch, extra, dt
         assert ckpt["scaler"]["scale"] == 65536.0 and ckpt["scaler"]["_growth_tracker"] == 12
 
 
+@pytest.mark.slow  # a compile per freeze level
+def test_compile_trains_as_the_eager_step_does_compiling_once_per_freeze_level(tmp_path, monkeypatch):
+    import functools
+
+    import compiled_step
+
+    # aot_eager: dynamo and AOT autograd as inductor uses them, without generating C++ (seconds).
+    monkeypatch.setattr(train, "CompiledStep", functools.partial(compiled_step.CompiledStep, backend="aot_eager"))
+    eager = run_train(tmp_path, "--epochs", "2", "--t_0", "0.3", name="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = run_train(tmp_path, "--epochs", "2", "--t_0", "0.3", "--compile", name="compiled")
+    # The order was checked (the first step is eager), and no hook was left to trouble dynamo.
+    assert not [w for w in caught if "not checked" in str(w.message) or "global hooks" in str(w.message)]
+    config = read_records(tmp_path / "compiled" / "metrics.jsonl", "config")[0]
+    assert (config["compile"], config["training_step"]) == (True, "compiled")
+    assert read_records(tmp_path / "eager" / "metrics.jsonl", "config")[0]["compile"] is False
+    epochs = read_records(tmp_path / "compiled" / "metrics.jsonl", "epoch")
+    eager_epochs = read_records(tmp_path / "eager" / "metrics.jsonl", "epoch")
+    # One compile per freeze level the compiled steps (1 to 11) ran at.
+    frozen_at = [at for at in compiled["frozen_at"] if at is not None]
+    levels = len({sum(at <= k for at in frozen_at) for k in range(1, 2 * TINY_STEPS_PER_EPOCH)})
+    assert levels >= 4
+    assert sum(e["captures"] for e in epochs) == levels
+    # The first step runs eagerly, so that FreezeOut checks the order of the units.
+    assert [e["eager_steps"] for e in epochs] == [1, 0]
+    assert all(e["training_step"] == "compiled" for e in epochs)
+    assert all(e["capture_time_s"] > 0 for e in epochs if e["captures"])
+    assert compiled["frozen_at"] == eager["frozen_at"]
+    for e, c in zip(eager_epochs, epochs):
+        assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-4)
+        assert c["val_err"] == e["val_err"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model,depth,k,expected,params,units", [
     ("wrn", "10", "1", "WRN-10-1", 77_850, 5), ("vgg", "11", None, "VGG-11", 9_756_426, 9)])
@@ -291,6 +326,7 @@ BAD_FLAGS = [
     (["--no-bottleneck", "-L", "13", "-k", "4", "--target-speedup", "0.8"],
      "--target-speedup: no t_0 in (0, 1] reaches a speedup of 0.8: the FLOP-based estimate"),
     (["--batch_size", "50000"], "--batch_size 50000 is larger than the training set"),
+    (["--compile", "--cuda-graphs", "on"], "give --compile or --cuda-graphs on, not both"),
 ]
 
 

@@ -1,0 +1,229 @@
+"""FreezeOut's units: what a unit is, one optimizer param group per unit, freezing a unit for
+good, and finding the units of any model by running it once.
+
+A unit is a module or a list of modules (resnet18's stem is `[conv1, bn1]`); a model's units
+are listed in forward order, so that the frozen ones are always a prefix of the forward pass.
+"""
+from __future__ import annotations
+
+import types
+import warnings
+from collections import Counter
+from typing import Iterable, Sequence, Union
+
+import torch
+from torch import nn
+
+Unit = Union[nn.Module, Sequence[nn.Module]]
+
+
+def unit_modules(unit: Unit) -> list[nn.Module]:
+    return [unit] if isinstance(unit, nn.Module) else list(unit)
+
+
+def unit_parameters(unit: Unit) -> list[nn.Parameter]:
+    return [p for m in unit_modules(unit) for p in m.parameters()]
+
+
+def param_groups(units: Iterable[Unit], **group_options) -> list[dict]:
+    """One optimizer param group per unit, in unit order (what FreezeOut expects).
+
+    Extra keyword arguments (say weight_decay=0) go into every group.
+    """
+    groups, seen = [], set()
+    for i, unit in enumerate(units):
+        params = unit_parameters(unit)
+        shared = [p for p in params if id(p) in seen]
+        if shared:
+            raise ValueError(f"unit {i} shares parameters with an earlier unit; "
+                             "every parameter must belong to exactly one unit")
+        seen.update(id(p) for p in params)
+        groups.append({"params": params, **group_options})
+    return groups
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def _owns_state(module: nn.Module) -> bool:
+    return _owns_parameters(module) or next(module.buffers(recurse=False), None) is not None
+
+
+def _owns_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _describe(named_modules: list[tuple[str, nn.Module]], limit: int = 10) -> str:
+    def one(name: str, module: nn.Module) -> str:
+        pname, p = next(module.named_parameters(recurse=False))
+        shape = "x".join(map(str, p.shape))
+        return f"{name or 'the model itself'}: {type(module).__name__}({pname} {shape})"
+
+    text = ", ".join(one(name, m) for name, m in named_modules[:limit])
+    more = len(named_modules) - limit
+    return text + (f" and {more} more" if more > 0 else "")
+
+
+def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    # Bound onto every submodule of a frozen unit: model.train() must not bring back
+    # batch statistics or dropout, or the frozen weights would no longer be what was learned.
+    return nn.Module.train(self, False)
+
+
+def freeze(unit: Unit) -> None:
+    """Take a unit out of training for good: its parameters stop requiring (and lose) their
+    gradients, and all its submodules stay in inference mode, whatever calls train()."""
+    for p in unit_parameters(unit):
+        p.requires_grad_(False)
+        p.grad = None
+    for top in unit_modules(unit):
+        for module in top.modules():
+            module.train = types.MethodType(_stay_in_eval, module)
+            module.training = False
+
+
+def find_units(model: nn.Module, example_input, groups: int | None = None) -> list[Unit]:
+    """The units of any model, found by running it once on `example_input` (a tensor, or a tuple
+    of positional arguments): the modules that own parameters themselves, in the order they
+    first run. With groups=n they are cut into n contiguous lists of modules of about equal
+    parameter count (the largest as small as can be). A module that owns parameters and holds
+    submodules that own some too is one unit with all of them, since a unit is a whole module.
+
+        units = find_units(model, torch.randn(2, 3, 32, 32), groups=8)
+        optimizer = torch.optim.SGD(param_groups(units), lr=0.1, momentum=0.9)
+        scheduler = FreezeOut(optimizer, units, total_steps=T)
+
+    Only the order of execution is judged, not the dataflow: freezing a prefix of that order
+    saves work as long as no later unit feeds an earlier one, which one pass cannot check
+    cheaply (a ResNet's shortcut convolution runs after the block's main path but reads the
+    block's input: still a valid prefix). What the order itself rules out is refused with a
+    ValueError: a module that runs at two places with other units in between (weight sharing
+    across the network), and a trainable parameter that would be in two units (tied weights).
+    Modules with trainable parameters that never run are left out, with a warning.
+
+    The pass runs without gradients, in the model's current mode, and leaves nothing behind:
+    the buffers (batch-norm statistics) and the random number generators are restored.
+    """
+    unit_of = _owner_units(model)
+    calls = _calls_in_one_pass(model, example_input, _owners(model))
+    names = {id(m): name for name, m in model.named_modules()}
+    units = _units_in_order([unit_of[id(m)] for m in calls], names)
+    ran = {id(u) for u in units}
+    never_ran = [(names[id(m)], m) for m in _owners(model) if id(unit_of[id(m)]) not in ran]
+    if any(_owns_trainable(m) for _, m in never_ran):
+        warnings.warn("find_units: modules with trainable parameters did not run on the example "
+                      "input and are left out of the units: "
+                      + _describe([(n, m) for n, m in never_ran if _owns_trainable(m)]), stacklevel=2)
+    if groups is not None:
+        units = _balanced_groups(units, groups)
+    left_out = {id(p) for _, m in never_ran for p in m.parameters(recurse=False)}
+    _check_every_parameter_once(model, units, left_out)
+    return units
+
+
+def _owners(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if _owns_parameters(m)]
+
+
+def _owner_units(model: nn.Module) -> dict[int, nn.Module]:
+    """id of every module that owns parameters -> its unit: the module itself, or the outermost
+    module above it that owns parameters too. The model itself cannot be that module: one unit
+    for the whole model would freeze nothing until the end."""
+    unit_of: dict[int, nn.Module] = {}
+    for module in model.modules():  # parents before children
+        if _owns_parameters(module) and id(module) not in unit_of:
+            if module is model and sum(map(_owns_parameters, model.modules())) > 1:
+                own = ", ".join(n for n, _ in model.named_parameters(recurse=False))
+                raise ValueError(f"find_units: {type(model).__name__} owns parameters itself ({own}) "
+                                 "besides those of its submodules, and a unit is a whole module, so "
+                                 "the whole model would be one unit; move them into a submodule, or "
+                                 "list the units by hand")
+            for inner in module.modules():
+                if _owns_parameters(inner):
+                    unit_of.setdefault(id(inner), module)
+    return unit_of
+
+
+def _calls_in_one_pass(model: nn.Module, example_input, watched: list[nn.Module]) -> list[nn.Module]:
+    """Every call of a `watched` module during one forward pass, in order. Without gradients;
+    the buffers and the random number generators are put back, so finding the units changes
+    nothing in the run that follows (dropout and batch statistics still work as in training)."""
+    calls: list[nn.Module] = []
+    handles = [m.register_forward_pre_hook(lambda module, args: calls.append(module))
+               for m in watched]
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    cuda = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+    return calls
+
+
+def _units_in_order(called_units: list[nn.Module], names: dict[int, str]) -> list[nn.Module]:
+    """The units in order of first run; a unit that runs again after another one has run cannot
+    be part of a frozen prefix (or of the trained rest) and is refused."""
+    order: list[nn.Module] = []
+    for unit in called_units:
+        if order and order[-1] is unit:
+            continue  # called again straight away (a loop over one layer): still one place
+        if any(u is unit for u in order):
+            raise ValueError(f"find_units: module {names[id(unit)] or 'the model'!r} "
+                             f"({type(unit).__name__}) runs at two places of the forward pass with "
+                             f"{names[id(order[-1])]!r} and maybe others in between (weight "
+                             "sharing); no frozen prefix of the forward pass can hold it, so FreezeOut cannot "
+                             "use it as a unit")
+        order.append(unit)
+    return order
+
+
+def _balanced_groups(units: list[nn.Module], n: int) -> list[list[nn.Module]]:
+    """The units cut into n contiguous non-empty groups whose largest parameter count is as
+    small as can be: a binary search on that largest count, each try cut greedily."""
+    if isinstance(n, bool) or int(n) != n or not 1 <= n <= len(units):
+        raise ValueError(f"groups must be an integer between 1 and {len(units)} (the number of "
+                         f"modules that own parameters), got {n}")
+    n = int(n)
+    sizes = [sum(p.numel() for p in unit_parameters(u)) for u in units]
+    low, high = max(sizes), sum(sizes)
+    while low < high:
+        cap = (low + high) // 2
+        if len(_cuts(sizes, n, cap)) == n:
+            high = cap
+        else:
+            low = cap + 1
+    starts = _cuts(sizes, n, low)
+    return [units[a:b] for a, b in zip(starts, starts[1:] + [len(units)])]
+
+
+def _cuts(sizes: list[int], n: int, cap: int) -> list[int]:
+    """Where each group starts when a group closes before it would exceed `cap`, or when the
+    items left are only just enough for one group each. At least n groups; exactly n when
+    `cap` allows n groups at all."""
+    starts, total = [0], 0
+    for j, size in enumerate(sizes):
+        if j > starts[-1] and (total + size > cap or len(sizes) - j == n - len(starts)):
+            starts.append(j)
+            total = 0
+        total += size
+    return starts
+
+
+def _check_every_parameter_once(model: nn.Module, units: list, left_out: set[int]) -> None:
+    """Every trainable parameter of the model, but those of modules that never ran, must be in
+    exactly one unit, or param_groups(units) would not cover the model (or would refuse it)."""
+    count = Counter(id(p) for unit in units for p in unit_parameters(unit))
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in left_out and count[id(p)] != 1:
+            holders = ", ".join(repr(n) for n, m in model.named_modules()
+                                if any(q is p for q in m.parameters(recurse=False)))
+            raise ValueError(f"find_units: trainable parameter {name!r} (held by {holders}) would be "
+                             f"in {count[id(p)]} units, not exactly one (tied weights?); "
+                             "FreezeOut needs every parameter in exactly one unit")
