@@ -58,29 +58,42 @@ def _trainable_modules_outside(ran: list[nn.Module],
 _said_compiled = False  # the skipped check is reported once per process
 
 
+# Every watch records through one process-wide hook, added with the first watch and removed by
+# the last one's stop(), never by the garbage collector: a finalizer may run in the middle of
+# torch.compile's tracing, and a hooks dict that changes under it makes dynamo fail (a KeyError
+# while it builds a guard on the global hooks).
+_watching: "weakref.WeakSet[ForwardOrderWatch]" = weakref.WeakSet()
+_hook = None
+
+
+def _record(module, args):
+    # Under dynamo a hook that writes to a dict of modules is traced as a mutation of those
+    # modules and fails ("already tracked for mutation"): record eager calls only.
+    if torch.compiler.is_compiling():
+        return
+    for watch in tuple(_watching):
+        watch.ran.setdefault(id(module), module)
+
+
 class ForwardOrderWatch:
     """Every module called (in the order of its first call) from now until `check()`; held
     until then, so that no id is reused by another module meanwhile."""
 
     def __init__(self, units: Sequence[Unit]):
+        global _hook
         self.units = units
         self.ran: dict[int, nn.Module] = {}
         self.compiled_frames = _compiled_frames()
-        ran = self.ran
-
-        def record(module, args):
-            # Under dynamo a hook that writes to a dict of modules is traced as a mutation of
-            # those modules and fails ("already tracked for mutation"): record eager calls only.
-            if torch.compiler.is_compiling():
-                return
-            if id(module) not in ran:
-                ran[id(module)] = module
-
-        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
-        weakref.finalize(self, self.handle.remove)
+        _watching.add(self)
+        if _hook is None:
+            _hook = torch.nn.modules.module.register_module_forward_pre_hook(_record)
 
     def stop(self) -> None:
-        self.handle.remove()
+        global _hook
+        _watching.discard(self)
+        if not _watching and _hook is not None:  # watches dropped unchecked are gone from it too
+            _hook.remove()
+            _hook = None
 
     def check(self) -> None:
         """Stop watching; raise ValueError for units that ran out of order, warn about units that
