@@ -32,6 +32,7 @@ import torch
 from cli import (AMP_MODES, CUDA_GRAPHS, DEVICES, SCALINGS, HelpFormatter, examples, check_positive, check_seed,
                  check_t_0, flag_spellings, ignored_flags_note)
 from engine import Training, build_training, effective_amp, memory_format, resolve_device
+from compiled_step import CompiledStep
 from graphs import CudaGraphs, GraphedStep, use_cuda_graphs
 from checkpoint import first_line
 from figures import mib, pct
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
         help="auto/on: measure the graphed step beside the eager one (on: an error where it cannot "
              "run); off: eager only")
+    add("--compile", action="store_true", default=False,
+        help="also measure the step with the model compiled by torch.compile, one compile per "
+             "freeze level (default: off)")
+    add("--compile-backend", default="inductor",
+        help="torch.compile backend for --compile (aot_eager: compiled graphs without code generation)")
     add("--seed", type=int, default=0, help="seed of the model and the batches")
     add("--json", action="store_true", default=False,
         help="end stdout with one JSON object of all results (default: the table only)")
@@ -117,14 +123,16 @@ class Bench:
         return step
 
     @contextlib.contextmanager
-    def training(self, t_0: float, graphed: bool = False, total_steps: int | None = None,
+    def training(self, t_0: float, kind: str = "eager", total_steps: int | None = None,
                  fused: bool | None = None):
         """A fresh model and its training objects for one run of `total_steps` (default
         --steps) steps, released when the run ends: the training and its step refer to each
         other, so without that each run's graph and memory pool would stay until a full garbage
-        collection. The graphed step captures every freeze level (however short: a real run's
-        levels are long, and capture time is reported apart), after two eager warm-up steps.
-        `fused`: the fused SGD without the graphed step (default: with it)."""
+        collection. `kind`: the training step, "eager", "graphed" (every freeze level captured,
+        however short: a real run's levels are long, and capture time is reported apart) or
+        "compiled" (torch.compile, one compile per level, timed apart too). `fused`: the fused
+        SGD without the graphed step (default: with it)."""
+        graphed = kind == "graphed"
         steps = total_steps or self.args.steps
         torch.manual_seed(self.args.seed)
         training = build_training(
@@ -134,6 +142,8 @@ class Bench:
         training.model.train()
         if graphed:
             training.step = self.graphed_step(training, steps)
+        elif kind == "compiled":
+            training.step = CompiledStep(training, backend=self.args.compile_backend)
         try:
             yield training
         finally:
@@ -143,10 +153,10 @@ class Bench:
             if (graphed or fused) and self.device.type == "cuda":
                 torch.cuda.empty_cache()  # where the allocator frees the memory of released pools
 
-    def timed_run(self, t_0: float, graphed: bool = False) -> dict:
-        """Wall time of `steps` training steps (captures excluded, reported apart), the
-        scheduler's share, CUDA peak of the last quarter."""
-        with self.training(t_0, graphed) as training:
+    def timed_run(self, t_0: float, kind: str = "eager") -> dict:
+        """Wall time of `steps` training steps (captures and compiles excluded, reported
+        apart), the scheduler's share, CUDA peak of the last quarter."""
+        with self.training(t_0, kind) as training:
             steps, quarter = self.args.steps, (3 * self.args.steps) // 4
             sched = 0.0
             sync(self.device)
@@ -190,17 +200,19 @@ class Bench:
                 training.scheduler.step()
         return peak
 
-    def level_step_times(self, levels: list[int], graphed: bool = False) -> dict[int, float]:
+    def level_step_times(self, levels: list[int], kind: str = "eager") -> dict[int, float]:
         """Median time of one training step with the first n units frozen, for each n of
         `levels` (ascending), on one model whose units are frozen level after level: after a
-        warm-up step at each level and, graphed, two eager steps and the level's capture (a
-        new graphed step per level). Each step is followed by the scheduler's, as in training
+        warm-up step at each level (compiled: the level's compile and one step more) and,
+        graphed, two eager steps and the level's capture (a new graphed step per level). Each step is followed by the scheduler's, as in training
         (its first one ends the forward-order check and its process-wide hook); its schedule
         (t_0 = 1) spans exactly these steps, so nothing else freezes."""
-        warmup = 3 if graphed else 1
+        graphed = kind == "graphed"
+        warmup = {"eager": 1, "compiled": 2, "graphed": 3}[kind]
         per_level = self.args.level_steps + warmup
         times = {}
-        with self.training(1.0, graphed=False, total_steps=len(levels) * per_level, fused=graphed) as training:
+        with self.training(1.0, "eager" if graphed else kind, total_steps=len(levels) * per_level,
+                           fused=graphed) as training:
             for n in levels:
                 for unit in training.units[:n]:
                     freeze(unit)
@@ -230,21 +242,22 @@ def capture_share(n_units: int, per_capture_s: float, step_s: float,
     return n_units * per_capture_s / (steps * step_s)
 
 
-def compare(bench: Bench, args, t_i, graphed: bool) -> dict:
-    """Baseline and FreezeOut, alternating after a warm-up run of each, and the ideal speedup
-    from the step time at every freeze level the schedule visits."""
-    for t_0 in (1.0, args.t_0):  # warm-up: allocator, cuDNN autotuning, first-call costs
-        bench.timed_run(t_0, graphed)
+def compare(bench: Bench, args, t_i, kind: str = "eager") -> dict:
+    """Baseline and FreezeOut with the `kind` of step, alternating after a warm-up run of
+    each, and the ideal speedup from the step time at every freeze level the schedule visits."""
+    # Warm-up: allocator, cuDNN autotuning, first-call costs, and the compiles (dynamo reuses
+    # them for every later model of the same structure).
+    warmup = [bench.timed_run(t_0, kind) for t_0 in (1.0, args.t_0)]
     baseline, freezeout = [], []
     for _ in range(args.repeats):
-        baseline.append(bench.timed_run(1.0, graphed))
-        freezeout.append(bench.timed_run(args.t_0, graphed))
+        baseline.append(bench.timed_run(1.0, kind))
+        freezeout.append(bench.timed_run(args.t_0, kind))
     ratios = [f["time_s"] / b["time_s"] for b, f in zip(baseline, freezeout)]
     ideal, level_times = None, {}
     if args.level_steps > 0:
         first = first_frozen_steps(t_i, args.steps)
         visited = sorted({sum(f <= k for f in first) for k in range(args.steps)})
-        level_times = bench.level_step_times(visited, graphed)
+        level_times = bench.level_step_times(visited, kind)
         ideal = schedule_speedup([level_times.get(n, 0.0) for n in range(len(t_i))], t_i, args.steps)
     b_time = statistics.median(r["time_s"] for r in baseline)
     f_time = statistics.median(r["time_s"] for r in freezeout)
@@ -260,11 +273,16 @@ def compare(bench: Bench, args, t_i, graphed: bool) -> dict:
         "peak_mem_baseline": baseline[-1]["cuda_peak_bytes"],
         "peak_mem_freezeout": freezeout[-1]["cuda_peak_bytes"],
     }
-    if graphed:
+    if kind != "eager":  # captures, or compiles: one per freeze level
         captures = freezeout[-1]["captures"]
         per_capture = statistics.median(r["capture_s"] / r["captures"] for r in freezeout)
+        first = sum(r["captures"] for r in warmup), sum(r["capture_s"] for r in warmup)
+        # A run pays what the warm-up runs paid: a graph is captured anew in every run, but a
+        # compile is paid once per process (the timed runs find it in dynamo's cache).
+        paid = first[1] / first[0] if kind == "compiled" else per_capture
         result.update(captures=captures, capture_s_per_capture=per_capture,
-                      paper_run_capture_share=capture_share(len(t_i), per_capture, f_time / args.steps))
+                      warmup_captures=first[0], warmup_capture_s=first[1],
+                      paper_run_capture_share=capture_share(len(t_i), paid, f_time / args.steps))
     return result
 
 
@@ -279,10 +297,11 @@ def measure(args, report=lambda result: None) -> dict:
 
 def measure_on(args, device: torch.device, graphed: bool, graphs=CudaGraphs,
                report=lambda result: None) -> dict:
-    """Eager, and graphed beside it when `graphed`: the results as one dict (the eager
-    figures at the top level, the graphed ones under "graphed"). `report(result)` gets the
-    eager results before the graphed ones are measured, so that a failure there loses nothing;
-    such a failure (a RuntimeError) is kept as result["graphed_error"] (one line)."""
+    """Eager, and beside it the graphed step when `graphed` and the compiled one with
+    --compile: the results as one dict (the eager figures at the top level, the others under
+    "graphed" and "compiled"). `report(result)` gets the eager results before the others are
+    measured, so that a failure there loses nothing; such a failure (a RuntimeError) is kept
+    as result["graphed_error"] or result["compiled_error"] (one line)."""
     bench = Bench(args, device, graphs)
     model = build(args)
     units = model.freeze_units()
@@ -293,31 +312,33 @@ def measure_on(args, device: torch.device, graphed: bool, graphs=CudaGraphs,
         "bottleneck": args.bottleneck, "num_classes": args.num_classes, "batch_size": args.batch_size,
         "steps": args.steps, "t_0": args.t_0, "how_scale": args.how_scale, "scale_lr": args.scale_lr,
         "seed": args.seed, "repeats": args.repeats, "level_steps": args.level_steps,
-        "cuda_graphs": args.cuda_graphs,
+        "cuda_graphs": args.cuda_graphs, "compile": args.compile,
+        "compile_backend": args.compile_backend if args.compile else None,
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else None, "amp": bench.amp, "channels_last": args.channels_last, "threads": torch.get_num_threads(),
         "torch": str(torch.__version__), "n_units": len(units),
         "params": sum(p.numel() for p in model.parameters()),
-        **compare(bench, args, t_i, graphed=False),
+        **compare(bench, args, t_i),
         "estimated_speedup": paper_speedup(args.model, args.depth, args.growth_rate, args.t_0,
                                            args.how_scale, args.bottleneck),
         "flop_speedup": schedule_speedup(levels, t_i, args.steps),
         "saved_bytes_baseline": bench.saved_tensor_peak(1.0),
         "saved_bytes_freezeout": bench.saved_tensor_peak(args.t_0),
-        "graphed": None,
+        "graphed": None, "compiled": None,
     }
     report(result)
-    if graphed:
-        try:
-            result["graphed"] = compare(bench, args, t_i, graphed=True)
-        except RuntimeError as e:
-            result["graphed_error"] = first_line(e)
+    for kind, wanted in (("graphed", graphed), ("compiled", args.compile)):
+        if wanted:
+            try:
+                result[kind] = compare(bench, args, t_i, kind)
+            except RuntimeError as e:
+                result[f"{kind}_error"] = first_line(e)
     return result
 
 
 def table(r: dict) -> str:
-    """Everything measured: the eager figures, then the graphed ones."""
-    return "\n".join(filter(None, [eager_table(r), graphed_table(r)]))
+    """Everything measured: the eager figures, then the graphed and compiled ones."""
+    return "\n".join(filter(None, [eager_table(r), other_tables(r)]))
 
 
 def eager_table(r: dict) -> str:
@@ -342,26 +363,39 @@ def eager_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def graphed_table(r: dict) -> str:
-    """The graphed figures, beside the eager ones (empty when none were measured)."""
-    g, lines = r["graphed"], []
-    if "graphed_error" in r:
-        lines.append(f"  CUDA graphs: failed: {r['graphed_error']}")
+def other_tables(r: dict) -> str:
+    """The graphed and compiled figures, beside the eager ones (empty where none were measured)."""
+    return "\n".join(filter(None, [step_table(r, "graphed"), step_table(r, "compiled")]))
+
+
+STEP_TITLES = {"graphed": ("CUDA graphs", "one per freeze level; capture time", "captures"),
+               "compiled": ("torch.compile", "one compile per freeze level; compile time", "compiles")}
+
+
+def step_table(r: dict, kind: str) -> str:
+    """The figures of the graphed or the compiled step (empty when not measured)."""
+    g, lines = r.get(kind), []
+    title, what, events = STEP_TITLES[kind]
+    if f"{kind}_error" in r:
+        lines.append(f"  {title}: failed: {r[f'{kind}_error']}")
     if g is not None:
         lines += [
-            "  CUDA graphs (one per freeze level; capture time excluded from the runs, given below):",
+            f"  {title} ({what} excluded from the runs, given below):",
             f"    baseline runs   {', '.join(f'{t:.3f}' for t in g['baseline_runs_s'])} s"
             f"   median {g['baseline_s']:.3f} s  ({g['baseline_images_per_s']:.0f} img/s, "
             f"{g['baseline_images_per_s'] / r['baseline_images_per_s']:.2f}x eager)",
             f"    FreezeOut runs  {', '.join(f'{t:.3f}' for t in g['freezeout_runs_s'])} s"
-            f"   median {g['freezeout_s']:.3f} s  ({g['freezeout_images_per_s']:.0f} img/s)",
+            f"   median {g['freezeout_s']:.3f} s  ({g['freezeout_images_per_s']:.0f} img/s, "
+            f"{g['freezeout_images_per_s'] / r['freezeout_images_per_s']:.2f}x eager)",
             f"    speedup: measured {pct(g['measured_speedup'])} | FLOPs {pct(r['flop_speedup'])}"
-            f" | ideal (graphed step time per freeze level) {pct(g['ideal_speedup'])}",
-            f"    {g['captures']} captures, {1000 * g['capture_s_per_capture']:.1f} ms each: "
+            f" | ideal ({kind} step time per freeze level) {pct(g['ideal_speedup'])}",
+            f"    {g['captures']} {events}, {1000 * g['capture_s_per_capture']:.1f} ms each; the warm-up runs' "
+            f"{g['warmup_captures']} (the process's first): {g['warmup_capture_s']:.2f} s in all; "
             f"{100 * g['paper_run_capture_share']:.3f}% of a 100-epoch paper run's training time",
-            f"    CUDA max allocated, last quarter: baseline {mib(g['peak_mem_baseline'])}, "
-            f"FreezeOut {mib(g['peak_mem_freezeout'])}",
         ]
+        if g["peak_mem_baseline"] is not None:
+            lines.append(f"    CUDA max allocated, last quarter: baseline {mib(g['peak_mem_baseline'])}, "
+                         f"FreezeOut {mib(g['peak_mem_freezeout'])}")
     return "\n".join(lines)
 
 
@@ -396,18 +430,20 @@ def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     check(args, parser)
-    # The eager table is printed as soon as it is measured: what the graphed part does cannot
-    # take it away.
+    # The eager table is printed as soon as it is measured: what the graphed or compiled part
+    # does cannot take it away.
     result = measure(args, report=lambda eager: print(eager_table(eager), flush=True))
-    graphed = graphed_table(result)
-    if graphed:
-        print(graphed)
+    others = other_tables(result)
+    if others:
+        print(others)
     if args.json:
         print(json.dumps(result))
     sys.stdout.flush()
-    if "graphed_error" in result:
-        print(f"{parser.prog}: error: the graphed step failed ({result['graphed_error']}); the eager "
+    failed = [kind for kind in ("graphed", "compiled") if f"{kind}_error" in result]
+    for kind in failed:
+        print(f"{parser.prog}: error: the {kind} step failed ({result[f'{kind}_error']}); the eager "
               f"figures above stand", file=sys.stderr)
+    if failed:
         raise SystemExit(1)
     return result
 

@@ -24,12 +24,12 @@ class GivenTimes:
     def __init__(self, runs, levels):
         self.runs, self.levels, self.calls = list(runs), levels, []
 
-    def timed_run(self, t_0, graphed=False):
-        self.calls.append(("run", t_0, graphed))
+    def timed_run(self, t_0, kind="eager"):
+        self.calls.append(("run", t_0, kind))
         return self.runs.pop(0)
 
-    def level_step_times(self, levels, graphed=False):
-        self.calls += [("level", n, graphed) for n in levels]
+    def level_step_times(self, levels, kind="eager"):
+        self.calls += [("level", n, kind) for n in levels]
         return {n: self.levels[n] for n in levels}
 
 
@@ -44,16 +44,16 @@ ARGS = argparse.Namespace(repeats=3, steps=8, batch_size=4, t_0=0.5, level_steps
 T_I = unit_times(4, 0.5, "linear")
 
 
-@pytest.mark.parametrize("graphed", [False, True])
-def test_speedups_and_overhead_are_computed_from_the_times_measured(graphed):
-    runs = [run(9.0), run(9.0),                          # the warm-up pair: not counted
+@pytest.mark.parametrize("kind", ["eager", "graphed", "compiled"])
+def test_speedups_and_overhead_are_computed_from_the_times_measured(kind):
+    runs = [run(9.0, 0.0, 1, 2.0), run(9.0, 0.0, 4, 6.0),  # the warm-up pair: not timed
             run(2.0), run(1.6, 0.016, 4, 0.4), run(2.2), run(1.5, 0.03, 4, 0.8),
             run(1.8), run(1.2, 0.006, 4, 0.2)]
     bench = GivenTimes(runs, levels={0: 1.0, 1: 0.8, 2: 0.6, 3: 0.5})
-    r = benchmark.compare(bench, ARGS, T_I, graphed)
-    assert bench.calls == [("run", 1.0, graphed), ("run", 0.5, graphed)] + \
-        [("run", t, graphed) for _ in range(3) for t in (1.0, 0.5)] + \
-        [("level", n, graphed) for n in range(4)]
+    r = benchmark.compare(bench, ARGS, T_I, kind)
+    assert bench.calls == [("run", 1.0, kind), ("run", 0.5, kind)] + \
+        [("run", t, kind) for _ in range(3) for t in (1.0, 0.5)] + \
+        [("level", n, kind) for n in range(4)]
     assert r["baseline_runs_s"] == [2.0, 2.2, 1.8] and r["freezeout_runs_s"] == [1.6, 1.5, 1.2]
     assert (r["baseline_s"], r["freezeout_s"]) == (2.0, 1.5)  # medians
     # Pair ratios 1.6/2.0, 1.5/2.2, 1.2/1.8 = 0.8, 0.682, 0.667: 1 - their median, not 1 - the
@@ -64,10 +64,13 @@ def test_speedups_and_overhead_are_computed_from_the_times_measured(graphed):
     assert r["level_step_s"] == {"0": 1.0, "1": 0.8, "2": 0.6, "3": 0.5}
     assert r["overhead_frac"] == pytest.approx(0.01, abs=1e-12)  # median of 0.01, 0.02, 0.005
     assert (r["baseline_images_per_s"], r["freezeout_images_per_s"]) == (16.0, pytest.approx(32 / 1.5))
-    if graphed:
+    if kind != "eager":  # graph captures, or compiles
         assert r["captures"] == 4 and r["capture_s_per_capture"] == pytest.approx(0.1)
-        # 4 captures of 0.1 s against a paper run: 90,000 steps of 1.5 s / 8.
-        assert r["paper_run_capture_share"] == pytest.approx(4 * 0.1 / (90_000 * 1.5 / 8))
+        assert (r["warmup_captures"], r["warmup_capture_s"]) == (5, 8.0)
+        # A run's 4 captures against a paper run (90,000 steps of 1.5 s / 8): a graph is captured
+        # in every run (0.1 s), a compile paid once per process, at the warm-up's 8 s / 5.
+        paid = 0.1 if kind == "graphed" else 8.0 / 5
+        assert r["paper_run_capture_share"] == pytest.approx(4 * paid / (90_000 * 1.5 / 8))
     else:
         assert "captures" not in r
 
@@ -75,14 +78,14 @@ def test_speedups_and_overhead_are_computed_from_the_times_measured(graphed):
 def test_a_slower_freezeout_is_reported_as_a_negative_speedup():
     bench = GivenTimes([run(1.0), run(1.0), run(1.0), run(1.25)],
                        levels={0: 1.0, 1: 1.5, 2: 1.5, 3: 1.5})
-    r = benchmark.compare(bench, argparse.Namespace(**{**vars(ARGS), "repeats": 1}), T_I, False)
+    r = benchmark.compare(bench, argparse.Namespace(**{**vars(ARGS), "repeats": 1}), T_I)
     assert r["measured_speedup"] == pytest.approx(-0.25)
     assert r["ideal_speedup"] == pytest.approx(1 - (4 + 4 * 1.5) / 8)
 
 
 def test_no_ideal_speedup_without_level_steps():
     bench = GivenTimes([run(1.0)] * 4, levels={})
-    r = benchmark.compare(bench, argparse.Namespace(**{**vars(ARGS), "repeats": 1, "level_steps": 0}), T_I, False)
+    r = benchmark.compare(bench, argparse.Namespace(**{**vars(ARGS), "repeats": 1, "level_steps": 0}), T_I)
     assert r["ideal_speedup"] is None and r["level_step_s"] == {} and bench.calls[-1][0] == "run"
 
 
@@ -145,7 +148,7 @@ def test_a_finished_run_frees_its_graphs_and_their_memory_without_a_garbage_coll
     gc.collect()
     gc.disable()
     try:
-        run = bench.timed_run(0.8, graphed=True)
+        run = bench.timed_run(0.8, "graphed")
         pool = pools[-1]
         assert run["captures"] == pool.captures == 6 and pool.allocated
         # No graph left, nothing allocated by a capture alive (gradients, losses): all freed
@@ -161,8 +164,8 @@ def test_timing_the_freeze_levels_leaves_no_process_wide_hook_behind():
     from graphs import EagerGraphs
     bench = benchmark.Bench(tiny_args(), torch.device("cpu"), graphs=EagerGraphs)
     before = len(module._global_forward_pre_hooks)
-    for graphed in (False, True):
-        times = bench.level_step_times([0, 3, 5], graphed)
+    for kind in ("eager", "graphed"):
+        times = bench.level_step_times([0, 3, 5], kind)
         assert sorted(times) == [0, 3, 5] and all(t > 0 for t in times.values())
     assert len(module._global_forward_pre_hooks) == before
 
@@ -191,3 +194,28 @@ def test_a_failed_graphed_part_keeps_the_eager_figures_and_exits_1(monkeypatch, 
     assert r["graphed"] is None and r["graphed_error"].endswith("is capturing")
     assert r["measured_speedup"] is not None and (r["seed"], r["repeats"], r["num_classes"]) == (0, 1, 10)
     assert "the graphed step failed" in err and "the eager figures above stand" in err
+
+
+
+@pytest.mark.slow  # torch.compile: a compile per freeze level
+def test_the_compiled_step_is_measured_beside_the_eager_one(monkeypatch, capsys):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    for name in ("recompile_limit", "accumulated_recompile_limit"):  # FreezeOut raises them process-wide
+        monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
+    torch._dynamo.reset()
+    counters.clear()
+    r = benchmark.main(["-L", "10", "-k", "4", "--batch-size", "4", "--steps", "12", "--repeats", "1",
+                        "--level-steps", "1", "--device", "cpu", "--num-classes", "10", "--compile",
+                        "--compile-backend", "aot_eager", "--json"])
+    c = r["compiled"]
+    out = capsys.readouterr().out
+    # cubic t_0 = 0.8, 7 units, 12 steps: levels 0, 2, 3, 4, 5, 6 (as in the graphed test): level 0
+    # runs its first step eagerly (the order check), then compiles; every later level compiles.
+    assert c["captures"] == 6 and sorted(c["level_step_s"], key=int) == ["0", "2", "3", "4", "5", "6"]
+    assert c["measured_speedup"] == 1 - c["freezeout_runs_s"][0] / c["baseline_runs_s"][0]
+    assert (r["compile"], r["compile_backend"]) == (True, "aot_eager") and r["graphed"] is None
+    assert "  torch.compile (one compile per freeze level; compile time excluded from the runs" in out
+    assert "6 compiles, " in out and json.loads(out.strip().splitlines()[-1])["compiled"] == c
+    assert counters["stats"]["unique_graphs"] > 0 and not counters["frames"].get("fallback")
+    torch._dynamo.reset()

@@ -280,6 +280,7 @@ def test_benchmark_measures_the_graphed_step_beside_the_eager_one():
     assert "CUDA graphs" in benchmark.table(result)
     eager_only = benchmark.measure_on(args, CPU, graphed=False)
     assert eager_only["graphed"] is None and "CUDA graphs" not in benchmark.table(eager_only)
+    assert eager_only["compiled"] is None and "torch.compile" not in benchmark.table(eager_only)
 
 
 def test_capture_share_of_a_paper_run():
