@@ -29,14 +29,25 @@ import time
 
 import torch
 
-from cli import (AMP_MODES, CUDA_GRAPHS, DEVICES, SCALINGS, HelpFormatter, examples, check_positive, check_seed,
-                 check_t_0, flag_spellings, ignored_flags_note)
-from engine import Training, build_training, effective_amp, memory_format, resolve_device
-from compiled_step import CompiledStep
-from graphs import CudaGraphs, GraphedStep, use_cuda_graphs
 from checkpoint import first_line
+from cli import (
+    AMP_MODES,
+    CUDA_GRAPHS,
+    DEVICES,
+    SCALINGS,
+    HelpFormatter,
+    check_positive,
+    check_seed,
+    check_t_0,
+    examples,
+    flag_spellings,
+    ignored_flags_note,
+)
+from compiled_step import CompiledStep
+from engine import Training, build_training, effective_amp, memory_format, resolve_device
 from figures import mib, pct
 from freezeout import SCALE_POWERS, freeze, unit_times
+from graphs import CudaGraphs, GraphedStep, use_cuda_graphs
 from models import MODELS, build_model, check_depth, model_name, paper_speedup, resolve_size
 from utils import ESTIMATE_INPUT, first_frozen_steps, schedule_speedup, training_flops_by_level, unit_flops
 
@@ -188,7 +199,7 @@ class Bench:
                 else:
                     storages = {}
 
-                    def pack(t):
+                    def pack(t, storages=storages):
                         s = t.untyped_storage()
                         if s.data_ptr() not in params:
                             storages[s.data_ptr()] = s.nbytes()
@@ -204,9 +215,10 @@ class Bench:
         """Median time of one training step with the first n units frozen, for each n of
         `levels` (ascending), on one model whose units are frozen level after level: after a
         warm-up step at each level (compiled: the level's compile and one step more) and,
-        graphed, two eager steps and the level's capture (a new graphed step per level). Each step is followed by the scheduler's, as in training
-        (its first one ends the forward-order check and its process-wide hook); its schedule
-        (t_0 = 1) spans exactly these steps, so nothing else freezes."""
+        graphed, two eager steps and the level's capture (a new graphed step per level). Each
+        step is followed by the scheduler's, as in training (its first one ends the forward-order
+        check and its process-wide hook); its schedule (t_0 = 1) spans exactly these steps, so
+        nothing else freezes."""
         graphed = kind == "graphed"
         warmup = {"eager": 1, "compiled": 2, "graphed": 3}[kind]
         per_level = self.args.level_steps + warmup
@@ -252,7 +264,7 @@ def compare(bench: Bench, args, t_i, kind: str = "eager") -> dict:
     for _ in range(args.repeats):
         baseline.append(bench.timed_run(1.0, kind))
         freezeout.append(bench.timed_run(args.t_0, kind))
-    ratios = [f["time_s"] / b["time_s"] for b, f in zip(baseline, freezeout)]
+    ratios = [f["time_s"] / b["time_s"] for b, f in zip(baseline, freezeout, strict=True)]
     ideal, level_times = None, {}
     if args.level_steps > 0:
         first = first_frozen_steps(t_i, args.steps)

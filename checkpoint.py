@@ -133,7 +133,7 @@ def restore(checkpoint: dict, training) -> None:
     # load_state_dict takes every group option from the checkpoint: keep this run's own.
     runtime = [{k: g[k] for k in OPTIMIZER_RUNTIME if k in g} for g in training.optimizer.param_groups]
     training.optimizer.load_state_dict(checkpoint["optimizer"])
-    for group, options in zip(training.optimizer.param_groups, runtime):
+    for group, options in zip(training.optimizer.param_groups, runtime, strict=True):
         group.update(options)
     training.scheduler.load_state_dict(checkpoint["scheduler"])  # after the optimizer: re-freezes
     training.scaler.load_state_dict(checkpoint["scaler"])

@@ -4,11 +4,11 @@ FreezeOut recompiles the model once per freeze level (freezing changes what auto
 record); the first step of each level compiles, and is counted and timed as a CUDA-graphed run
 counts its captures: `captures` (compiles) and `capture_time_s` (that first step, its compile
 included) in each epoch record. The very first step of a run is eager (`eager_steps` 1), so
-that FreezeOut's check of the units' forward order sees the modules run. The library makes room in dynamo's recompile limit for every
-level (freezeout/compile.py), so no level silently runs eagerly. Only the model's forward (and
-through it the backward) is compiled; the loss, the optimizer and the scheduler run as in the
-eager step. CUDA graphs stay off: the two are alternatives here (`--compile` with
-`--cuda-graphs on` is refused).
+that FreezeOut's check of the units' forward order sees the modules run. The library makes
+room in dynamo's recompile limit for every level (freezeout/compile.py), so no level silently
+runs eagerly. Only the model's forward (and through it the backward) is compiled; the loss,
+the optimizer and the scheduler run as in the eager step. CUDA graphs stay off: the two are
+alternatives here (`--compile` with `--cuda-graphs on` is refused).
 """
 from __future__ import annotations
 

@@ -9,12 +9,12 @@ import math
 import os
 from pathlib import Path
 
-from cli import (check_at_least, check_positive, check_range, check_seed, check_t_0,
-                 check_which_dataset)
+from cli import check_at_least, check_positive, check_range, check_seed, check_t_0, check_which_dataset
 from engine import effective_amp, resolve_device
 from graphs import use_cuda_graphs
 from models import check_depth, paper_speedup, speedup_estimator
 from utils import solve_t_0, split_sizes, steps_per_epoch
+
 
 def check_args(args, explicit: set) -> None:
     """Raise ValueError, naming the flag, for a value no run can use."""

@@ -132,9 +132,10 @@ class Training:
 def build_training(model: torch.nn.Module, device: torch.device, total_steps: int, *,
                    lr: float, momentum: float, weight_decay: float, t_0: float, how_scale: str,
                    scale_lr: bool, amp: str = "off", channels_last: bool = False,
-                   dist: Distributed = Distributed(), fused: bool | None = None) -> Training:
+                   dist: Distributed | None = None, fused: bool | None = None) -> Training:
     """Put the model on the device; SGD over one param group per unit; the FreezeOut
-    scheduler; a GradScaler that is active for fp16 only."""
+    scheduler; a GradScaler that is active for fp16 only (`dist`: one process by default)."""
+    dist = dist or Distributed()
     model = model.to(device, memory_format=memory_format(channels_last))
     units = model.freeze_units()
     optimizer = make_optimizer(units, lr, momentum, weight_decay, device, fused)

@@ -62,7 +62,7 @@ def plot_lr_schedules(n_units: int, t_0: float, path: Path, base_lr: float = 0.1
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True, layout="constrained")
     steps = 400
     cmap = plt.get_cmap("viridis")
-    for ax, (name, (how, scaled)) in zip(axes.flat, STRATEGIES.items()):
+    for ax, (name, (how, scaled)) in zip(axes.flat, STRATEGIES.items(), strict=True):
         scheduler = schedule_of(n_units, steps, t_0, how, scaled, base_lr)
         plot_lr_curves(ax, scheduler, range(steps + 1), [k / steps for k in range(steps + 1)], cmap)
         ax.set_title(f"{name}, t_0 = {t_0:g}")
@@ -86,7 +86,7 @@ def plot_error_vs_speedup(rows: list[dict], path: Path, metric: str = "val_err")
     if rows and rows[0][metric] is None:
         metric = "test_err"
     for ax, (key, title) in zip(axes, [("estimated", "estimated speedup (paper; FLOPs where n/a)"),
-                                       ("measured_speedup", "measured wall-clock speedup")]):
+                                       ("measured_speedup", "measured wall-clock speedup")], strict=True):
         for name in STRATEGIES:
             own = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["t_0"])
             if not own:
@@ -97,7 +97,7 @@ def plot_error_vs_speedup(rows: list[dict], path: Path, metric: str = "val_err")
             ys = [r[metric] for r in own]
             errs = [r[metric + "_std"] for r in own]
             ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name)
-            for x, y, r in zip(xs, ys, own):
+            for x, y, r in zip(xs, ys, own, strict=True):
                 ax.annotate(f"{r['t_0']:.2g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if base is not None and base[metric] is not None:
             lo, hi = base[metric] - base[metric + "_std"], base[metric] + base[metric + "_std"]

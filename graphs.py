@@ -266,7 +266,7 @@ class GraphedStep:
         t = self.training
         groups = t.optimizer.param_groups
         floats = [g["lr"] for g in groups]
-        for group, lr in zip(groups, self.lr_views):
+        for group, lr in zip(groups, self.lr_views, strict=True):
             group["lr"] = lr
         try:
             # Gradients are made anew each step: in a graph, backward writes them into the
@@ -279,7 +279,7 @@ class GraphedStep:
             t.optimizer.step()
             self.row.add_(1)
         finally:
-            for group, lr in zip(groups, floats):
+            for group, lr in zip(groups, floats, strict=True):
                 group["lr"] = lr
         return loss.detach()
 

@@ -14,11 +14,10 @@ from typing import Optional
 from torch import nn
 
 from densenet import DenseNet, layers_per_block
+from freezeout import unit_times
+from utils import ESTIMATE_INPUT, densenet_bc_speedup, schedule_speedup, training_flops_by_level, unit_flops
 from vgg import VGG, config_for_depth
 from wrn import WideResNet, blocks_per_group
-from freezeout import unit_times
-from utils import (ESTIMATE_INPUT, densenet_bc_speedup, schedule_speedup, training_flops_by_level,
-                   unit_flops)
 
 # Each architecture's paper default (depth L, width k).
 DEFAULTS = {"densenet": (76, 12), "wrn": (40, 4), "vgg": (16, None)}

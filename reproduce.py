@@ -27,9 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, HelpFormatter, examples, check_positive, check_seed,
-                 check_t_0, check_which_dataset, flag_spellings, ignored_flags_note)
 from checkpoint import run_progress, run_state
+from cli import (
+    AMP_MODES,
+    CUDA_GRAPHS,
+    DATASETS,
+    DEVICES,
+    HelpFormatter,
+    check_positive,
+    check_seed,
+    check_t_0,
+    check_which_dataset,
+    examples,
+    flag_spellings,
+    ignored_flags_note,
+)
 from engine import resolve_device
 from figures import STRATEGIES, pct, plot_error_vs_speedup, plot_error_vs_time, plot_lr_schedules
 from metrics_logger import read_records

@@ -31,16 +31,45 @@ import torch
 import torch.distributed
 from tqdm import tqdm
 
-from checkpoint import (check_resume_flags, describe_checkpoint, host_info, load_average, open_run, restore,
-                        save_checkpoint, save_first_checkpoint)
-from cli import (AMP_MODES, CUDA_GRAPHS, DATASETS, DEVICES, LOADERS, SCALINGS, HelpFormatter, examples,
-                 flag_spellings, ignored_flags_note)
+from checkpoint import (
+    check_resume_flags,
+    describe_checkpoint,
+    host_info,
+    load_average,
+    open_run,
+    restore,
+    save_checkpoint,
+    save_first_checkpoint,
+)
+from cli import (
+    AMP_MODES,
+    CUDA_GRAPHS,
+    DATASETS,
+    DEVICES,
+    LOADERS,
+    SCALINGS,
+    HelpFormatter,
+    examples,
+    flag_spellings,
+    ignored_flags_note,
+)
+from compiled_step import CompiledStep
 from config import resolve_config
 from distributed import Distributed, check_replicas_agree, init_distributed
-from engine import (NO_STEP, Diverged, StopSignals, Training, build_training, effective_amp,
-                    epoch_stats, evaluate, new_position, seed_everything, stop_or_diverged,
-                    train_one_epoch)
-from compiled_step import CompiledStep
+from engine import (
+    NO_STEP,
+    Diverged,
+    StopSignals,
+    Training,
+    build_training,
+    effective_amp,
+    epoch_stats,
+    evaluate,
+    new_position,
+    seed_everything,
+    stop_or_diverged,
+    train_one_epoch,
+)
 from graphs import GraphedStep, use_cuda_graphs
 from loaders import choose_loader, load_data, make_loaders
 from metrics_logger import MetricsLogger, WriteError, read_records, write_records
@@ -327,9 +356,10 @@ def fit(config: dict, training: Training, loaders, run_dir: Path, done_epochs: i
     return train_time, last_eval
 
 
-def run(config: dict, run_dir: Path, checkpoint: dict | None, dist: Distributed = Distributed()) -> dict:
+def run(config: dict, run_dir: Path, checkpoint: dict | None, dist: Distributed | None = None) -> dict:
     """Start or resume the run, train it to the end, evaluate on the test set, write the
-    summary record (returned)."""
+    summary record (returned). `dist`: one process by default."""
+    dist = dist or Distributed()
     seed_everything(config["seed"])
     device = torch.device(config["device"])
     splits = load_data(dist, config["dataset"], config["data_root"], config["eval_mode"],

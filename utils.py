@@ -23,11 +23,19 @@ from typing import Optional
 import numpy as np
 import torch
 
-from freezeout import SCALE_POWERS, check_how_scale, check_t_0
 # The estimate for any model lives in the library; the scripts (and earlier users of utils)
 # import it from here as before.
-from freezeout import (ESTIMATE_INPUT, first_frozen_steps, schedule_speedup,  # noqa: F401
-                       solve_t_0, training_flops_by_level, unit_flops)
+from freezeout import (  # noqa: F401
+    ESTIMATE_INPUT,
+    SCALE_POWERS,
+    check_how_scale,
+    check_t_0,
+    first_frozen_steps,
+    schedule_speedup,
+    solve_t_0,
+    training_flops_by_level,
+    unit_flops,
+)
 
 
 class DataError(Exception):
@@ -83,7 +91,7 @@ def densenet_bc_speedup(growth_rate: int, layers_per_block: int, t_0: float,
             n += 1
         n = math.floor(n * 0.5)  # transition compression
     t = [(t_0 + (1 - t_0) * i / len(costs)) ** power for i in range(len(costs))]
-    freezeout_cost = sum(costs) + sum(c * t_i for c, t_i in zip(costs, t))
+    freezeout_cost = sum(costs) + sum(c * t_i for c, t_i in zip(costs, t, strict=True))
     speedup = 1 - freezeout_cost / (2 * sum(costs))
     return 1.3 * speedup if how_scale == "linear" else speedup
 

@@ -8,8 +8,8 @@ block, and the head as the output unit.
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from layers import Head, init_weights
 

@@ -33,8 +33,16 @@ The modules:
     compile   room in dynamo's recompile limit for a compile per freeze level
 """
 from .compile import compile_model, compiles_needed
-from .estimate import (ESTIMATE_INPUT, estimate_speedup, first_frozen_steps, schedule_speedup,
-                       solve_t_0, t_0_for_speedup, training_flops_by_level, unit_flops)
+from .estimate import (
+                       ESTIMATE_INPUT,
+                       estimate_speedup,
+                       first_frozen_steps,
+                       schedule_speedup,
+                       solve_t_0,
+                       t_0_for_speedup,
+                       training_flops_by_level,
+                       unit_flops,
+)
 from .schedule import SCALE_POWERS, FreezeOut, check_how_scale, check_t_0, unit_lr, unit_times
 from .units import Unit, find_units, freeze, param_groups, unit_modules, unit_parameters
 

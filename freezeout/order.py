@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import warnings
 import weakref
+from itertools import pairwise
 from typing import Sequence
 
 import torch
@@ -75,6 +76,16 @@ def _record(module, args):
         watch.ran.setdefault(id(module), module)
 
 
+def drop_idle_hook() -> None:
+    """Remove the process-wide hook if no watch is left (watches of schedulers dropped before
+    their first step are gone from `_watching` once collected). Called by a watch's stop, and
+    safe to call from anywhere but a finalizer."""
+    global _hook
+    if not _watching and _hook is not None:
+        _hook.remove()
+        _hook = None
+
+
 class ForwardOrderWatch:
     """Every module called (in the order of its first call) from now until `check()`; held
     until then, so that no id is reused by another module meanwhile."""
@@ -89,11 +100,8 @@ class ForwardOrderWatch:
             _hook = torch.nn.modules.module.register_module_forward_pre_hook(_record)
 
     def stop(self) -> None:
-        global _hook
         _watching.discard(self)
-        if not _watching and _hook is not None:  # watches dropped unchecked are gone from it too
-            _hook.remove()
-            _hook = None
+        drop_idle_hook()
 
     def check(self) -> None:
         """Stop watching; raise ValueError for units that ran out of order, warn about units that
@@ -105,7 +113,7 @@ class ForwardOrderWatch:
             if self._ran_compiled():
                 _say_order_not_checked()
             return
-        for a, b in zip(first_calls, first_calls[1:]):
+        for a, b in pairwise(first_calls):
             if b < a:
                 raise ValueError(f"FreezeOut units are not in forward order: unit {a} ran before "
                                  f"unit {b}. Frozen units must be a prefix of the forward pass; "

@@ -90,7 +90,7 @@ class FreezeOut(LRScheduler):
         if len(optimizer.param_groups) != len(self.units):
             raise ValueError(f"the optimizer has {len(optimizer.param_groups)} param groups but "
                              f"there are {len(self.units)} units; build it from param_groups(units)")
-        for i, (unit, group) in enumerate(zip(self.units, optimizer.param_groups)):
+        for i, (unit, group) in enumerate(zip(self.units, optimizer.param_groups, strict=True)):
             if {id(p) for p in unit_parameters(unit)} != {id(p) for p in group["params"]}:
                 raise ValueError(f"param group {i} does not hold exactly the parameters of unit {i}; "
                                  "build the optimizer from param_groups(units)")
@@ -113,7 +113,7 @@ class FreezeOut(LRScheduler):
     def alphas(self) -> list[float]:
         """Initial learning rate alpha_i of every unit."""
         if self.scale_lr:
-            return [base / t for base, t in zip(self.base_lrs, self.t_i)]
+            return [base / t for base, t in zip(self.base_lrs, self.t_i, strict=True)]
         return [float(base) for base in self.base_lrs]
 
     def lr_at(self, step: int) -> list[float]:
@@ -121,7 +121,7 @@ class FreezeOut(LRScheduler):
         alone: the one source of the rates, for the scheduler itself and for anything that needs
         them ahead of time (a table of rates uploaded once, a figure)."""
         return [unit_lr(step, t_i, self.total_steps, alpha)
-                for t_i, alpha in zip(self.t_i, self.alphas())]
+                for t_i, alpha in zip(self.t_i, self.alphas(), strict=True)]
 
     def get_lr(self) -> list[float]:
         return self.lr_at(self.last_epoch)
@@ -204,5 +204,5 @@ class FreezeOut(LRScheduler):
         for i in range(self.num_frozen):
             self._freeze(i)
         self._last_lr = list(state_dict["_last_lr"])
-        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
             group["lr"] = lr

@@ -200,7 +200,7 @@ def _balanced_groups(units: list[nn.Module], n: int) -> list[list[nn.Module]]:
         else:
             low = cap + 1
     starts = _cuts(sizes, n, low)
-    return [units[a:b] for a, b in zip(starts, starts[1:] + [len(units)])]
+    return [units[a:b] for a, b in zip(starts, starts[1:] + [len(units)], strict=True)]
 
 
 def _cuts(sizes: list[int], n: int, cap: int) -> list[int]:

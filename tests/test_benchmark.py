@@ -161,6 +161,7 @@ def test_a_finished_run_frees_its_graphs_and_their_memory_without_a_garbage_coll
 def test_timing_the_freeze_levels_leaves_no_process_wide_hook_behind():
     # One model for every level, frozen level after level; graphed, one capture per level.
     from torch.nn.modules import module
+
     from graphs import EagerGraphs
     bench = benchmark.Bench(tiny_args(), torch.device("cpu"), graphs=EagerGraphs)
     before = len(module._global_forward_pre_hooks)

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 import checkpoint
-from checkpoint import (RUNTIME_FLAGS, check_resume_flags, load_checkpoint, restore, rng_state,
-                        save_checkpoint, set_rng_state)
+from checkpoint import (
+    RUNTIME_FLAGS,
+    check_resume_flags,
+    load_checkpoint,
+    restore,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from conftest import same_state
 from densenet import DenseNet
 from engine import build_training

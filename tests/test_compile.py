@@ -2,7 +2,9 @@
 forward-order check does not break tracing, every freeze level is compiled (no silent fallback
 to eager past dynamo's recompile limit), frozen units leave autograd, and the losses are the
 eager run's."""
+import gc
 import warnings
+from itertools import pairwise
 
 import pytest
 import torch
@@ -31,6 +33,8 @@ def fresh_dynamo(monkeypatch):
     for name in ("recompile_limit", "accumulated_recompile_limit"):
         monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
     monkeypatch.setattr(freezeout.order, "_said_compiled", False)
+    gc.collect()  # schedulers of earlier tests dropped before their first step ...
+    freezeout.order.drop_idle_hook()  # ... leave no process-wide hook for torch.compile to warn about
     torch._dynamo.reset()
     counters.clear()
     yield
@@ -61,7 +65,7 @@ def train(n_units: int, how: str, backend: str | None):
         x, y = torch.randn(B, D), torch.randint(0, 2, (B,))
         model.train()
         sizes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.nbytes) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, sizes=sizes: sizes.append(t.nbytes) or t, lambda t: t):
             loss = F.cross_entropy(run(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -101,7 +105,7 @@ def check_compiled_run(n_units: int, how: str, backend: str) -> None:
     for unit in list(model)[:scheduler.num_frozen]:
         for p in unit.parameters():
             assert p.grad is None and not p.requires_grad
-    assert all(b <= a for a, b in zip(saved, saved[1:])) and saved[-1] < saved[0] / 4
+    assert all(b <= a for a, b in pairwise(saved)) and saved[-1] < saved[0] / 4
     # The order check was skipped while tracing, and FreezeOut said so once.
     said = [w for w in caught if "order of the units was not checked" in str(w.message)]
     assert len(said) == 1

@@ -8,8 +8,8 @@ import train
 from conftest import closed_form_frozen_at, error_of
 from densenet import DenseNet
 from freezeout import FreezeOut, param_groups
-from metrics_logger import read_records
 from loaders import TensorLoader
+from metrics_logger import read_records
 from utils import ImageSet, load_splits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -58,7 +58,7 @@ def test_frozen_units_stay_bit_identical_under_amp(amp):
         if snapshot is None and scheduler.num_frozen >= 3:
             frozen = units[:3]
             snapshot = [{k: v.clone() for k, v in u.state_dict().items()} for u in frozen]
-    for unit, before in zip(frozen, snapshot):
+    for unit, before in zip(frozen, snapshot, strict=True):
         after = unit.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -9,10 +9,10 @@ import torch
 
 import graphs
 import train
-from densenet import DenseNet
-from engine import EagerStep, build_training
-from graphs import GraphedStep
 from conftest import closed_form_frozen_at, planned_captures
+from densenet import DenseNet
+from engine import build_training
+from graphs import GraphedStep
 from metrics_logger import read_records
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -86,10 +86,10 @@ def test_graphs_captured_back_to_back_compute_what_their_step_does_eagerly(amp, 
     planned = planned_captures(graphed.scheduler.frozen_at, STEPS, graphs.GRAPH_WARMUP_STEPS, 1)
     assert (step.captures, step.eager_steps) == planned and step.captures >= 5
     torch.testing.assert_close(losses, eager_losses, **TOLERANCE[amp])
-    for a, b in zip(graphed.model.parameters(), eager.model.parameters()):
+    for a, b in zip(graphed.model.parameters(), eager.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, **TOLERANCE[amp])
     for i, before in snapshots.items():  # frozen weights untouched by every later replay
-        assert all(torch.equal(a, b) for a, b in zip(before, graphed.units[i].parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(before, graphed.units[i].parameters(), strict=True))
 
 
 def test_a_replayed_step_never_waits_for_the_gpu():

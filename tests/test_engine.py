@@ -10,8 +10,7 @@ import torch
 
 from conftest import spy_on_step
 from densenet import DenseNet
-from engine import (EagerStep, autocast_for, build_training, effective_amp, evaluate, resolve_device,
-                    seed_everything)
+from engine import EagerStep, autocast_for, build_training, effective_amp, evaluate, resolve_device, seed_everything
 from loaders import TensorLoader
 from utils import ImageSet
 
@@ -72,7 +71,8 @@ def test_effective_amp_falls_back_to_off_where_autocast_declines(monkeypatch, ho
                 raise RuntimeError("unsupported autocast dtype")
             super().__init__(*args, **kwargs)
             if how == "warns":
-                warnings.warn("In CPU autocast, but the target dtype is not supported. Disabling autocast.")
+                warnings.warn("In CPU autocast, but the target dtype is not supported. Disabling autocast.",
+                              stacklevel=2)
             else:
                 self._enabled = False
 

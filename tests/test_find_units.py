@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
 import torchvision
+from torch import nn
 
 from freezeout import FreezeOut, find_units, param_groups
 
@@ -53,7 +53,7 @@ def test_units_of_a_small_model_are_its_parameter_owners_in_running_order():
         units = find_units(model, torch.randn(2, 3, 8, 8))
     assert units == [model.stem, model.body[0], model.body[1], model.body[2], model.gated, model.head]
     assert all(u is e for u, e in zip(units, [model.stem, model.body[0], model.body[1], model.body[2],
-                                               model.gated, model.head]))
+                                               model.gated, model.head], strict=True))
 
 
 def test_the_pass_leaves_no_trace():
@@ -212,7 +212,7 @@ def test_freezeout_on_resnet50_grouped_into_8_units():
                 snapshot = [copy.deepcopy([m.state_dict() for m in unit]) for unit in units[:4]]
     assert frozen == [1, 2, 4, 5, 6, 6]
     assert scheduler.frozen_at == [1, 2, 3, 3, 4, 5, None, None]
-    for unit, before in zip(units[:4], snapshot):  # frozen at step 3: untouched since
-        for module, state in zip(unit, before):
+    for unit, before in zip(units[:4], snapshot, strict=True):  # frozen at step 3: untouched since
+        for module, state in zip(unit, before, strict=True):
             assert all(torch.equal(state[key], module.state_dict()[key]) for key in state)
     assert all(not p.requires_grad for unit in units[:6] for m in unit for p in m.parameters())

@@ -4,11 +4,12 @@ import gc
 import math
 import warnings
 import weakref
+from itertools import pairwise
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from conftest import closed_form_frozen_at, closed_form_lrs, closed_form_t
 from densenet import DenseNet
@@ -98,8 +99,8 @@ def test_units_freeze_at_the_first_step_past_t_i_in_order_and_never_thaw(how_sca
     for k, frozen in enumerate(history):
         # Freezing is applied when preparing step k < T, for every unit with k >= t_i * T.
         assert frozen == [min(k, total - 1) >= t_i * total for t_i in t], k
-    for before, after in zip(history, history[1:]):
-        assert all(a or not b for b, a in zip(before, after))  # once frozen, always frozen
+    for before, after in pairwise(history):
+        assert all(a or not b for b, a in zip(before, after, strict=True))  # once frozen, always frozen
     assert scheduler.frozen_at == closed_form_frozen_at(5, total, t_0, power)
     assert scheduler.frozen_at[-1] is None  # the output unit trains to the end
 
@@ -123,7 +124,7 @@ def test_frozen_units_stay_bit_identical_and_leave_autograd(opt):
         train_step(model, optimizer, scheduler, k, batch=6)
         k += 1
     n = len(frozen)
-    for unit, before in zip(frozen, snapshot):
+    for unit, before in zip(frozen, snapshot, strict=True):
         after = unit.state_dict()
         assert before.keys() == after.keys()
         assert all(torch.equal(before[key], after[key]) for key in before)

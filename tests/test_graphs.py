@@ -4,16 +4,17 @@ level, resume, and the fallbacks and their messages. (Real CUDA graphs: tests/te
 import math
 import os
 import signal
+from itertools import pairwise
 
 import pytest
 import torch
 
 import train
+from checkpoint import restore, rng_state
 from conftest import TINY, closed_form_frozen_at, closed_form_lrs, planned_captures, same_state
 from densenet import DenseNet
 from distributed import Distributed
 from engine import EagerStep, build_training
-from checkpoint import restore, rng_state
 from graphs import CaptureError, EagerGraphs, GraphedStep, graphs_unsupported, use_cuda_graphs
 from metrics_logger import read_records
 
@@ -70,7 +71,7 @@ def test_graphed_step_computes_exactly_what_the_eager_step_does():
     run = make_training()
     step = graphed(run, warmup=0, min_steps=1)
     losses, _ = train_steps(run, step, data)
-    assert all(torch.equal(a, b) for a, b in zip(losses, eager_losses))
+    assert all(torch.equal(a, b) for a, b in zip(losses, eager_losses, strict=True))
     a, b = eager.model.state_dict(), run.model.state_dict()
     assert all(torch.equal(a[key], b[key]) for key in a)  # BN statistics too
     assert eager.scheduler.frozen_at == run.scheduler.frozen_at
@@ -87,7 +88,7 @@ def test_a_level_is_captured_only_when_it_lasts_long_enough():
     train_steps(training, step, data)
     t_i = [(0.5 + 0.5 * i / 6) ** 3 for i in range(7)]
     starts = [0] + [math.ceil(t * 60) for t in t_i[:-1]] + [60]  # where each level begins
-    lengths = [b - a for a, b in zip(starts, starts[1:])]
+    lengths = [b - a for a, b in pairwise(starts)]
     # level 0 spends its first 2 steps warming up; a later level is captured at its first step
     replayed = [length - (2 if n == 0 else 0) for n, length in enumerate(lengths)]
     replayed = [r for r in replayed if r >= 8]

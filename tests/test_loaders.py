@@ -88,7 +88,7 @@ def test_each_training_image_is_its_source_cropped_and_flipped_exactly(kind):
     assert all(x.dtype == torch.float32 for x, _ in batches)
     sources = []
     for x, y in batches:
-        for img, label, (dy, dx, flipped) in zip(raw(x), y, crops_and_flips(x)):
+        for img, label, (dy, dx, flipped) in zip(raw(x), y, crops_and_flips(x), strict=True):
             i = source_index(img)
             assert torch.equal(img, by_hand(data.images[i], dy, dx, flipped)), i  # every pixel, padding too
             assert label == data.labels[i]
@@ -120,7 +120,7 @@ def test_without_augmentation_training_serves_the_images_as_they_are(kind):
     train.set_epoch(1)
     sources = []
     for x, y in train:
-        for img, label in zip(raw(x), y):
+        for img, label in zip(raw(x), y, strict=True):
             i = int(img[2, 0, 0])
             assert torch.equal(img, data.images[i].to(torch.int64)) and label == data.labels[i]
             sources.append(i)
@@ -141,7 +141,7 @@ def test_an_epoch_does_not_depend_on_what_the_loader_served_before(kind):
     next(iter(loader))  # half an epoch 2 again
     torch.manual_seed(99)
     again = epoch(1)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first[0][0], epoch(2)[0][0])
 
 
@@ -211,10 +211,10 @@ def test_an_epoch_is_a_function_of_seed_and_epoch_and_can_start_at_any_batch(kin
     whole = epoch(3, 1)
     assert len(whole) == 6
     again = epoch(3, 1)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole, again))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole, again, strict=True))
     tail = epoch(3, 1, start=4)  # what a run resumed after 4 batches sees
     assert len(tail) == 2
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole[4:], tail))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole[4:], tail, strict=True))
     assert not torch.equal(whole[0][0], epoch(3, 2)[0][0]) and not torch.equal(whole[0][0], epoch(4, 1)[0][0])
 
 
@@ -229,7 +229,7 @@ def test_worker_processes_do_not_change_the_stream():
 
     alone, with_workers = epoch(0), epoch(2)
     assert len(alone) == len(with_workers) == 2
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(alone, with_workers))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(alone, with_workers, strict=True))
 
 
 def test_torchvision_loader_on_a_real_split_batches_and_normalises():
@@ -239,7 +239,7 @@ def test_torchvision_loader_on_a_real_split_batches_and_normalises():
     batches = list(train)
     assert len(batches) == 4 and all(x.shape == (32, 3, 32, 32) for x, _ in batches)  # drop_last
     evaluation = TorchvisionLoader(s.eval, s.mean, s.std, batch_size=32, train=False)
-    xs, ys = zip(*evaluation)
+    xs, ys = zip(*evaluation, strict=True)
     assert torch.equal(torch.cat(ys), s.eval.labels)  # every image, in order
     expected = (s.eval.images.float() / 255 - torch.tensor(s.mean)[:, None, None]) \
         / torch.tensor(s.std)[:, None, None]

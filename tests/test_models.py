@@ -102,7 +102,7 @@ def test_frozen_prefix_is_untouched_and_outside_autograd(name):  # VGG-11's 512-
     before = [copy.deepcopy(u.state_dict()) for u in frozen]
     for _ in range(4):
         step()
-    for unit, snapshot in zip(frozen, before):
+    for unit, snapshot in zip(frozen, before, strict=True):
         after = unit.state_dict()
         assert all(torch.equal(snapshot[k], after[k]) for k in snapshot)  # weights and BN stats
         assert all(p.grad is None and p not in optimizer.state for p in unit.parameters())

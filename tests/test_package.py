@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow  # a pip build and install: about 10 s
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_MODULES = ["utils", "train", "models", "engine", "checkpoint", "cli", "loaders", "densenet", "wrn",
-                  "vgg", "layers", "metrics_logger", "distributed", "figures", "benchmark", "reproduce", "plot", "compiled_step", "config", "graphs"]
+                  "vgg", "layers", "metrics_logger", "distributed", "figures", "benchmark", "reproduce", "plot",
+                  "compiled_step", "config", "graphs"]
 
 
 @pytest.fixture(scope="module")

@@ -119,7 +119,7 @@ def test_table_numbers_from_fabricated_runs(tmp_path, monkeypatch):
                       "cubic-scaled t_0=0.5": ([35 / 60, 70 / 60], [21.0, 11.0])}
     # The paper's Figure 1: every unit's schedule for the four strategies, over 400 steps.
     assert [ax.get_title() for ax in lr.axes[:4]] == [f"{name}, t_0 = 0.5" for name in figures.STRATEGIES]
-    for ax, (how, scaled) in zip(lr.axes[:4], figures.STRATEGIES.values()):
+    for ax, (how, scaled) in zip(lr.axes[:4], figures.STRATEGIES.values(), strict=True):
         assert len(ax.lines) == 13
         for i, line in enumerate(ax.lines):
             assert list(line.get_xdata()) == [k / 400 for k in range(401)]

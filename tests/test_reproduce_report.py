@@ -63,7 +63,7 @@ def test_report_only_lists_what_is_missing(tmp_path, capsys, no_figures):
 
 
 def test_a_complete_grid_has_no_missing_section(tmp_path, capsys, no_figures):
-    for name, t_0 in zip(JOBS, (1.0, 0.3, 0.5, 0.3, 0.5)):
+    for name, t_0 in zip(JOBS, (1.0, 0.3, 0.5, 0.3, 0.5), strict=True):
         fabricate(tmp_path, name, t_0, 100.0 * t_0)
     reproduce.main([*GRID, "--out", str(tmp_path), "--report-only"])
     assert "Missing" not in (tmp_path / "results.md").read_text()

@@ -11,9 +11,22 @@ import torchvision.datasets.cifar as tv_cifar
 
 import loaders
 import train
-from conftest import (PLAIN_L13_K4_FORWARD, TINY, TINY_PARAMS, TINY_STEPS_PER_EPOCH, TINY_UNITS,
-                      closed_form_frozen_at, closed_form_lrs, continuous_speedup, counted_step_flops,
-                      error_of, run_train, same_state, spy_on_step, stepped_speedup)
+from conftest import (
+    PLAIN_L13_K4_FORWARD,
+    TINY,
+    TINY_PARAMS,
+    TINY_STEPS_PER_EPOCH,
+    TINY_UNITS,
+    closed_form_frozen_at,
+    closed_form_lrs,
+    continuous_speedup,
+    counted_step_flops,
+    error_of,
+    run_train,
+    same_state,
+    spy_on_step,
+    stepped_speedup,
+)
 from densenet import DenseNet
 from metrics_logger import read_records
 from models import build_model
@@ -206,7 +219,7 @@ def test_compile_trains_as_the_eager_step_does_compiling_once_per_freeze_level(t
     assert all(e["training_step"] == "compiled" for e in epochs)
     assert all(e["capture_time_s"] > 0 for e in epochs if e["captures"])
     assert compiled["frozen_at"] == eager["frozen_at"]
-    for e, c in zip(eager_epochs, epochs):
+    for e, c in zip(eager_epochs, epochs, strict=True):
         assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-4)
         assert c["val_err"] == e["val_err"]
 

@@ -10,8 +10,7 @@ import torch
 import torchvision.datasets.cifar as tv_cifar
 
 import utils
-from utils import (DataError, ImageSet, load_cifar, load_splits, split_sizes, steps_per_epoch,
-                   synthetic_images)
+from utils import DataError, ImageSet, load_cifar, load_splits, split_sizes, steps_per_epoch, synthetic_images
 
 
 # -- CIFAR from files in the real layout ------------------------------------------------

@@ -43,7 +43,7 @@ def speed(run_dir: Path) -> dict:
 def loss_difference(run: dict, reference: dict) -> float:
     """The largest relative difference between two runs' training losses, epoch by epoch
     (over the epochs both finished)."""
-    pairs = list(zip(run["train_loss"], reference["train_loss"]))
+    pairs = list(zip(run["train_loss"], reference["train_loss"], strict=False))
     return max(abs(a - b) / abs(b) for a, b in pairs)
 
 
