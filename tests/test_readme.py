@@ -1,10 +1,12 @@
-"""The README's code runs as written."""
+"""The README's and the docs' code runs as written, and their links lead somewhere."""
 import re
 from pathlib import Path
 
 import pytest
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+LIBRARY = (ROOT / "docs" / "library.md").read_text()
 
 
 def python_block_after(heading: str) -> str:
@@ -25,7 +27,7 @@ def test_own_model_example_runs_and_freezes(capsys):
 
 
 def test_notebook_estimate_example_gives_the_papers_numbers():
-    block = python_block_after("## The estimate from a notebook")
+    block = python_block_after("## Size a run")
     namespace = {}
     exec(compile(block, "README.md", "exec"), namespace)
     calls = [line for line in block.splitlines() if line.startswith("calc_speedup(")]
@@ -37,12 +39,12 @@ def test_notebook_estimate_example_gives_the_papers_numbers():
 
 
 @pytest.mark.slow  # trains a ResNet-50 for 6 steps
-def test_find_units_example_runs_and_prints_what_the_readme_says(capsys):
-    section = README[README.index("## FreezeOut for any model without listing units"):]
+def test_find_units_example_runs_and_prints_what_the_docs_say(capsys):
+    section = LIBRARY[LIBRARY.index("### Any model, without listing units"):]
     blocks = re.findall(r"```(?:python)?\n(.*?)```", section, re.S)
     code, printed = blocks[0], blocks[1]
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/library.md", "exec"), namespace)
     assert capsys.readouterr().out == printed
     assert len(namespace["units"]) == 8 and namespace["scheduler"].num_frozen == 6
 
@@ -52,7 +54,7 @@ def test_own_model_estimate_example_prints_what_the_readme_says(capsys):
     import torch
     import torchvision
 
-    section = README[README.index("## FreezeOut for your own model"):README.index("## FreezeOut for any model")]
+    section = README[README.index("## FreezeOut for your own model"):README.index("## Reproduce the paper")]
     block = re.findall(r"```python\n(.*?)```", section, re.S)[1]
     model = torchvision.models.resnet18(num_classes=10)
     units = [[model.conv1, model.bn1], model.layer1, model.layer2, model.layer3, model.layer4, model.fc]
@@ -60,3 +62,13 @@ def test_own_model_estimate_example_prints_what_the_readme_says(capsys):
     printed = capsys.readouterr().out.split()
     expected = [line.split("# ")[1].split(":")[0] for line in block.splitlines() if line.startswith("print(")]
     assert printed == expected
+
+
+def test_every_relative_link_of_the_readme_and_the_docs_leads_to_a_file():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+    linked = set(re.findall(r"\]\(docs/([^)#]+\.md)", README))
+    assert linked == {p.name for p in (ROOT / "docs").glob("*.md")}  # every page reachable from the README
