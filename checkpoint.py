@@ -32,9 +32,10 @@ from utils import RunError
 
 CHECKPOINT_FORMAT = "freezeout-checkpoint-v1"
 # Flags that say where or how fast a run goes, not what it computes: --resume may change them.
-RUNTIME_FLAGS = {"resume", "device", "workers", "data_root", "out_dir", "name", "cuda_graphs"}
+RUNTIME_FLAGS = {"resume", "device", "workers", "data_root", "out_dir", "name", "cuda_graphs", "compile",
+                 "compile_backend"}
 # The config entries a resumed run takes from the new invocation rather than the checkpoint.
-RUNTIME_CONFIG = ("device", "workers", "data_root", "out_dir", "run_dir", "cuda_graphs")
+RUNTIME_CONFIG = ("device", "workers", "data_root", "out_dir", "run_dir", "cuda_graphs", "compile", "compile_backend")
 
 
 def rng_state() -> dict:

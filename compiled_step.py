@@ -7,8 +7,9 @@ included) in each epoch record. The very first step of a run is eager (`eager_st
 that FreezeOut's check of the units' forward order sees the modules run. The library makes
 room in dynamo's recompile limit for every level (freezeout/compile.py), so no level silently
 runs eagerly. Only the model's forward (and through it the backward) is compiled; the loss,
-the optimizer and the scheduler run as in the eager step. CUDA graphs stay off: the two are
-alternatives here (`--compile` with `--cuda-graphs on` is refused).
+the optimizer and the scheduler run as in the eager step. With CUDA graphs as well, the
+graphed step captures the compiled forward (`compiled_forward`): each level is compiled in one
+uncaptured step, then captured.
 """
 from __future__ import annotations
 
@@ -53,3 +54,14 @@ class CompiledStep(EagerStep):
         self.captures += 1
         self.capture_time_s += time.perf_counter() - started
         return loss
+
+
+def compiled_forward(training: Training, **compile_options):
+    """The model's forward for the graphed step under --compile: eager while FreezeOut still
+    checks the units' order (the run's first step), compiled from then on."""
+    compiled = compile_model(training.model, training.units, **compile_options)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return (training.model if training.scheduler.checking_order else compiled)(x)
+
+    return forward

@@ -33,9 +33,6 @@ def check_args(args, explicit: set) -> None:
     check_which_dataset(args.dataset, args.which_dataset)
     if args.target_speedup is not None and "t_0" in explicit:
         raise ValueError("give --t_0 or --target-speedup, not both")
-    if args.compile and args.cuda_graphs == "on":
-        raise ValueError("give --compile or --cuda-graphs on, not both (with --compile the step runs "
-                         "without CUDA graphs)")
     check_depth(args.model, args.depth, args.bottleneck)
 
 
@@ -114,6 +111,7 @@ def resolve_config(args, explicit: set, argv, defaults: dict) -> dict:
         "const_time": args.const_time, "target_speedup": args.target_speedup,
         "device": str(device), "amp": args.amp, "amp_effective": amp,
         "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs, "compile": args.compile,
+        "compile_backend": args.compile_backend,
         "workers": args.workers if args.workers is not None else (0 if device.type == "cpu" else 4),
         "out_dir": args.out_dir, "name": name, "run_dir": str(Path(args.out_dir) / name),
         "paper_speedup": args_paper_speedup(args, t_0),

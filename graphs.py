@@ -196,8 +196,13 @@ class GraphedStep:
 
     def __init__(self, training: Training, batch_size: int, steps_per_epoch: int,
                  image_shape: Sequence[int] = (3, 32, 32), graphs=None,
-                 warmup: int = GRAPH_WARMUP_STEPS, min_steps: int = GRAPH_MIN_STEPS):
+                 warmup: int = GRAPH_WARMUP_STEPS, min_steps: int = GRAPH_MIN_STEPS,
+                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None, level_warmup: int = 0):
         t = self.training = training
+        # The model's forward (a compiled one under --compile), and the uncaptured steps each
+        # level needs first (1 under --compile: the level's compile must not happen in a capture).
+        self.forward = forward or t.model
+        self.level_warmup, self.level_steps, self.level = level_warmup, 0, None
         device = t.device
         self.check_fused()
         self.autocast = autocast_for(t.amp, device, cache=False)  # cached casts go stale in a graph
@@ -257,8 +262,8 @@ class GraphedStep:
                    for p in group["params"] if p.requires_grad)
 
     def should_capture(self) -> bool:
-        return (self.eager_steps >= self.warmup and self.steps_left_at_level() >= self.min_steps
-                and self.momentum_ready())
+        return (self.eager_steps >= self.warmup and self.level_steps >= self.level_warmup
+                and self.steps_left_at_level() >= self.min_steps and self.momentum_ready())
 
     def traced_step(self) -> torch.Tensor:
         """What one step does, in the order a graph records it: the row's rates, forward,
@@ -274,7 +279,7 @@ class GraphedStep:
             t.optimizer.zero_grad(set_to_none=True)
             self.lr.copy_(self.rates.index_select(0, self.row).view(-1))
             with self.autocast:
-                loss = F.cross_entropy(t.model(self.x), self.y)
+                loss = F.cross_entropy(self.forward(self.x), self.y)
             loss.backward()
             t.optimizer.step()
             self.row.add_(1)
@@ -285,6 +290,8 @@ class GraphedStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         level = self.training.scheduler.num_frozen  # units froze: the last graph computes too much
+        if level != self.level:
+            self.level, self.level_steps = level, 0
         self.x.copy_(x, non_blocking=True)
         self.y.copy_(y, non_blocking=True)
         if self.graph_level != level and self.should_capture():
@@ -298,4 +305,5 @@ class GraphedStep:
             self.graph.replay()
             return self.loss
         self.eager_steps += 1
+        self.level_steps += 1
         return self.graphs.run(self.traced_step)

@@ -53,7 +53,7 @@ from cli import (
     flag_spellings,
     ignored_flags_note,
 )
-from compiled_step import CompiledStep
+from compiled_step import CompiledStep, compiled_forward
 from config import resolve_config
 from distributed import Distributed, check_replicas_agree, init_distributed
 from engine import (
@@ -186,7 +186,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
              "auto: on wherever supported (CUDA, no fp16 scaler, one process)")
     add(run, "--compile", action="store_true", default=False,
         help="compile the model for the training step with torch.compile, once per freeze level; "
-             "CUDA graphs stay off (default: off)")
+             "with CUDA graphs, the compiled step is what each graph captures (default: off)")
+    add(run, "--compile-backend", default="inductor",
+        help="torch.compile backend for --compile (aot_eager: compiled graphs without code generation)")
     return parser, defaults
 
 
@@ -223,7 +225,9 @@ def describe(config: dict, splits) -> str:
         f"{config['flop_speedup']:.1%} (FLOPs)",
         f"  device {config['device']}"
         + (f" x {config['world_size']} processes" if config.get("world_size", 1) > 1 else "")
-        + f", amp {config['amp_effective']}, {config['training_step']} step, loader {config['loader_used']}, "
+        + f", amp {config['amp_effective']}, {config['training_step']} step"
+        + (" (compiled)" if config.get("compile") and config["training_step"] == "graphed" else "")
+        + f", loader {config['loader_used']}, "
         f"batch {config['batch_size']}, lr {config['lr']:g}, seed {config['seed']}; "
         f"run directory {config['run_dir']}",
     ])
@@ -378,10 +382,14 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None, dist: Distributed 
         weight_decay=config["weight_decay"], t_0=config["t_0"], how_scale=config["how_scale"],
         scale_lr=config["scale_lr"], amp=config["amp_effective"], channels_last=config["channels_last"],
         dist=dist, fused=True if config["training_step"] == "graphed" else None)
-    if config["training_step"] == "graphed":
+    compile_options = {"backend": config.get("compile_backend", "inductor")}
+    if config["training_step"] == "graphed" and config.get("compile", False):
+        training.step = GraphedStep(training, config["batch_size"], per_epoch, level_warmup=1,
+                                    forward=compiled_forward(training, **compile_options))
+    elif config["training_step"] == "graphed":
         training.step = GraphedStep(training, config["batch_size"], per_epoch)
     elif config["training_step"] == "compiled":
-        training.step = CompiledStep(training)
+        training.step = CompiledStep(training, **compile_options)
     if checkpoint is None:
         start_run(config, training, splits, run_dir, per_epoch)
         done_epochs, train_time, position = 0, 0.0, new_position(1)
@@ -415,12 +423,12 @@ def choose_step(config: dict, device: torch.device, dist: Distributed, parser) -
     """The precision autocast really uses here and the training step (graphed or eager) for
     this invocation: a resumed run may change device or --cuda-graphs."""
     amp = effective_amp(config["amp"], device)
-    if config.get("compile", False):  # --compile: torch.compile's step, no CUDA graphs
-        return {"amp_effective": amp, "training_step": "compiled"}
     try:
         graphed, why_not = use_cuda_graphs(config.get("cuda_graphs", "auto"), device, amp, dist.enabled)
     except ValueError as e:
         parser.error(str(e))
+    if config.get("compile", False) and not graphed:  # --compile without CUDA graphs
+        return {"amp_effective": amp, "training_step": "compiled"}
     if why_not is not None and dist.is_main:
         print(f"eager training step: {why_not}")
     return {"amp_effective": amp, "training_step": "graphed" if graphed else "eager"}
@@ -436,8 +444,11 @@ def continue_command(args, config: dict, world_size: int = 1) -> str:
     flags = [("--out-dir", args.out_dir, defaults["out_dir"]), ("--name", config["name"], None),
              ("--data-root", args.data_root, defaults["data_root"]), ("--device", args.device, defaults["device"]),
              ("--workers", args.workers, defaults["workers"]),
-             ("--cuda-graphs", args.cuda_graphs, defaults["cuda_graphs"])]
-    words = launcher + [w for flag, value, default in flags if value != default for w in (flag, str(value))]
+             ("--cuda-graphs", args.cuda_graphs, defaults["cuda_graphs"]),
+             ("--compile", args.compile, defaults["compile"]),
+             ("--compile-backend", args.compile_backend, defaults["compile_backend"])]
+    words = launcher + [w for flag, value, default in flags if value != default
+                        for w in ((flag,) if value is True else (flag, str(value)))]
     return " ".join(shlex.quote(w) for w in words + ["--resume"])
 
 

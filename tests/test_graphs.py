@@ -351,3 +351,43 @@ def test_train_py_graphed_on_the_cpu_stand_in_resumes_bit_for_bit(tmp_path, monk
     planned = planned_captures(frozen_at, 60, graphs.GRAPH_WARMUP_STEPS, graphs.GRAPH_MIN_STEPS,
                                first=40, has_momentum=True)
     assert (resumed[0]["captures"], resumed[0]["eager_steps"]) == planned == (1, 7)  # level 5
+
+
+@pytest.mark.slow  # a compile per freeze level
+def test_train_py_graphed_and_compiled_on_the_cpu_stand_in(tmp_path, monkeypatch):
+    """--compile with CUDA graphs: the graphed step captures the compiled forward, each level
+    compiled in one uncaptured step first (a compile must not happen inside a capture)."""
+    import torch._dynamo
+
+    import graphs
+    monkeypatch.setattr(graphs, "graphs_unsupported", lambda *args: None)
+    monkeypatch.setattr(graphs, "CudaGraphs", EagerGraphs)
+    for name in ("recompile_limit", "accumulated_recompile_limit"):  # FreezeOut raises them process-wide
+        monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
+    torch._dynamo.reset()
+    calls = []  # (a graph's step, graphs dynamo made in it), step by step
+    real_step = graphs.GraphedStep.traced_step
+
+    def count_compiles(self):
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        out = real_step(self)
+        replay = self.graph_level == self.training.scheduler.num_frozen
+        calls.append((replay, torch._dynamo.utils.counters["stats"]["unique_graphs"] - before))
+        return out
+
+    monkeypatch.setattr(graphs.GraphedStep, "traced_step", count_compiles)
+    args = [*TINY, "--subset", "480", "--epochs", "2", "--t_0", "0.5", "--no-validate", "--out-dir", str(tmp_path),
+            "--cuda-graphs", "on", "--compile", "--compile-backend", "aot_eager"]
+    train.main([*args, "--name", "g"])
+    config = read_records(tmp_path / "g" / "metrics.jsonl", "config")[0]
+    epochs = read_records(tmp_path / "g" / "metrics.jsonl", "epoch")
+    assert (config["training_step"], config["compile"], config["compile_backend"]) == ("graphed", True, "aot_eager")
+    # Levels of 8, 4, 6, 8, 9, 12 and 13 steps (frozen at 8, 12, 18, 26, 35, 47): after the two
+    # warm-up steps, a level is captured once one of its steps ran uncaptured (and compiled) and
+    # 8 of its steps are left: levels 4, 5 and 6; 8 + 4 + 6 + 8 + 1 + 1 + 1 = 29 steps ran eagerly.
+    assert sum(e["captures"] for e in epochs) == 3 and sum(e["eager_steps"] for e in epochs) == 29
+    # Dynamo compiled in the uncaptured steps only, never in a graph's step (the stand-in runs it
+    # at every replay, its first standing for the capture).
+    assert len(calls) == 60 and sum(n for _, n in calls) >= 7
+    assert [n for replay, n in calls if replay] == [0] * (60 - 29)
+    torch._dynamo.reset()

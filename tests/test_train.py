@@ -339,7 +339,6 @@ BAD_FLAGS = [
     (["--no-bottleneck", "-L", "13", "-k", "4", "--target-speedup", "0.8"],
      "--target-speedup: no t_0 in (0, 1] reaches a speedup of 0.8: the FLOP-based estimate"),
     (["--batch_size", "50000"], "--batch_size 50000 is larger than the training set"),
-    (["--compile", "--cuda-graphs", "on"], "give --compile or --cuda-graphs on, not both"),
 ]
 
 
