@@ -178,7 +178,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         help="continue the run in OUT_DIR/NAME from its checkpoint (default: start a new run)")
     add(run, "--device", choices=DEVICES, default="auto", help="auto = cuda, then mps, then cpu")
     add(run, "--amp", choices=AMP_MODES, default="off",
-        help="mixed precision (off where the device does not support it)")
+        help="mixed precision: bf16 or fp16 autocast (fp16 with a GradScaler) on any device whose "
+             "autocast has the type (CPUs have both in recent torch); off where it has not (the "
+             "header's amp says which precision ran)")
     add(run, "--channels-last", action="store_true", default=False,
         help="channels-last memory format for the model and inputs (default: off)")
     add(run, "--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
