@@ -78,6 +78,31 @@ def planned_captures(frozen_at: list, total: int, warmup: int, min_steps: int, f
     return captures, eager
 
 
+def graphed_run_stopped_then_resumed(monkeypatch, argv: list, stop_at_call: int) -> dict:
+    """train.main(argv) stopped by SIGINT in the graphed step's `stop_at_call`-th call (the run
+    stops after that step), then train.main(argv + ["--resume"]); returns its summary."""
+    import os
+    import signal
+
+    import pytest
+
+    import train
+    from graphs import GraphedStep
+    real_call, calls = GraphedStep.__call__, []
+
+    def call_then_sigint(self, x, y):
+        calls.append(1)
+        if len(calls) == stop_at_call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_call(self, x, y)
+
+    monkeypatch.setattr(GraphedStep, "__call__", call_then_sigint)
+    with pytest.raises(SystemExit):
+        train.main(argv)
+    monkeypatch.setattr(GraphedStep, "__call__", real_call)
+    return train.main([*argv, "--resume"])
+
+
 # -- the tiny train.py run ---------------------------------------------------------------------
 # DenseNet-BC L=10, k=4 on 10 synthetic classes: one layer per block, 7 units, 2,666
 # parameters (counted in tests/test_models.py). 96 images in batches of 16: 6 steps an epoch.

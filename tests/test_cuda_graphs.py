@@ -1,15 +1,13 @@
 """Real CUDA graphs (skipped without a GPU): the graphed step against the eager one, one
 capture per freeze level, no host synchronisation in a replayed step, train.py graphed with
 bf16, channels-last, dropout and the torchvision loader, and a resumed graphed run."""
-import os
-import signal
 
 import pytest
 import torch
 
 import graphs
 import train
-from conftest import closed_form_frozen_at, planned_captures
+from conftest import closed_form_frozen_at, graphed_run_stopped_then_resumed, planned_captures
 from densenet import DenseNet
 from engine import build_training
 from graphs import GraphedStep
@@ -140,19 +138,8 @@ def test_train_py_graphed(tmp_path, extra):
 def test_a_resumed_graphed_run_is_bit_identical(tmp_path, monkeypatch, deterministic):
     args = [*TINY, "--dropout", "0.1", "--out-dir", str(tmp_path)]
     train.main([*args, "--name", "whole"])
-    real_call, calls = GraphedStep.__call__, []
-
-    def call_then_sigint(self, x, y):
-        calls.append(1)
-        if len(calls) == TINY_PER_EPOCH + 21:  # step 84 (epoch 2, batch 20): the run stops after it
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_call(self, x, y)
-
-    monkeypatch.setattr(GraphedStep, "__call__", call_then_sigint)
-    with pytest.raises(SystemExit):
-        train.main([*args, "--name", "cut"])
-    monkeypatch.setattr(GraphedStep, "__call__", real_call)
-    train.main([*args, "--name", "cut", "--resume"])
+    # Stopped after step 84 (epoch 2, batch 20).
+    graphed_run_stopped_then_resumed(monkeypatch, [*args, "--name", "cut"], stop_at_call=TINY_PER_EPOCH + 21)
     whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])

@@ -2,8 +2,6 @@
 every step, the graphed step computes exactly what the eager one does, one capture per freeze
 level, resume, and the fallbacks and their messages. (Real CUDA graphs: tests/test_cuda.py.)"""
 import math
-import os
-import signal
 from itertools import pairwise
 
 import pytest
@@ -11,7 +9,14 @@ import torch
 
 import train
 from checkpoint import restore, rng_state
-from conftest import TINY, closed_form_frozen_at, closed_form_lrs, planned_captures, same_state
+from conftest import (
+    TINY,
+    closed_form_frozen_at,
+    closed_form_lrs,
+    graphed_run_stopped_then_resumed,
+    planned_captures,
+    same_state,
+)
 from densenet import DenseNet
 from distributed import Distributed
 from engine import EagerStep, build_training
@@ -330,19 +335,8 @@ def test_train_py_graphed_on_the_cpu_stand_in_resumes_bit_for_bit(tmp_path, monk
     assert (sum(e["captures"] for e in epochs), sum(e["eager_steps"] for e in epochs)) == planned == (4, 18)
     assert all(e["training_step"] == "graphed" for e in epochs)
 
-    real_call, calls = GraphedStep.__call__, []
-
-    def call_then_sigint(self, x, y):
-        calls.append(1)
-        if len(calls) == 40:  # step 39, in level 4 (steps 35-46): the run stops after it
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_call(self, x, y)
-
-    monkeypatch.setattr(GraphedStep, "__call__", call_then_sigint)
-    with pytest.raises(SystemExit):
-        train.main([*args, "--name", "cut"])
-    monkeypatch.setattr(GraphedStep, "__call__", real_call)
-    train.main([*args, "--name", "cut", "--resume"])
+    # Stopped after step 39, in level 4 (steps 35-46).
+    graphed_run_stopped_then_resumed(monkeypatch, [*args, "--name", "cut"], stop_at_call=40)
     whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert same_state(whole["model"], cut["model"]) and same_state(whole["optimizer"], cut["optimizer"])
