@@ -1,5 +1,5 @@
 """What the test files share, defined once: the schedule written out from the paper (never
-through freezeout.py), the tiny train.py run, state comparisons, and FLOPs counted on the whole
+through the freezeout package), the tiny train.py run, state comparisons, and FLOPs counted on the whole
 model (never through utils.py's estimate)."""
 from __future__ import annotations
 
