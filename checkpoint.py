@@ -15,11 +15,15 @@ read without running any pickled code.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import pickle
 import platform
 import random
+import socket
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -272,15 +276,76 @@ class OpenedRun:
     finished: dict | None = None   # the summary of a run that has already finished
     error: str | None = None
     exit_code: int = 0
+    usage: bool = False            # the error is about a flag: argparse's usage line first
     notice: str | None = None      # a line to print: the run starts again from step 0
 
 
+class RunBusy(RunError):
+    """Another process owns the run directory."""
+
+
+class RunLock:
+    """One owner per run directory: an exclusive OS file lock (flock) on its `.lock`, taken
+    before the run's first write and held until the process exits. The OS releases it when the
+    process dies, `kill -9` included, so a lock is never stale. The file holds the owner's pid
+    and host, for the message another process gets."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.path = run_dir, run_dir / ".lock"
+        self.file, self.made = None, []  # the directories acquire() made, innermost first
+
+    @property
+    def held(self) -> bool:
+        return self.file is not None
+
+    def acquire(self) -> None:
+        """Lock the directory (made if need be), or raise RunBusy naming the owner."""
+        self.made = [d for d in [self.run_dir, *self.run_dir.parents] if not d.exists()]
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+", encoding="utf-8")  # never truncates an owner's file
+        except OSError as e:
+            raise RunError(f"cannot create {self.run_dir} ({e.strerror or e})") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().split() or ["?", "?"]
+            f.close()
+            raise RunBusy(f"{self.run_dir} is in use by another run (pid {owner[0]} on {owner[-1]}); "
+                          f"wait for it to end, or give this one another --name") from None
+        except OSError as e:  # a file system without locks (some network mounts)
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            warnings.warn(f"{self.run_dir}: this file system has no file locks, so nothing stops a second "
+                          f"run from using the same directory", stacklevel=2)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        f.flush()
+        self.file = f
+
+    def release(self) -> None:
+        """Give the directory up; one that holds nothing but the lock (a start that failed
+        before writing anything) is removed, as if never made."""
+        if self.file is None:
+            return
+        with contextlib.suppress(OSError):
+            if [p.name for p in self.run_dir.iterdir()] == [self.path.name]:
+                self.path.unlink()
+                for directory in self.made:
+                    directory.rmdir()
+        self.file.close()
+        self.file = None
+
+
 def open_run(config: dict, dist, resume: bool, name_flag: str,
-             check_flags: Callable[[dict], None]) -> OpenedRun:
+             check_flags: Callable[[dict], None], lock: RunLock | None = None) -> OpenedRun:
     """On rank 0: check the run directory; with --resume load the checkpoint, check the flags
     against its config (`check_flags(saved config)` raises ValueError) and make that config,
-    with this invocation's runtime settings, the run's. Every rank gets the outcome (`dist`:
-    a distributed.Distributed); each keeps its own device."""
+    with this invocation's runtime settings, the run's. `lock`, taken first, makes this process
+    the run directory's one owner. Every rank gets the outcome (`dist`: a
+    distributed.Distributed); each keeps its own device."""
     if not dist.is_main:
         opened = dist.broadcast(None)
         if opened.error is None:
@@ -288,7 +353,13 @@ def open_run(config: dict, dist, resume: bool, name_flag: str,
         return opened
     run_dir = Path(config["run_dir"])
     try:
+        # Who owns the directory comes first, then what it holds; a directory not there yet is
+        # made and locked once the checks pass (of two runs started at once, one gets it).
+        if lock is not None and run_dir.exists():
+            lock.acquire()
         checkpoint, saved = prepare_run_dir(run_dir, config["out_dir"], resume, name_flag)
+        if lock is not None and not lock.held:
+            lock.acquire()
         opened = OpenedRun(config, checkpoint)
         if saved is not None:
             check_flags(saved)
@@ -304,6 +375,8 @@ def open_run(config: dict, dist, resume: bool, name_flag: str,
             opened.notice = (f"no checkpoint in {run_dir}: the run stopped before its first one; "
                              f"starting it again from step 0")
     except ValueError as e:  # a flag that contradicts the saved run
+        opened = OpenedRun(config, error=str(e), exit_code=2, usage=True)
+    except RunBusy as e:
         opened = OpenedRun(config, error=str(e), exit_code=2)
     except RunError as e:
         opened = OpenedRun(config, error=str(e), exit_code=1)

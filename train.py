@@ -32,6 +32,7 @@ import torch.distributed
 from tqdm import tqdm
 
 from checkpoint import (
+    RunLock,
     check_resume_flags,
     describe_checkpoint,
     host_info,
@@ -494,11 +495,12 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
     note = ignored_flags_note(args.model, {dest: getattr(args, dest) for dest in explicit})
     if note and dist.is_main:
         print(f"{parser.prog}: {note}", file=sys.stderr)
+    lock = RunLock(Path(config["run_dir"])) if dist.is_main else None  # rank 0 owns the directory
     try:
         prepared = open_run(config, dist, args.resume, "--name",
-                            lambda saved: check_resume_flags(saved["args"], args, explicit))
+                            lambda saved: check_resume_flags(saved["args"], args, explicit), lock)
         if prepared.error is not None:
-            if prepared.exit_code == 2 and dist.is_main:
+            if prepared.usage and dist.is_main:
                 parser.print_usage(sys.stderr)
             if dist.is_main:
                 print(f"{parser.prog}: error: {prepared.error}", file=sys.stderr)
@@ -519,6 +521,8 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
         stopped = 128 + e.signum if isinstance(e, Stopped) else 128 + signal.SIGINT
         raise SystemExit(stopped if isinstance(e, (Stopped, KeyboardInterrupt)) else 1) from None
     finally:
+        if lock is not None:
+            lock.release()
         if dist.enabled:
             torch.distributed.destroy_process_group()
 

@@ -42,7 +42,7 @@ def two_process_run(tmp_path_factory):
 def test_two_processes_follow_the_schedule_with_one_writer(two_process_run):
     out, stdout = two_process_run
     run_dir = out / "whole"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoint.pt", "metrics.jsonl"]
     records = read_records(run_dir / "metrics.jsonl")
     assert [r["event"] for r in records] == ["config", *["epoch"] * EPOCHS, "summary"]
     assert stdout.count("done: test error") == 1  # rank 0 alone reports

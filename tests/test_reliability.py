@@ -248,9 +248,9 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_last_one_and_resume_conti
     monkeypatch.setattr(torch, "save", real_save)
     assert crashed.value.code == 130
     run_dir = tmp_path / "cut"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "checkpoint.pt.tmp", "metrics.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoint.pt", "checkpoint.pt.tmp", "metrics.jsonl"]
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1  # epoch 1's, whole
     train.main([*TWO, "--out-dir", str(tmp_path), "--name", "cut", "--resume"])
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoint.pt", "metrics.jsonl"]
     assert same_state(final_state(run_dir), two_epochs)
     assert epochs_logged(run_dir) == [1, 2]

@@ -243,7 +243,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, 
     assert last_err_line(capsys).endswith(f"error: cannot write {run_dir / 'checkpoint.pt'}: No space left on "
                                      f"device; {run_dir / 'checkpoint.pt'} is kept as it was; once that is fixed, "
                                      f"continue with: {command}")
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no .tmp
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoint.pt", "metrics.jsonl"]  # no .tmp
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(torch, "save", real_save)  # space freed
     train.main(shlex.split(command)[2:])
@@ -261,3 +261,45 @@ def test_ctrl_c_before_the_first_record_leaves_no_run_directory(tmp_path, monkey
     assert stopped.value.code == 128 + signal.SIGINT
     assert last_err_line(capsys).endswith("interrupted before the run started; nothing was written")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- one owner per run directory ------------------------------------------------------------
+def test_a_run_directory_in_use_is_refused_at_once_in_one_line_and_left_as_it_is(tmp_path, capsys):
+    import socket
+
+    from checkpoint import RunLock
+    run_dir = tmp_path / "busy"
+    owner = RunLock(run_dir)
+    owner.acquire()  # as another process running there would hold it
+    try:
+        for extra in ([], ["--resume"]):
+            with pytest.raises(SystemExit) as refused:
+                train.main([*TINY, "--out-dir", str(tmp_path), "--name", "busy", *extra])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert refused.value.code == 2 and len(err) == 1
+            assert err[0].endswith(f"error: {run_dir} is in use by another run (pid {os.getpid()} on "
+                                   f"{socket.gethostname()}); wait for it to end, or give this one another --name")
+            assert [p.name for p in run_dir.iterdir()] == [".lock"]  # nothing written, the owner's file kept
+            assert (run_dir / ".lock").read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+    finally:
+        owner.release()
+    assert not run_dir.exists()  # the owner wrote nothing: as if it never started
+    train.main([*TINY, "--out-dir", str(tmp_path), "--name", "busy", "--epochs", "1"])
+    assert events(run_dir) == ["config", "epoch", "summary"]
+
+
+@pytest.mark.slow  # two train.py processes
+def test_two_runs_started_together_in_one_directory_one_runs_the_other_exits_2(tmp_path):
+    command = [sys.executable, str(ROOT / "train.py"), *TINY, "--epochs", "4", "--out-dir", str(tmp_path),
+               "--name", "same"]
+    runs = [subprocess.Popen([*command, "--t_0", t_0], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for t_0 in ("0.5", "1")]
+    results = [(p.wait(timeout=300), p.communicate()[1]) for p in runs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2).strip().splitlines()
+    assert len(refused) == 1 and "is in use by another run (pid " in refused[0]
+    records = read_records(tmp_path / "same" / "metrics.jsonl")
+    assert [r["event"] for r in records] == ["config", *["epoch"] * 4, "summary"]  # one run's, nothing mixed
+    winner = next(i for i, (code, _) in enumerate(results) if code == 0)
+    assert records[0]["t_0"] == (0.5, 1.0)[winner]

@@ -91,7 +91,7 @@ def test_run_writes_config_epochs_summary_and_checkpoint(tmp_path, flags, t_0, p
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (3, total)
     assert ckpt["scheduler"]["frozen_at"] == summary["frozen_at"]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoint.pt", "metrics.jsonl"]
 
 
 @pytest.mark.slow
