@@ -219,6 +219,30 @@ def started_config(run_dir: Path) -> dict | None:
     return {k: v for k, v in records[0].items() if k not in RECORD_ONLY}
 
 
+# The config entries that decide what a run computes (not where or how fast it runs): two runs
+# that agree on all of them are the same run.
+RESULT_SETTINGS = ("model", "depth", "growth_rate", "bottleneck", "reduction", "dropout", "dataset",
+                   "synthetic_classes", "subset", "augment", "eval_mode", "epochs", "batch_size", "lr",
+                   "momentum", "weight_decay", "seed", "t_0", "how_scale", "scale_lr", "const_time",
+                   "target_speedup", "amp")
+
+
+def saved_config(run_dir: Path) -> dict | None:
+    """The config a run directory's run was started with (its first record), or None."""
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        configs = read_records(metrics, "config") if metrics.is_file() else []
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return configs[0] if configs else None
+
+
+def setting_differences(saved: dict, wanted: dict) -> list[str]:
+    """One phrase per setting that changes the result on which two configs differ."""
+    return [f"{key} = {saved.get(key)!r}, not {wanted.get(key)!r}" for key in RESULT_SETTINGS
+            if saved.get(key) != wanted.get(key)]
+
+
 def run_state(run_dir: Path) -> str:
     """"finished" (a summary record), "interrupted" (a checkpoint, no summary) or "new"."""
     metrics = run_dir / "metrics.jsonl"

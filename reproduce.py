@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from checkpoint import run_progress, run_state
+from checkpoint import run_progress, run_state, saved_config, setting_differences
 from cli import (
     AMP_MODES,
     CUDA_GRAPHS,
@@ -42,11 +42,14 @@ from cli import (
     flag_spellings,
     ignored_flags_note,
 )
+from config import resolve_config
 from engine import resolve_device
 from figures import STRATEGIES, pct, plot_error_vs_speedup, plot_error_vs_time, plot_lr_schedules
 from metrics_logger import read_records
 from models import DEFAULTS, MODELS, build_model, check_depth, model_name
+from train import build_parser as train_parser
 from train import main as train_main
+from train import parse_args as train_args
 
 PRESETS = {
     # The paper's Figure 3 (DenseNet-BC k=12 L=76 on CIFAR-10, 100 epochs): 37 runs of about
@@ -112,6 +115,34 @@ def make_grid(settings: dict, out: Path) -> list[Job]:
         job.argv = [*common, "--seed", str(job.seed), "--how_scale", how, *([] if scaled else ["--no_scale"]),
                     *setting, "--save-weights", job.name]
     return jobs
+
+
+def wanted_config(job: Job) -> dict:
+    """The config train.py would give the job's run: what a run found in its directory must be."""
+    _, args, explicit = train_args(job.argv)
+    return resolve_config(args, explicit, job.argv, train_parser()[1])
+
+
+def mismatched_runs(jobs: list[Job], out: Path) -> list[tuple[Job, list[str]]]:
+    """(job, the settings its directory's run differs on) for every run of another setup found
+    where the grid would reuse it (an earlier grid with other epochs, data, ... in the same --out)."""
+    found = []
+    for job in jobs:
+        saved = saved_config(out / "runs" / job.name)
+        differences = [] if saved is None else setting_differences(saved, wanted_config(job))
+        if differences:
+            found.append((job, differences))
+    return found
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename a run directory out of the grid's way: NAME.mismatched-1, -2, ..."""
+    n = 1
+    while run_dir.with_name(f"{run_dir.name}.mismatched-{n}").exists():
+        n += 1
+    aside = run_dir.with_name(f"{run_dir.name}.mismatched-{n}")
+    run_dir.rename(aside)
+    return aside
 
 
 def run_grid(jobs: list[Job], out: Path) -> None:
@@ -315,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="every run's training step: one CUDA graph per freeze level (on), eager (off), or on "
              "wherever supported (auto)")
     add("--data-root", default="./data", help="where CIFAR lives or is downloaded to")
+    add("--rerun-mismatched", action="store_true", default=False,
+        help="runs in --out made with other settings (epochs, data, ...) are moved aside "
+             "(NAME.mismatched-N) and run again (default: refuse them, naming each setting)")
     add("--report-only", action="store_true", default=False,
         help="write the table and figures from the runs already there, run nothing "
              "(default: run what is missing first)")
@@ -387,8 +421,21 @@ def main(argv=None) -> list[dict]:
     settings = resolve_settings(args)
     check(args, settings, parser)
     out = Path(args.out)
+    if args.report_only and not any((out / "runs").glob("*/metrics.jsonl")):
+        parser.error(f"--report-only: {out} holds no runs (nothing under {out / 'runs'}); run the grid first")
     out.mkdir(parents=True, exist_ok=True)
     jobs = make_grid(settings, out)
+    mismatched = mismatched_runs(jobs, out)
+    if mismatched and (args.report_only or not args.rerun_mismatched):
+        for job, differences in mismatched:
+            for difference in differences:
+                print(f"{parser.prog}: error: {out / 'runs' / job.name} was run with {difference}", file=sys.stderr)
+        what = "" if args.report_only else "run them again with --rerun-mismatched (the old runs are moved aside), or "
+        print(f"{parser.prog}: error: {len(mismatched)} run(s) in {out} were made with other settings than this "
+              f"grid's: {what}give another --out", file=sys.stderr)
+        raise SystemExit(2)
+    for job, _ in mismatched:
+        print(f"{out / 'runs' / job.name} was run with other settings: moved to {move_aside(out / 'runs' / job.name)}")
     if not args.report_only:
         try:
             run_grid(jobs, out)

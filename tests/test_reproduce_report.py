@@ -21,13 +21,19 @@ JOBS = ["baseline_s0", "linear-scaled_t0-0.3_s0", "linear-scaled_t0-0.5_s0", "cu
         "cubic-scaled_t0-0.5_s0"]
 
 
+def grid_config(out: Path, name: str, *flags) -> dict:
+    """The config train.py would write for the job `name` of the grid GRID (+ flags)."""
+    settings = reproduce.resolve_settings(reproduce.build_parser().parse_args([*GRID, *flags, "--out", str(out)]))
+    return reproduce.wanted_config(next(job for job in reproduce.make_grid(settings, out) if job.name == name))
+
+
 def fabricate(out: Path, name: str, t_0: float, time_s: float, epochs_done: int = 2, finished: bool = True,
               load: tuple = (0.5, 0.5), cores: int = 2) -> None:
-    """A run directory as train.py writes it, by hand."""
+    """A run directory as train.py writes it for the grid's job `name`, by hand."""
     run_dir = out / "runs" / name
     with MetricsLogger(run_dir / "metrics.jsonl") as log:
-        log.log("config", t_0=t_0, seed=0, paper_speedup=0.1, flop_speedup=0.12, device="cpu",
-                load_start=load[0], cpu_count=cores)
+        log.log("config", **{**grid_config(out, name), "t_0": t_0, "paper_speedup": 0.1, "flop_speedup": 0.12,
+                             "device": "cpu", "load_start": load[0], "cpu_count": cores})
         for e in range(1, epochs_done + 1):
             log.log("epoch", epoch=e, train_time_s=time_s / 2, val_err=20.0 - e)
         if finished:
@@ -100,7 +106,8 @@ def test_a_run_that_keeps_every_core_busy_is_not_a_busy_host(tmp_path, no_figure
 def test_runs_without_load_records_show_na(tmp_path, no_figures):
     run_dir = tmp_path / "runs" / JOBS[0]
     with MetricsLogger(run_dir / "metrics.jsonl") as log:  # a run written before loads were recorded
-        log.log("config", t_0=1.0, seed=0, paper_speedup=0.0, flop_speedup=0.0)
+        config = {k: v for k, v in grid_config(tmp_path, JOBS[0]).items() if k not in ("load_start", "cpu_count")}
+        log.log("config", **{**config, "paper_speedup": 0.0, "flop_speedup": 0.0})
         log.log("summary", train_time_s=10.0, val_err=10.0, test_err=11.0)
     rows = reproduce.main([*GRID, "--out", str(tmp_path), "--report-only"])
     assert rows[0]["host_load"] is None and rows[0]["busy_host"] is False
@@ -158,3 +165,32 @@ def test_ctrl_c_inside_a_real_run_then_the_same_command_continues(tmp_path, caps
     rows = reproduce.main([*TINY, "--out", str(tmp_path)])
     assert "baseline, seed 0: resuming" in capsys.readouterr().out
     assert [r["strategy"] for r in rows] == ["baseline", "cubic-scaled"]
+
+
+# -- runs of another setup are never mixed in --------------------------------------------------
+def test_runs_of_another_setup_are_refused_one_line_per_setting_then_rerun_on_request(tmp_path, capsys, no_figures,
+                                                                                   monkeypatch):
+    for name, t_0 in zip(JOBS, (1.0, 0.3, 0.5, 0.3, 0.5), strict=True):
+        fabricate(tmp_path, name, t_0, 100.0 if t_0 == 1.0 else 60.0)
+    # The same --out, asked for 3 epochs and 2 seeds... of which seed 0's runs exist with 2 epochs.
+    trained = []
+    monkeypatch.setattr(reproduce, "train_main", lambda argv, **kwargs: trained.append(argv))
+    for flags in ([], ["--report-only"]):
+        with pytest.raises(SystemExit) as refused:
+            reproduce.main([*GRID, "--epochs", "3", "--out", str(tmp_path), *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert refused.value.code == 2 and trained == [] and not (tmp_path / "results.md").exists()
+        assert err[0].endswith(f": error: {tmp_path / 'runs' / JOBS[0]} was run with epochs = 2, not 3")
+        assert len(err) == len(JOBS) + 1 and "5 run(s) in" in err[-1]
+    reproduce.main([*GRID, "--epochs", "3", "--out", str(tmp_path), "--rerun-mismatched"])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(f"{n}.mismatched-1" for n in JOBS)
+    assert len(trained) == len(JOBS) and all("--epochs" in a and a[a.index("--epochs") + 1] == "3" for a in trained)
+
+
+def test_report_only_refuses_an_out_without_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        reproduce.main([*GRID, "--out", str(tmp_path / "missing"), "--report-only"])
+    assert refused.value.code == 2 and not (tmp_path / "missing").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"--report-only: {tmp_path / 'missing'} holds no runs (nothing under {tmp_path / 'missing' / 'runs'}); "
+        f"run the grid first")
