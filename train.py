@@ -407,10 +407,14 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None, dist: Distributed 
     with (MetricsLogger(run_dir / "metrics.jsonl") if dist.is_main else NoLog()) as log:
         train_time, last_eval = fit(config, training, loaders, run_dir, done_epochs, train_time,
                                     position, log)
-        if config["eval_mode"] == "test" and last_eval[0] is not None:
-            test_loss, test_err = last_eval  # the last evaluation was this same test pass
-        else:
-            test_loss, test_err = evaluate(training, loaders[2])
+        with StopSignals() as stop:  # a stop now: the last checkpoint is the run's end
+            if config["eval_mode"] == "test" and last_eval[0] is not None:
+                test_loss, test_err = last_eval  # the last evaluation was this same test pass
+            else:
+                test_loss, test_err = evaluate(training, loaders[2])
+            if stop_or_diverged(torch.tensor(NO_STEP, device=training.device), stop, dist):
+                raise stopped_by(stop.signum, "during the final evaluation (continuing it evaluates the "
+                                 "test set and writes the summary)", run_dir)
         summary = log.log(
             "summary", epochs=config["epochs"], steps=training.scheduler.total_steps,
             train_time_s=train_time, val_err=last_eval[1] if config["eval_mode"] == "val" else None,

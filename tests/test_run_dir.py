@@ -303,3 +303,25 @@ def test_two_runs_started_together_in_one_directory_one_runs_the_other_exits_2(t
     assert [r["event"] for r in records] == ["config", *["epoch"] * 4, "summary"]  # one run's, nothing mixed
     winner = next(i for i, (code, _) in enumerate(results) if code == 0)
     assert records[0]["t_0"] == (0.5, 1.0)[winner]
+
+
+def test_a_stop_during_the_final_evaluation_says_so_and_the_run_can_be_completed(tmp_path, monkeypatch, capsys):
+    real_evaluate = train.evaluate
+
+    def sigterm_then_evaluate(training, loader):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(training, loader)
+
+    monkeypatch.setattr(train, "evaluate", sigterm_then_evaluate)
+    args = [*TINY, "--no-validate", "--out-dir", str(tmp_path), "--name", "late"]
+    with pytest.raises(SystemExit) as stopped:
+        train.main(args)
+    line = last_err_line(capsys)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM during the final evaluation (continuing it evaluates the test set and writes the " \
+           "summary); checkpoint written" in line
+    assert events(tmp_path / "late") == ["config", "epoch", "epoch", "epoch"]  # no summary yet
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    summary = train.main(shlex.split(line.split("continue with: ")[1])[2:])
+    assert events(tmp_path / "late") == ["config", "epoch", "epoch", "epoch", "summary"]
+    assert summary["test_err"] >= 0 and torch.load(tmp_path / "late" / "checkpoint.pt", weights_only=True)["epoch"] == 3
