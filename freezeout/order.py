@@ -10,6 +10,7 @@ checked, and FreezeOut says so once.
 """
 from __future__ import annotations
 
+import gc
 import sys
 import warnings
 import weakref
@@ -101,6 +102,8 @@ class ForwardOrderWatch:
 
     def stop(self) -> None:
         _watching.discard(self)
+        if _watching:  # perhaps only watches of schedulers dropped unchecked, kept by cycles
+            gc.collect()
         drop_idle_hook()
 
     def check(self) -> None:
