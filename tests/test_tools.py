@@ -94,5 +94,5 @@ def test_gpu_check_timeouts_fit_one_short_gpu_window():
     stages = [(name, int(limit)) for name, limit in re.findall(r'stage "([^"]+)" (\d+) ', script)]
     count = [next((n for key, n in runs.items() if key in name), 1) for name, _ in stages]
     total = sum(n * limit for n, (_, limit) in zip(count, stages, strict=True))
-    assert len(stages) == 7 and sum(count) == 10
+    assert len(stages) == 9 and sum(count) == 12
     assert total <= 540 and total + 5 * sum(count) < 600, total
