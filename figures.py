@@ -88,7 +88,10 @@ def plot_error_vs_speedup(rows: list[dict], path: Path, metric: str = "val_err")
     for ax, (key, title) in zip(axes, [("estimated", "estimated speedup (paper; FLOPs where n/a)"),
                                        ("measured_speedup", "measured wall-clock speedup")], strict=True):
         for name in STRATEGIES:
-            own = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["t_0"])
+            # Without a finished baseline there is no measured speedup: that panel stays empty.
+            own = sorted((r for r in rows if r["strategy"] == name
+                          and (key != "measured_speedup" or r["measured_speedup"] is not None)),
+                         key=lambda r: r["t_0"])
             if not own:
                 continue
             xs = [100 * (r["measured_speedup"] if key == "measured_speedup" else

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from checkpoint import run_progress, run_state, saved_config, setting_differences
 from cli import (
     AMP_MODES,
@@ -45,10 +47,23 @@ from cli import (
 from config import resolve_config
 from engine import resolve_device
 from figures import STRATEGIES, pct, plot_error_vs_speedup, plot_error_vs_time, plot_lr_schedules
+from launch import (
+    GridRun,
+    GridStopped,
+    Outcome,
+    format_duration,
+    import_submitit,
+    outcome_line,
+    run_one,
+    run_processes,
+    run_submitit,
+    slots,
+    start_argv,
+    threads_per_run,
+)
 from metrics_logger import read_records
 from models import DEFAULTS, MODELS, build_model, check_depth, model_name
 from train import build_parser as train_parser
-from train import main as train_main
 from train import parse_args as train_args
 
 PRESETS = {
@@ -78,6 +93,9 @@ class Job:
             return f"baseline_s{self.seed}"
         key = "ts" if self.target else "t0"
         return f"{self.strategy}_{key}-{self.setting:g}_s{self.seed}"
+
+    def grid_run(self, out: Path) -> GridRun:
+        return GridRun(self.name, self.label, tuple(self.argv), out / "runs" / self.name)
 
     @property
     def label(self) -> str:
@@ -145,33 +163,38 @@ def move_aside(run_dir: Path) -> Path:
     return aside
 
 
-def run_grid(jobs: list[Job], out: Path) -> None:
-    """Run what is not finished, one job after another, with a progress line and an ETA."""
-    todo = [job for job in jobs if run_state(out / "runs" / job.name) != "finished"]
+def run_grid(jobs: list[Job], out: Path, launch: dict) -> list[Outcome]:
+    """Run what is not finished as `launch` says (see `launch_settings`): one run after another
+    in this process, N at once as processes, or as submitit jobs. Returns the runs' outcomes;
+    raises GridStopped on a stop signal."""
+    todo = [job.grid_run(out) for job in jobs if run_state(out / "runs" / job.name) != "finished"]
     print(f"{len(jobs)} runs in the grid, {len(jobs) - len(todo)} already finished", flush=True)
-    durations = []
-    for i, job in enumerate(todo, 1):
-        run_dir = out / "runs" / job.name
-        state = run_state(run_dir)
-        if state == "new" and run_dir.exists():  # a start that failed before its first checkpoint
-            for leftover in run_dir.iterdir():
-                leftover.unlink()
+    if not todo:
+        return []
+    if launch["launcher"] in ("slurm", "submitit-local"):
+        cluster = "slurm" if launch["launcher"] == "slurm" else "local"
+        return run_submitit(todo, cluster, out / "logs" / "submitit", launch["submitit"], launch["threads"])
+    if len(launch["places"]) > 1:
+        return run_processes(todo, launch["places"], launch["threads"], out / "logs")
+    return run_in_this_process(todo, launch["threads"])
+
+
+def run_in_this_process(todo: list[GridRun], threads: int | None) -> list[Outcome]:
+    """One run after another, each train.py's output on the console, with a progress line and
+    an ETA; a failed run ends the grid (its error is the last thing printed)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    outcomes = []
+    for i, run in enumerate(todo, 1):
         start = time.perf_counter()
-        print(f"[{i}/{len(todo)}] {job.label}: {'resuming' if state == 'interrupted' else 'starting'}",
-              flush=True)
-        # train.py's own hint (the train.py command that continues the run) is not how a grid
-        # continues: left out.
-        train_main(job.argv + (["--resume"] if state == "interrupted" else []), resume_hint=False)
-        durations.append(time.perf_counter() - start)
-        left = statistics.mean(durations) * (len(todo) - i)
-        print(f"[{i}/{len(todo)}] {job.label}: done in {durations[-1]:.0f} s; "
+        argv = start_argv(run)
+        print(f"[{i}/{len(todo)}] {run.label}: {'resuming' if '--resume' in argv else 'starting'}", flush=True)
+        run_one(argv)
+        outcomes.append(Outcome(run, "finished", time.perf_counter() - start))
+        left = statistics.mean(o.seconds for o in outcomes) * (len(todo) - i)
+        print(f"[{i}/{len(todo)}] {run.label}: done in {outcomes[-1].seconds:.0f} s; "
               f"about {format_duration(left)} left", flush=True)
-
-
-def format_duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+    return outcomes
 
 
 # ---------------------------------------------------------------------------------------
@@ -352,7 +375,79 @@ def build_parser() -> argparse.ArgumentParser:
     add("--report-only", action="store_true", default=False,
         help="write the table and figures from the runs already there, run nothing "
              "(default: run what is missing first)")
+
+    where = p.add_argument_group("where the runs go")
+    where.add_argument(*flag_spellings("--launcher"), choices=LAUNCHERS, default="local",
+                       help="local: on this machine, --jobs at once; slurm: one Slurm job per run, through "
+                            "submitit (pip install submitit); submitit-local: the slurm path run on this "
+                            "machine by submitit's local executor, to try it")
+    where.add_argument(*flag_spellings("--jobs"), type=int, default=None,
+                       help="runs at once on this machine, each its own process with its output in "
+                            "OUT/logs (default: 1, in this process; with --gpus, the GPUs times --runs-per-gpu)")
+    where.add_argument(*flag_spellings("--gpus"), default=None,
+                       help="comma-separated GPUs to spread the runs over, such as 0,1,2,3: each run sees "
+                            "one, through CUDA_VISIBLE_DEVICES (default: none; --jobs runs share --device)")
+    where.add_argument(*flag_spellings("--runs-per-gpu"), type=int, default=1,
+                       help="runs sharing each GPU of --gpus at once: a small model at batch 50 leaves a "
+                            "large GPU mostly idle")
+    where.add_argument(*flag_spellings("--threads-per-run"), type=int, default=None,
+                       help="CPU threads of each run (default: this machine's cores shared out between the "
+                            "runs at once; torch's own choice with --jobs 1)")
+    slurm = p.add_argument_group("Slurm (--launcher slurm)")
+    slurm.add_argument(*flag_spellings("--slurm-partition"), default=None,
+                       help="partition of the jobs (default: the cluster's default)")
+    slurm.add_argument(*flag_spellings("--slurm-time"), type=int, default=180,
+                       help="time limit of each job, in minutes; a run cut off by it is requeued and "
+                            "resumes from its last checkpoint")
+    slurm.add_argument(*flag_spellings("--slurm-gpus"), type=int, default=1, help="GPUs of each job")
+    slurm.add_argument(*flag_spellings("--slurm-cpus"), type=int, default=8, help="CPU cores of each job")
+    slurm.add_argument(*flag_spellings("--slurm-max-requeues"), type=int, default=3,
+                       help="how often a job cut off by its time limit is requeued (a preempted job "
+                            "always is)")
     return p
+
+
+LAUNCHERS = ("local", "slurm", "submitit-local")
+
+
+def launch_settings(args, settings: dict) -> dict:
+    """How the grid's runs are launched: the launcher, the places of the runs at once (their
+    environments), CPU threads per run, submitit's parameters. ValueError naming the flag for
+    a combination that cannot work."""
+    check_positive({"--jobs": args.jobs, "--runs-per-gpu": args.runs_per_gpu,
+                    "--threads-per-run": args.threads_per_run, "--slurm-time": args.slurm_time,
+                    "--slurm-cpus": args.slurm_cpus})
+    if args.slurm_gpus < 0 or args.slurm_max_requeues < 0:
+        raise ValueError("--slurm-gpus and --slurm-max-requeues must be >= 0")
+    gpus = None
+    if args.gpus is not None:
+        gpus = [g.strip() for g in args.gpus.split(",")]
+        if not all(gpus) or len(set(gpus)) != len(gpus):
+            raise ValueError(f"--gpus must list distinct GPUs separated by commas, such as 0,1, got {args.gpus!r}")
+        if settings["device"] not in ("auto", "cuda"):
+            raise ValueError(f"--gpus places runs on CUDA GPUs; it cannot go with --device {settings['device']}")
+        if args.jobs is not None and args.jobs != len(gpus) * args.runs_per_gpu:
+            raise ValueError(f"--jobs {args.jobs} contradicts --gpus {args.gpus} with --runs-per-gpu "
+                             f"{args.runs_per_gpu} ({len(gpus) * args.runs_per_gpu} runs at once); give one of them")
+    elif args.runs_per_gpu != 1:
+        raise ValueError("--runs-per-gpu needs --gpus (the GPUs to share out)")
+    if args.launcher != "local" and (args.jobs is not None or gpus):
+        raise ValueError(f"--launcher {args.launcher} places every run as a job of its own: --jobs and --gpus "
+                         f"are for --launcher local")
+    if args.launcher != "local":
+        import_submitit()  # before anything is written
+    places = slots(args.jobs or 1, gpus, args.runs_per_gpu)
+    if args.launcher != "local":
+        threads = args.threads_per_run or args.slurm_cpus
+    elif len(places) == 1:
+        threads = args.threads_per_run
+    else:
+        threads = threads_per_run(len(places), args.threads_per_run)
+    options = {"timeout_min": args.slurm_time, "gpus_per_node": args.slurm_gpus, "cpus_per_task": args.slurm_cpus,
+               "max_requeues": args.slurm_max_requeues}
+    if args.slurm_partition is not None:
+        options["slurm_partition"] = args.slurm_partition
+    return {"launcher": args.launcher, "places": places, "threads": threads, "submitit": options}
 
 
 def resolve_settings(args) -> dict:
@@ -420,6 +515,10 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     settings = resolve_settings(args)
     check(args, settings, parser)
+    try:
+        launch = launch_settings(args, settings)
+    except ValueError as e:
+        parser.error(str(e))
     out = Path(args.out)
     if args.report_only and not any((out / "runs").glob("*/metrics.jsonl")):
         parser.error(f"--report-only: {out} holds no runs (nothing under {out / 'runs'}); run the grid first")
@@ -436,19 +535,38 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(2)
     for job, _ in mismatched:
         print(f"{out / 'runs' / job.name} was run with other settings: moved to {move_aside(out / 'runs' / job.name)}")
+    unfinished = []
     if not args.report_only:
         try:
-            run_grid(jobs, out)
-        except (SystemExit, KeyboardInterrupt) as e:  # Ctrl-C or SIGTERM, inside a run or between
-            code = e.code if isinstance(e, SystemExit) else 128 + signal.SIGINT
-            if code not in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            unfinished = [o for o in run_grid(jobs, out, launch) if o.state != "finished"]
+        except (SystemExit, KeyboardInterrupt, GridStopped) as e:  # Ctrl-C or SIGTERM, inside a run or between
+            code = stop_code(e)
+            if code is None:
                 raise
-            print(f"{parser.prog}: stopped; run the same command again to continue where it stopped "
-                  "(finished runs are kept, the interrupted one resumes)", file=sys.stderr)
+            going_on = " (the Slurm jobs go on)" if args.launcher == "slurm" else ""
+            print(f"{parser.prog}: stopped{going_on}; run the same command again to continue where it stopped "
+                  "(finished runs are kept, interrupted ones resume)", file=sys.stderr)
             raise SystemExit(code) from None
     rows = report(jobs, settings, out)
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'} and 3 figures in {out}")
+    if unfinished:
+        for outcome in unfinished:
+            print(f"{parser.prog}: error: {outcome_line(outcome)}", file=sys.stderr)
+        print(f"{parser.prog}: error: {len(unfinished)} run(s) did not finish (above); the table leaves them out. "
+              "Fix the cause and run the same command again: it runs only what is missing", file=sys.stderr)
+        raise SystemExit(1)
     return rows
+
+
+def stop_code(error: BaseException) -> int | None:
+    """The exit status for a grid ended by a stop signal (128 + the signal), else None."""
+    if isinstance(error, GridStopped):
+        return 128 + error.signum
+    if isinstance(error, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    if error.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        return error.code
+    return None
 
 
 if __name__ == "__main__":

@@ -122,13 +122,13 @@ def test_a_stop_says_to_run_the_same_command_again(tmp_path, capsys, monkeypatch
     def stopped(argv, **kwargs):
         raise stop
 
-    monkeypatch.setattr(reproduce, "train_main", stopped)
+    monkeypatch.setattr(reproduce, "run_one", stopped)
     with pytest.raises(SystemExit) as info:
         reproduce.main([*TINY, "--out", str(tmp_path)])
     assert info.value.code == code
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(": stopped; run the same command again to continue where it stopped "
-                            "(finished runs are kept, the interrupted one resumes)")  # after the prog name
+                            "(finished runs are kept, interrupted ones resume)")  # after the prog name
     assert not any("--resume" in line for line in err)
 
 
@@ -136,7 +136,7 @@ def test_errors_other_than_a_stop_keep_their_exit_code(tmp_path, capsys, monkeyp
     def data_error(argv, **kwargs):
         raise SystemExit(1)
 
-    monkeypatch.setattr(reproduce, "train_main", data_error)
+    monkeypatch.setattr(reproduce, "run_one", data_error)
     with pytest.raises(SystemExit) as info:
         reproduce.main([*TINY, "--out", str(tmp_path)])
     assert info.value.code == 1 and "stopped;" not in capsys.readouterr().err
@@ -174,7 +174,7 @@ def test_runs_of_another_setup_are_refused_one_line_per_setting_then_rerun_on_re
         fabricate(tmp_path, name, t_0, 100.0 if t_0 == 1.0 else 60.0)
     # The same --out, asked for 3 epochs and 2 seeds... of which seed 0's runs exist with 2 epochs.
     trained = []
-    monkeypatch.setattr(reproduce, "train_main", lambda argv, **kwargs: trained.append(argv))
+    monkeypatch.setattr(reproduce, "run_one", lambda argv, **kwargs: trained.append(argv))
     for flags in ([], ["--report-only"]):
         with pytest.raises(SystemExit) as refused:
             reproduce.main([*GRID, "--epochs", "3", "--out", str(tmp_path), *flags])
