@@ -29,12 +29,9 @@ import time
 
 import torch
 
+import spec
 from checkpoint import first_line
 from cli import (
-    AMP_MODES,
-    CUDA_GRAPHS,
-    DEVICES,
-    SCALINGS,
     HelpFormatter,
     check_positive,
     check_seed,
@@ -48,7 +45,7 @@ from engine import Training, build_training, effective_amp, memory_format, resol
 from figures import mib, pct
 from freezeout import SCALE_POWERS, freeze, unit_times
 from graphs import CudaGraphs, GraphedStep, use_cuda_graphs
-from models import MODELS, build_model, check_depth, model_name, paper_speedup, resolve_size
+from models import build_model, check_depth, model_name, paper_speedup, resolve_size
 from utils import ESTIMATE_INPUT, first_frozen_steps, schedule_speedup, training_flops_by_level, unit_flops
 
 
@@ -59,11 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     def add(*names, **kwargs):
         p.add_argument(*flag_spellings(*names), **kwargs)
 
-    add("--model", default="densenet", choices=MODELS, help="architecture")
-    add("-L", "--depth", type=int, default=None,
-        help="depth L (default: 76 for densenet, 40 for wrn, 16 for vgg)")
-    add("-k", "--growth-rate", type=int, default=None,
-        help="DenseNet growth rate or WRN widening factor (default: 12 for densenet, 4 for wrn)")
+    shared = {d: spec.BY_DEST[d] for d in ("model", "depth", "growth_rate", "t_0", "how_scale", "scale_lr",
+                                          "device", "amp", "channels_last", "cuda_graphs", "compile",
+                                          "compile_backend", "seed")}
+
+    def add_shared(*dests, **overrides):  # train.py's settings, as the spec declares them
+        spec.add_settings(p, [shared[d] for d in dests], groups=False, **overrides)
+
+    add_shared("model", "depth", "growth_rate")
     # Two flags in a mutually exclusive group, not one BooleanOptionalAction: given both,
     # argparse refuses instead of letting the last one win; default None tells "not given".
     bottleneck = p.add_mutually_exclusive_group()
@@ -74,26 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num-classes", type=int, default=100, help="classifier outputs")
     add("--batch-size", type=int, default=50, help="batch size")
     add("--steps", type=int, default=100, help="training steps per run (the schedule's T)")
-    add("--t_0", type=float, default=0.8, help="FreezeOut t_0 (the baseline uses 1)")
-    add("--how_scale", choices=SCALINGS, default="cubic", help="t_i schedule")
-    add("--no_scale", dest="scale_lr", action="store_false", default=True,
-        help="start every unit at the base learning rate (default: unit i starts at lr / t_i)")
+    add_shared("t_0", "how_scale", "scale_lr", t_0={"help": "FreezeOut t_0 (the baseline uses 1)"})
     add("--repeats", type=int, default=3, help="timed baseline/FreezeOut pairs, alternating")
     add("--level-steps", type=int, default=3,
         help="timed steps per freeze level for the ideal speedup (0: skip it)")
-    add("--device", choices=DEVICES, default="auto", help="device")
-    add("--amp", choices=AMP_MODES, default="off", help="mixed precision")
-    add("--channels-last", action="store_true", default=False,
-        help="channels-last memory format (default: off)")
-    add("--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
-        help="auto/on: measure the graphed step beside the eager one (on: an error where it cannot "
-             "run); off: eager only")
-    add("--compile", action="store_true", default=False,
-        help="also measure the step with the model compiled by torch.compile, one compile per "
-             "freeze level (default: off)")
-    add("--compile-backend", default="inductor",
-        help="torch.compile backend for --compile (aot_eager: compiled graphs without code generation)")
-    add("--seed", type=int, default=0, help="seed of the model and the batches")
+    add_shared("device", "amp", "channels_last", "cuda_graphs", "compile", "compile_backend", "seed",
+               amp={"help": "mixed precision"},
+               cuda_graphs={"help": "auto/on: measure the graphed step beside the eager one (on: an error where "
+                                    "it cannot run); off: eager only"},
+               compile={"switches": (("--compile", True, "also measure the step with the model compiled by "
+                                      "torch.compile, one compile per freeze level (default: off)"),)},
+               seed={"help": "seed of the model and the batches"})
     add("--json", action="store_true", default=False,
         help="end stdout with one JSON object of all results (default: the table only)")
     return p

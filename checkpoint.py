@@ -35,12 +35,6 @@ from metrics_logger import read_records, write_atomically
 from utils import RunError
 
 CHECKPOINT_FORMAT = "freezeout-checkpoint-v1"
-# Flags that say where or how fast a run goes, not what it computes: --resume may change them.
-RUNTIME_FLAGS = {"resume", "device", "workers", "data_root", "out_dir", "name", "cuda_graphs", "compile",
-                 "compile_backend"}
-# The config entries a resumed run takes from the new invocation rather than the checkpoint.
-RUNTIME_CONFIG = ("device", "workers", "data_root", "out_dir", "run_dir", "cuda_graphs", "compile", "compile_backend")
-
 
 def rng_state() -> dict:
     keys, pos, has_gauss, gauss = np.random.get_state()[1:]
@@ -145,23 +139,6 @@ def restore(checkpoint: dict, training) -> None:
     set_rng_state(checkpoint["rng"][training.dist.rank])
 
 
-# Settings that fix the schedule's length: T = epochs x steps per epoch.
-LENGTH_FLAGS = {"epochs", "batch_size", "subset", "eval_mode", "const_time"}
-
-
-def check_resume_flags(saved_args: dict, args, explicit: set) -> None:
-    """Flags given with --resume must agree with the saved run (runtime flags aside)."""
-    for flag in sorted(explicit - RUNTIME_FLAGS):
-        given, was = getattr(args, flag), saved_args.get(flag)
-        if given != was:
-            why = ("FreezeOut's schedule is set by the run's length (every unit freezes at its fraction of "
-                   "all the steps), so a run of another length freezes its units at other steps than this "
-                   "one did" if flag in LENGTH_FLAGS else "a run continues with the settings it started with")
-            raise ValueError(f"--resume: --{flag} {given} contradicts the saved run's {flag} = {was}: {why}; "
-                             f"leave --{flag} out to continue this run, or start a new run with it under "
-                             f"another --name")
-
-
 def prepare_run_dir(run_dir: Path, out_dir: str, resume: bool,
                     name_flag: str) -> tuple[dict | None, dict | None]:
     """(the checkpoint to resume, the saved config): (None, None) for a new run, after checking
@@ -219,14 +196,6 @@ def started_config(run_dir: Path) -> dict | None:
     return {k: v for k, v in records[0].items() if k not in RECORD_ONLY}
 
 
-# The config entries that decide what a run computes (not where or how fast it runs): two runs
-# that agree on all of them are the same run.
-RESULT_SETTINGS = ("model", "depth", "growth_rate", "bottleneck", "reduction", "dropout", "dataset",
-                   "synthetic_classes", "subset", "augment", "eval_mode", "epochs", "batch_size", "lr",
-                   "momentum", "weight_decay", "seed", "t_0", "how_scale", "scale_lr", "const_time",
-                   "target_speedup", "amp")
-
-
 def saved_config(run_dir: Path) -> dict | None:
     """The config a run directory's run was started with (its first record), or None."""
     metrics = run_dir / "metrics.jsonl"
@@ -235,12 +204,6 @@ def saved_config(run_dir: Path) -> dict | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return configs[0] if configs else None
-
-
-def setting_differences(saved: dict, wanted: dict) -> list[str]:
-    """One phrase per setting that changes the result on which two configs differ."""
-    return [f"{key} = {saved.get(key)!r}, not {wanted.get(key)!r}" for key in RESULT_SETTINGS
-            if saved.get(key) != wanted.get(key)]
 
 
 def run_state(run_dir: Path) -> str:
@@ -363,13 +326,13 @@ class RunLock:
         self.file = None
 
 
-def open_run(config: dict, dist, resume: bool, name_flag: str,
-             check_flags: Callable[[dict], None], lock: RunLock | None = None) -> OpenedRun:
-    """On rank 0: check the run directory; with --resume load the checkpoint, check the flags
+def open_run(config: dict, dist, resume: bool, name_flag: str, check_flags: Callable[[dict], None],
+             runtime: tuple, lock: RunLock | None = None) -> OpenedRun:
+    """On rank 0: check the run directory; when resuming load the checkpoint, check the settings
     against its config (`check_flags(saved config)` raises ValueError) and make that config,
-    with this invocation's runtime settings, the run's. `lock`, taken first, makes this process
-    the run directory's one owner. Every rank gets the outcome (`dist`: a
-    distributed.Distributed); each keeps its own device."""
+    with this invocation's `runtime` entries (where and how fast it runs), the run's. `lock`,
+    taken first, makes this process the run directory's one owner. Every rank gets the outcome
+    (`dist`: a distributed.Distributed); each keeps its own device."""
     if not dist.is_main:
         opened = dist.broadcast(None)
         if opened.error is None:
@@ -387,7 +350,7 @@ def open_run(config: dict, dist, resume: bool, name_flag: str,
         opened = OpenedRun(config, checkpoint)
         if saved is not None:
             check_flags(saved)
-            opened.config = {**saved, **{k: config[k] for k in RUNTIME_CONFIG}}
+            opened.config = {**saved, **{k: config[k] for k in runtime if k in config}}
         if checkpoint is not None:
             saved_world = saved.get("world_size", 1)
             if saved_world != dist.world_size:

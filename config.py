@@ -9,30 +9,21 @@ import math
 import os
 from pathlib import Path
 
-from cli import check_at_least, check_positive, check_range, check_seed, check_t_0, check_which_dataset
+from cli import check_which_dataset
 from engine import effective_amp, resolve_device
 from graphs import use_cuda_graphs
 from models import check_depth, paper_speedup, speedup_estimator
+from spec import check_settings, default_name_labels, flag
 from utils import solve_t_0, split_sizes, steps_per_epoch
 
 
 def check_args(args, explicit: set) -> None:
-    """Raise ValueError, naming the flag, for a value no run can use."""
-    check_t_0("--t_0", args.t_0)
-    check_positive({"--epochs": args.epochs, "--batch_size": args.batch_size, "--depth": args.depth,
-                    "--growth_rate": args.growth_rate, "--subset": args.subset})
-    if args.workers is not None and args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    check_range("--dropout", args.dropout, 0.0, 1.0, high_open=True)
-    check_range("--reduction", args.reduction, 0.0, 1.0, low_open=True)
-    check_at_least("--lr", args.lr, 0.0, strict=True)
-    check_range("--momentum", args.momentum, 0.0, 1.0, high_open=True)
-    check_at_least("--weight-decay", args.weight_decay, 0.0)
-    check_seed("--seed", args.seed)
-    check_range("--target-speedup", args.target_speedup, 0.0, 1.0, low_open=True, high_open=True)
+    """Raise ValueError, naming the flag, for a value no run can use: each setting's own check
+    (spec.py), then those of settings together."""
+    check_settings(args)
     check_which_dataset(args.dataset, args.which_dataset)
     if args.target_speedup is not None and "t_0" in explicit:
-        raise ValueError("give --t_0 or --target-speedup, not both")
+        raise ValueError(f"give {flag('t_0')} or {flag('target_speedup')}, not both")
     check_depth(args.model, args.depth, args.bottleneck)
 
 
@@ -50,14 +41,9 @@ def args_paper_speedup(args, t_0: float):
     return paper_speedup(args.model, args.depth, args.growth_rate, t_0, args.how_scale, args.bottleneck)
 
 
-# Settings that change what a run computes beyond those every default name spells out: each
-# one that differs from its default is added, so that a sweep over it gets a directory per value.
-NAME_LABELS = {"reduction": "red{:g}", "dropout": "drop{:g}", "batch_size": "bs{}", "lr": "lr{:g}",
-               "momentum": "mom{:g}", "weight_decay": "wd{:g}", "augment": "noaug",
-               "eval_mode": {"test": "valtest", "none": "noval"}, "const_time": "consttime", "amp": "{}"}
-
-
 def default_run_name(args, dataset: str, defaults: dict) -> str:
+    """The settings every name spells out, then each result setting with a label in spec.py
+    that differs from its default: a sweep over any of them gets a directory per value."""
     arch = {"densenet": f"densenet{'BC' if args.bottleneck else ''}-L{args.depth}-k{args.growth_rate}",
             "wrn": f"wrn-{args.depth}-{args.growth_rate}", "vgg": f"vgg{args.depth}"}[args.model]
     data = dataset + (f"{args.which_dataset}" if dataset == "synthetic" and args.which_dataset else "")
@@ -65,13 +51,7 @@ def default_run_name(args, dataset: str, defaults: dict) -> str:
     fo = (f"ts{args.target_speedup:g}" if args.target_speedup is not None else f"t0-{args.t_0:g}")
     scaling = "scaled" if args.scale_lr else "unscaled"
     name = f"{arch}_{data}_{args.how_scale}-{scaling}-{fo}_e{args.epochs}_s{args.seed}"
-    extras = []
-    for dest, label in NAME_LABELS.items():
-        value = getattr(args, dest)
-        if value == defaults[dest] or (dest == "reduction" and args.model != "densenet"):
-            continue
-        extras.append(label[value] if isinstance(label, dict) else label.format(value))
-    return "_".join([name, *extras])
+    return "_".join([name, *default_name_labels(args, defaults)])
 
 
 def resolve_config(args, explicit: set, argv, defaults: dict) -> dict:
@@ -88,7 +68,7 @@ def resolve_config(args, explicit: set, argv, defaults: dict) -> dict:
             try:
                 t_0 = solve_t_0(args.target_speedup, estimate, f"{what} for {args.how_scale}")
             except ValueError as e:
-                raise ValueError(f"--target-speedup: {e}") from None
+                raise ValueError(f"{flag('target_speedup')}: {e}") from None
         if args.const_time:  # as many epochs as fit in the baseline's time, by the estimate
             epochs = math.ceil(args.epochs / (1 - estimate(t_0)))
     device = resolve_device(args.device)
@@ -96,7 +76,7 @@ def resolve_config(args, explicit: set, argv, defaults: dict) -> dict:
     use_cuda_graphs(args.cuda_graphs, device, amp, int(os.environ.get("WORLD_SIZE", "1")) > 1)
     name = args.name or default_run_name(args, dataset, defaults)
     if not name or name in (".", "..") or "/" in name or os.sep in name:
-        raise ValueError(f"--name {name!r}: a run name must be a plain file name")
+        raise ValueError(f"{flag('name')} {name!r}: a run name must be a plain file name")
     return {
         "model": args.model, "depth": args.depth, "growth_rate": args.growth_rate,
         "bottleneck": args.bottleneck, "reduction": args.reduction, "dropout": args.dropout,
@@ -115,5 +95,5 @@ def resolve_config(args, explicit: set, argv, defaults: dict) -> dict:
         "workers": args.workers if args.workers is not None else (0 if device.type == "cpu" else 4),
         "out_dir": args.out_dir, "name": name, "run_dir": str(Path(args.out_dir) / name),
         "paper_speedup": args_paper_speedup(args, t_0),
-        "argv": list(argv), "args": vars(args),
+        "argv": list(argv), "args": dict(vars(args)),
     }

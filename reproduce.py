@@ -29,12 +29,9 @@ from typing import Optional
 
 import torch
 
-from checkpoint import run_progress, run_state, saved_config, setting_differences
+from checkpoint import run_progress, run_state, saved_config
 from cli import (
-    AMP_MODES,
-    CUDA_GRAPHS,
     DATASETS,
-    DEVICES,
     HelpFormatter,
     check_positive,
     check_seed,
@@ -63,6 +60,7 @@ from launch import (
 )
 from metrics_logger import read_records
 from models import DEFAULTS, MODELS, build_model, check_depth, model_name
+from spec import BY_DEST, add_settings, setting_differences
 from train import build_parser as train_parser
 from train import parse_args as train_args
 
@@ -363,12 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES),
         help="strategies of the grid (default: all four)")
     add("--seeds", type=int, nargs="+", default=None, help="seeds " + preset_default("seeds"))
-    add("--device", choices=DEVICES, default="auto", help="device of every run")
-    add("--amp", choices=AMP_MODES, default="off", help="mixed precision of every run")
-    add("--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
-        help="every run's training step: one CUDA graph per freeze level (on), eager (off), or on "
-             "wherever supported (auto)")
-    add("--data-root", default="./data", help="where CIFAR lives or is downloaded to")
+    add_settings(p, [BY_DEST[d] for d in ("device", "amp", "cuda_graphs", "data_root")], groups=False,
+                 device={"help": "device of every run"}, amp={"help": "mixed precision of every run"},
+                 cuda_graphs={"help": "every run's training step: one CUDA graph per freeze level (on), eager "
+                                      "(off), or on wherever supported (auto)"})
     add("--rerun-mismatched", action="store_true", default=False,
         help="runs in --out made with other settings (epochs, data, ...) are moved aside "
              "(NAME.mismatched-N) and run again (default: refuse them, naming each setting)")

@@ -33,7 +33,6 @@ from tqdm import tqdm
 
 from checkpoint import (
     RunLock,
-    check_resume_flags,
     describe_checkpoint,
     host_info,
     load_average,
@@ -42,18 +41,7 @@ from checkpoint import (
     save_checkpoint,
     save_first_checkpoint,
 )
-from cli import (
-    AMP_MODES,
-    CUDA_GRAPHS,
-    DATASETS,
-    DEVICES,
-    LOADERS,
-    SCALINGS,
-    HelpFormatter,
-    examples,
-    flag_spellings,
-    ignored_flags_note,
-)
+from cli import HelpFormatter, examples, ignored_flags_note
 from compiled_step import CompiledStep, compiled_forward
 from config import resolve_config
 from distributed import Distributed, check_replicas_agree, init_distributed
@@ -74,8 +62,13 @@ from engine import (
 from graphs import GraphedStep, use_cuda_graphs
 from loaders import choose_loader, load_data, make_loaders
 from metrics_logger import MetricsLogger, WriteError, read_records, write_records
-from models import MODELS, build_model, model_name, resolve_size, run_estimates
+from models import build_model, model_name, resolve_size, run_estimates
+from spec import RESUMABLE, SETTINGS, RunSpec, add_settings, check_resume_flags
 from utils import DataError, RunError, first_frozen_steps, steps_per_epoch
+
+# The config entries a resumed run takes from this invocation rather than its checkpoint: the
+# runtime settings --resume may change, and where the run directory now is.
+RESUMED_FROM_NOW = tuple(sorted(RESUMABLE - {"resume", "name"})) + ("run_dir",)
 
 
 class Stopped(Exception):
@@ -90,121 +83,21 @@ class Stopped(Exception):
 # Command line
 # ---------------------------------------------------------------------------------------
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    """The CLI and every flag's default. Defaults are kept out of the parser so that one parse
-    tells which flags were given (what --resume checks against the saved run). Long because it
-    is the table of every flag, in groups, read top to bottom."""
+    """The CLI, from the run spec's table (spec.py), and every flag's default. Defaults are kept
+    out of the parser so that one parse tells which flags were given (what --resume checks
+    against the saved run)."""
     parser = argparse.ArgumentParser(description="Train a network with FreezeOut (Brock et al. 2017).",
                                      epilog=examples(__doc__), formatter_class=HelpFormatter)
-    defaults = {}
-
-    def add(group, *names, default=None, **kwargs):
-        if kwargs.get("action") in (None, "store") and "(default:" not in kwargs.get("help", ""):
-            kwargs["help"] += f" (default: {default})"
-        action = group.add_argument(*flag_spellings(*names), default=argparse.SUPPRESS, **kwargs)
-        defaults.setdefault(action.dest, default)
-
-    model = parser.add_argument_group("model")
-    add(model, "--model", default="densenet", choices=MODELS,
-        help="architecture: DenseNet(-BC), Wide ResNet or VGG with BatchNorm")
-    add(model, "-L", "--depth", type=int,
-        help="depth L (default: 76 for densenet, 40 for wrn, 16 for vgg)")
-    add(model, "-k", "--growth-rate", type=int,
-        help="DenseNet growth rate or WRN widening factor k; unused by vgg "
-             "(default: 12 for densenet, 4 for wrn)")
-    # Each pair of opposite switches is a mutually exclusive group: given both, argparse
-    # refuses with one line instead of letting the last one win.
-    bottleneck = model.add_mutually_exclusive_group()
-    add(bottleneck, "--bottleneck", dest="bottleneck", action="store_true", default=True,
-        help="DenseNet-BC bottleneck layers; densenet only (the default)")
-    add(bottleneck, "--no-bottleneck", dest="bottleneck", action="store_false",
-        help="plain DenseNet layers; densenet only (default: bottleneck)")
-    add(model, "--reduction", type=float, default=0.5, help="DenseNet transition compression theta")
-    add(model, "--dropout", type=float, default=0.0,
-        help="dropout rate: after each DenseNet convolution, between a WRN block's convolutions, "
-             "before VGG's hidden classifier layers")
-
-    data = parser.add_argument_group("data")
-    add(data, "--dataset", choices=DATASETS,
-        help="data set (default: cifar100, or as --which_dataset says)")
-    add(data, "--which_dataset", type=int, choices=[10, 100],
-        help="2017 spelling: 10 = cifar10, 100 = cifar100; with --dataset synthetic, "
-             "the number of classes (default: 100)")
-    add(data, "--data-root", default="./data", help="where CIFAR lives or is downloaded to")
-    add(data, "--subset", type=int, help="cap every split at its first N images (default: all)")
-    augment = data.add_mutually_exclusive_group()
-    add(augment, "--augment", dest="augment", action="store_true", default=True,
-        help="random crop (pad 4) and horizontal flip (the default)")
-    add(augment, "--no-augment", dest="augment", action="store_false",
-        help="no data augmentation (default: augment)")
-    validate = data.add_mutually_exclusive_group()
-    add(validate, "--validate", dest="eval_mode", action="store_const", const="val", default="val",
-        help="train on the first 45,000 images, evaluate on the last 5,000 each epoch (the default)")
-    add(validate, "--validate-test", dest="eval_mode", action="store_const", const="test",
-        help="train on all 50,000 images, evaluate on the test set each epoch (default: --validate)")
-    add(validate, "--no-validate", dest="eval_mode", action="store_const", const="none",
-        help="train on all 50,000 images, no per-epoch evaluation (default: --validate)")
-    add(data, "--loader", choices=LOADERS, default="auto",
-        help="tensor: the data set stays on the device, augmented in batches there; "
-             "torchvision: DataLoader with per-image transforms (the reference); "
-             "auto: tensor when the data fits in a quarter of the free device memory")
-    add(data, "--workers", type=int,
-        help="worker processes of the torchvision loader (default: 0 on CPU, 4 on a GPU)")
-
-    optim = parser.add_argument_group("optimisation")
-    add(optim, "--epochs", type=int, default=100, help="training epochs")
-    add(optim, "--batch_size", type=int, default=50,
-        help="training batch size, global: under torchrun each of N processes takes 1/N of it")
-    add(optim, "--lr", type=float, default=0.1, help="base learning rate")
-    add(optim, "--momentum", type=float, default=0.9, help="SGD Nesterov momentum")
-    add(optim, "--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    add(optim, "--seed", type=int, default=0, help="random seed")
-
-    fo = parser.add_argument_group("FreezeOut")
-    add(fo, "--t_0", type=float, default=0.8,
-        help="fraction of the run (before scaling) at which the first unit freezes; 1 = baseline")
-    add(fo, "--how_scale", choices=SCALINGS, default="cubic", help="t_i schedule")
-    add(fo, "--no_scale", dest="scale_lr", action="store_false", default=True,
-        help="start every unit at the base learning rate (default: unit i starts at lr / t_i)")
-    add(fo, "--const_time", action="store_true", default=False,
-        help="train 1/(1 - estimated speedup) times as many epochs, rounded up (default: --epochs)")
-    add(fo, "--target-speedup", type=float,
-        help="choose t_0 so that the estimated speedup equals this fraction (default: use --t_0)")
-
-    run = parser.add_argument_group("run")
-    add(run, "--out-dir", default="runs", help="parent directory of run directories")
-    add(run, "--name", "--save-weights", dest="name",
-        help="run name: files go to OUT_DIR/NAME; --save-weights is the 2017 spelling "
-             "(default: derived from the settings)")
-    add(run, "--resume", action="store_true", default=False,
-        help="continue the run in OUT_DIR/NAME from its checkpoint (default: start a new run)")
-    add(run, "--device", choices=DEVICES, default="auto", help="auto = cuda, then mps, then cpu")
-    add(run, "--amp", choices=AMP_MODES, default="off",
-        help="mixed precision: bf16 or fp16 autocast (fp16 with a GradScaler) on any device whose "
-             "autocast has the type (CPUs have both in recent torch); off where it has not (the "
-             "header's amp says which precision ran)")
-    add(run, "--channels-last", action="store_true", default=False,
-        help="channels-last memory format for the model and inputs (default: off)")
-    add(run, "--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
-        help="on: the whole training step as one CUDA graph per freeze level; off: eager; "
-             "auto: on wherever supported (CUDA, no fp16 scaler, one process)")
-    add(run, "--compile", action="store_true", default=False,
-        help="compile the model for the training step with torch.compile, once per freeze level; "
-             "with CUDA graphs, the compiled step is what each graph captures (default: off)")
-    add(run, "--compile-backend", default="inductor",
-        help="torch.compile backend for --compile (aot_eager: compiled graphs without code generation)")
-    return parser, defaults
+    return parser, add_settings(parser, SETTINGS, defaults={})
 
 
 def parse_args(argv):
-    """(parser, args with every default filled in, the set of flags given)."""
+    """(parser, the run's spec with every default filled in, the set of settings given)."""
     parser, defaults = build_parser()
-    args = parser.parse_args(argv)
-    explicit = set(vars(args))
-    for dest, default in defaults.items():
-        if not hasattr(args, dest):
-            setattr(args, dest, default)
-    args.depth, args.growth_rate = resolve_size(args.model, args.depth, args.growth_rate)
-    return parser, args, explicit
+    given = vars(parser.parse_args(argv))
+    values = {**defaults, **given}
+    values["depth"], values["growth_rate"] = resolve_size(values["model"], values["depth"], values["growth_rate"])
+    return parser, RunSpec(**values), set(given)
 
 
 # ---------------------------------------------------------------------------------------
@@ -502,7 +395,7 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
     lock = RunLock(Path(config["run_dir"])) if dist.is_main else None  # rank 0 owns the directory
     try:
         prepared = open_run(config, dist, args.resume, "--name",
-                            lambda saved: check_resume_flags(saved["args"], args, explicit), lock)
+                            lambda saved: check_resume_flags(saved["args"], args, explicit), RESUMED_FROM_NOW, lock)
         if prepared.error is not None:
             if prepared.usage and dist.is_main:
                 parser.print_usage(sys.stderr)

@@ -1,6 +1,5 @@
 """checkpoint.py: what a checkpoint holds and gives back (model, optimizer, scheduler, scaler,
-every RNG), atomic saving when a save is cut short, and which flags --resume may change."""
-import argparse
+every RNG), and atomic saving when a save is cut short."""
 import random
 
 import numpy as np
@@ -9,8 +8,6 @@ import torch
 
 import checkpoint
 from checkpoint import (
-    RUNTIME_FLAGS,
-    check_resume_flags,
     load_checkpoint,
     restore,
     rng_state,
@@ -114,21 +111,6 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
     save_checkpoint(path, t, {}, 2, 12, 2.0, None)  # ... is replaced by the next save
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     assert load_checkpoint(path)["epoch"] == 2
-
-
-def test_resume_may_change_where_and_how_fast_a_run_goes_not_what_it_computes():
-    saved = {"device": "cuda", "workers": 4, "data_root": "/data", "t_0": 0.8, "epochs": 3, "amp": "off"}
-    args = argparse.Namespace(device="cpu", workers=0, data_root="/elsewhere", out_dir="o", name="n",
-                              resume=True, cuda_graphs="off", t_0=0.8, epochs=3, amp="off")
-    check_resume_flags(saved, args, {"device", "workers", "data_root", "out_dir", "name", "resume",
-                                     "cuda_graphs", "t_0", "epochs"})
-    assert {"device", "workers", "data_root", "cuda_graphs"} <= RUNTIME_FLAGS
-    for flag, value in [("t_0", 0.5), ("epochs", 4), ("amp", "bf16")]:
-        changed = argparse.Namespace(**{**vars(args), flag: value})
-        with pytest.raises(ValueError, match=f"--{flag} {value} contradicts the saved run's {flag} = "):
-            check_resume_flags(saved, changed, {flag})
-    # A flag not given on the command line is not compared, whatever its default.
-    check_resume_flags(saved, argparse.Namespace(**{**vars(args), "epochs": 100}), set())
 
 
 def test_a_checkpoint_of_another_kind_is_refused(tmp_path):

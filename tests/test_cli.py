@@ -53,7 +53,7 @@ TRAIN_VALUES = [
     (["--target-speedup", "0"], "--target-speedup must be in (0, 1), got 0.0"),
     (["--target-speedup", "1"], "--target-speedup must be in (0, 1)"),
     (["--target-speedup", "nan"], "--target-speedup must be in (0, 1)"),
-    (["-k", "0"], "--growth_rate must be a positive integer"),
+    (["-k", "0"], "-k/--growth-rate must be a positive integer"),
 ]
 
 

@@ -1,0 +1,292 @@
+"""Every setting of a run, declared once: its flag spellings, default, help, check, whether it
+changes what the run computes (a result setting) or only how it executes (a runtime setting),
+and its label in the default run name. train.py's command line is built from this table, and
+benchmark.py and reproduce.py take their shared flags from it; the checks, the messages that
+name a flag, the default run name, --resume's checks and a grid's reuse of a run all read it.
+
+    parser, defaults = argparse.ArgumentParser(), {}
+    add_settings(parser, SETTINGS, defaults)    # train.py's flags, in groups
+    spec = RunSpec(**settings)                  # immutable once parsed
+    flag("growth_rate")                         # "-k/--growth-rate": how messages name it
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from cli import (
+    AMP_MODES,
+    CUDA_GRAPHS,
+    DATASETS,
+    DEVICES,
+    LOADERS,
+    SCALINGS,
+    check_at_least,
+    check_positive,
+    check_range,
+    check_seed,
+    check_t_0,
+    flag_spellings,
+)
+from models import MODELS
+
+Check = Callable[[str, Any], None]  # check(flag, value) raises ValueError naming the flag
+
+
+def positive(flag: str, value) -> None:
+    check_positive({flag: value})
+
+
+def at_least_zero(flag: str, value) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{flag} must be >= 0, got {value}")
+
+
+def in_range(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Check:
+    return lambda flag, value: check_range(flag, value, low, high, low_open, high_open)
+
+
+def finite_at_least(low: float, strict: bool = False) -> Check:
+    return lambda flag, value: check_at_least(flag, value, low, strict)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting. `flags`: its spellings as declared (the other spelling of each long one is
+    added: --batch_size and --batch-size). `switches` replace `flags` for a setting chosen by
+    switches, each (flag, value it sets, help); several are mutually exclusive. `result`: the
+    setting changes what the run computes (else it is how the run executes, and --resume may
+    change it). `label`: its part of the default run name where it differs from its default."""
+    dest: str
+    group: str
+    default: Any
+    help: str = ""
+    flags: tuple = ()
+    switches: tuple = ()
+    type: Optional[type] = None
+    choices: Optional[tuple] = None
+    result: bool = True
+    check: Optional[Check] = None
+    label: Any = None
+    length: bool = False  # fixes the schedule's length (T = epochs x steps per epoch)
+    metavar: Optional[str] = None
+    # A runtime setting --resume still may not change: the loader's position in an epoch is
+    # its own (the tensor loader's and torchvision's batches differ).
+    fixed_on_resume: bool = False
+
+    @property
+    def resumable(self) -> bool:
+        """--resume may give it another value."""
+        return not self.result and not self.fixed_on_resume
+
+    @property
+    def flag(self) -> str:
+        """How messages name the setting: its short flag and first long one (-k/--growth-rate,
+        --t_0, --name), or its switches (--validate/--validate-test/--no-validate)."""
+        if not self.flags:
+            return "/".join(s[0] for s in self.switches)
+        long = [f for f in self.flags if f.startswith("--")]
+        return "/".join([f for f in self.flags if not f.startswith("--")] + long[:1])
+
+
+# train.py's settings, in the order of its -h.
+SETTINGS = (
+    # model
+    Setting("model", "model", "densenet", "architecture: DenseNet(-BC), Wide ResNet or VGG with BatchNorm",
+            flags=("--model",), choices=MODELS),
+    Setting("depth", "model", None, "depth L (default: 76 for densenet, 40 for wrn, 16 for vgg)",
+            flags=("-L", "--depth"), type=int, check=positive),
+    Setting("growth_rate", "model", None, "DenseNet growth rate or WRN widening factor k; unused by vgg "
+            "(default: 12 for densenet, 4 for wrn)", flags=("-k", "--growth-rate"), type=int, check=positive),
+    Setting("bottleneck", "model", True, switches=(
+        ("--bottleneck", True, "DenseNet-BC bottleneck layers; densenet only (the default)"),
+        ("--no-bottleneck", False, "plain DenseNet layers; densenet only (default: bottleneck)"))),
+    Setting("reduction", "model", 0.5, "DenseNet transition compression theta", flags=("--reduction",),
+            type=float, check=in_range(0.0, 1.0, low_open=True), label="red{:g}"),
+    Setting("dropout", "model", 0.0, "dropout rate: after each DenseNet convolution, between a WRN block's "
+            "convolutions, before VGG's hidden classifier layers", flags=("--dropout",), type=float,
+            check=in_range(0.0, 1.0, high_open=True), label="drop{:g}"),
+    # data
+    Setting("dataset", "data", None, "data set (default: cifar100, or as --which_dataset says)",
+            flags=("--dataset",), choices=DATASETS),
+    Setting("which_dataset", "data", None, "2017 spelling: 10 = cifar10, 100 = cifar100; with --dataset "
+            "synthetic, the number of classes (default: 100)", flags=("--which_dataset",), type=int,
+            choices=(10, 100)),
+    Setting("data_root", "data", "./data", "where CIFAR lives or is downloaded to", flags=("--data-root",),
+            result=False),
+    Setting("subset", "data", None, "cap every split at its first N images (default: all)", flags=("--subset",),
+            type=int, check=positive, length=True),
+    Setting("augment", "data", True, switches=(
+        ("--augment", True, "random crop (pad 4) and horizontal flip (the default)"),
+        ("--no-augment", False, "no data augmentation (default: augment)")), label="noaug"),
+    Setting("eval_mode", "data", "val", switches=(
+        ("--validate", "val", "train on the first 45,000 images, evaluate on the last 5,000 each epoch "
+                              "(the default)"),
+        ("--validate-test", "test", "train on all 50,000 images, evaluate on the test set each epoch "
+                                    "(default: --validate)"),
+        ("--no-validate", "none", "train on all 50,000 images, no per-epoch evaluation (default: --validate)")),
+        label={"test": "valtest", "none": "noval"}, length=True),
+    Setting("loader", "data", "auto", "tensor: the data set stays on the device, augmented in batches there; "
+            "torchvision: DataLoader with per-image transforms (the reference); auto: tensor when the data "
+            "fits in a quarter of the free device memory", flags=("--loader",), choices=LOADERS, result=False,
+            fixed_on_resume=True),
+    Setting("workers", "data", None, "worker processes of the torchvision loader (default: 0 on CPU, 4 on a "
+            "GPU)", flags=("--workers",), type=int, check=at_least_zero, result=False),
+    # optimisation
+    Setting("epochs", "optimisation", 100, "training epochs", flags=("--epochs",), type=int, check=positive,
+            length=True),
+    Setting("batch_size", "optimisation", 50, "training batch size, global: under torchrun each of N "
+            "processes takes 1/N of it", flags=("--batch_size",), type=int, check=positive, label="bs{}",
+            length=True),
+    Setting("lr", "optimisation", 0.1, "base learning rate", flags=("--lr",), type=float,
+            check=finite_at_least(0.0, strict=True), label="lr{:g}"),
+    Setting("momentum", "optimisation", 0.9, "SGD Nesterov momentum", flags=("--momentum",), type=float,
+            check=in_range(0.0, 1.0, high_open=True), label="mom{:g}"),
+    Setting("weight_decay", "optimisation", 1e-4, "SGD weight decay", flags=("--weight-decay",), type=float,
+            check=finite_at_least(0.0), label="wd{:g}"),
+    Setting("seed", "optimisation", 0, "random seed", flags=("--seed",), type=int, check=check_seed),
+    # FreezeOut
+    Setting("t_0", "FreezeOut", 0.8, "fraction of the run (before scaling) at which the first unit freezes; "
+            "1 = baseline", flags=("--t_0",), type=float, check=check_t_0),
+    Setting("how_scale", "FreezeOut", "cubic", "t_i schedule", flags=("--how_scale",), choices=SCALINGS),
+    Setting("scale_lr", "FreezeOut", True, switches=(
+        ("--no_scale", False, "start every unit at the base learning rate (default: unit i starts at "
+                              "lr / t_i)"),)),
+    Setting("const_time", "FreezeOut", False, switches=(
+        ("--const_time", True, "train 1/(1 - estimated speedup) times as many epochs, rounded up "
+                               "(default: --epochs)"),), label="consttime", length=True),
+    Setting("target_speedup", "FreezeOut", None, "choose t_0 so that the estimated speedup equals this "
+            "fraction (default: use --t_0)", flags=("--target-speedup",), type=float,
+            check=in_range(0.0, 1.0, low_open=True, high_open=True)),
+    # run
+    Setting("out_dir", "run", "runs", "parent directory of run directories", flags=("--out-dir",), result=False),
+    Setting("name", "run", None, "run name: files go to OUT_DIR/NAME; --save-weights is the 2017 spelling "
+            "(default: derived from the settings)", flags=("--name", "--save-weights"), result=False),
+    Setting("resume", "run", False, switches=(
+        ("--resume", True, "continue the run in OUT_DIR/NAME from its checkpoint (default: start a new run)"),),
+        result=False),
+    Setting("device", "run", "auto", "auto = cuda, then mps, then cpu", flags=("--device",), choices=DEVICES,
+            result=False),
+    Setting("amp", "run", "off", "mixed precision: bf16 or fp16 autocast (fp16 with a GradScaler) on any "
+            "device whose autocast has the type (CPUs have both in recent torch); off where it has not (the "
+            "header's amp says which precision ran)", flags=("--amp",), choices=AMP_MODES, label="{}"),
+    Setting("channels_last", "run", False, switches=(
+        ("--channels-last", True, "channels-last memory format for the model and inputs (default: off)"),),
+        result=False, fixed_on_resume=True),
+    Setting("cuda_graphs", "run", "auto", "on: the whole training step as one CUDA graph per freeze level; "
+            "off: eager; auto: on wherever supported (CUDA, no fp16 scaler, one process)",
+            flags=("--cuda-graphs",), choices=CUDA_GRAPHS, result=False),
+    Setting("compile", "run", False, switches=(
+        ("--compile", True, "compile the model for the training step with torch.compile, once per freeze "
+                            "level; with CUDA graphs, the compiled step is what each graph captures "
+                            "(default: off)"),), result=False),
+    Setting("compile_backend", "run", "inductor", "torch.compile backend for --compile (aot_eager: compiled "
+            "graphs without code generation)", flags=("--compile-backend",), result=False),
+    Setting("dist_timeout", "run", 10.0, "minutes a torchrun process waits for the others at a collective "
+            "before it ends the job, naming the process it waited for", flags=("--dist-timeout",), type=float,
+            check=finite_at_least(0.0, strict=True), result=False),
+)
+BY_DEST = {s.dest: s for s in SETTINGS}
+GROUPS = ("model", "data", "optimisation", "FreezeOut", "run")
+RESULT = frozenset(s.dest for s in SETTINGS if s.result)
+RUNTIME = frozenset(s.dest for s in SETTINGS if not s.result)
+RESUMABLE = frozenset(s.dest for s in SETTINGS if s.resumable)
+LENGTH = frozenset(s.dest for s in SETTINGS if s.length)
+
+RunSpec = dataclasses.make_dataclass(
+    "RunSpec", [(s.dest, Any) for s in SETTINGS], frozen=True,
+    namespace={"__doc__": "train.py's settings as parsed, every default filled in: immutable."})
+
+
+def flag(dest: str) -> str:
+    """How messages name a setting."""
+    return BY_DEST[dest].flag
+
+
+def add_settings(parser: argparse.ArgumentParser, settings=SETTINGS, defaults: Optional[dict] = None,
+                 groups: bool = True, **overrides: dict) -> dict:
+    """Add `settings` to `parser`, in argument groups (`groups`). With a `defaults` dict the
+    parser's defaults are left out (argparse.SUPPRESS, so that one parse tells which flags were
+    given) and collected there; else they are the parser's own. `overrides[dest]`: keyword
+    changes of one setting for this script (its help or default). Returns `defaults`."""
+    made, collect = {}, defaults is not None
+    defaults = {} if defaults is None else defaults
+    for s in settings:
+        s = dataclasses.replace(s, **overrides.get(s.dest, {}))
+        if groups and s.group not in made:
+            made[s.group] = parser.add_argument_group(s.group)
+        target = made[s.group] if groups else parser
+        default = argparse.SUPPRESS if collect else s.default
+        defaults.setdefault(s.dest, s.default)
+        if s.switches:
+            if len(s.switches) > 1:  # given both, argparse refuses with one line
+                target = target.add_mutually_exclusive_group()
+            for spelling, value, text in s.switches:
+                target.add_argument(*flag_spellings(spelling), dest=s.dest, action="store_const", const=value,
+                                    default=default, help=text)
+            continue
+        text = s.help if "(default:" in s.help else f"{s.help} (default: {s.default})"
+        kwargs = {"type": s.type} if s.type else {}
+        target.add_argument(*flag_spellings(*s.flags), dest=s.dest, default=default, help=text,
+                            choices=list(s.choices) if s.choices else None, metavar=s.metavar, **kwargs)
+    return defaults
+
+
+def check_settings(values, names=None) -> None:
+    """Each setting's own check (ValueError naming its flag) on `values` (a spec or args)."""
+    for s in SETTINGS if names is None else [BY_DEST[n] for n in names]:
+        if s.check is not None:
+            s.check(s.flag, getattr(values, s.dest))
+
+
+# ---------------------------------------------------------------------------------------
+# Comparing runs
+# ---------------------------------------------------------------------------------------
+# The config record's entries that a result setting becomes (--which_dataset is resolved into
+# dataset and synthetic_classes; epochs under --const_time are the resolved count).
+RESULT_CONFIG_KEYS = tuple(k for s in SETTINGS if s.result for k in
+                           {"which_dataset": ("synthetic_classes",)}.get(s.dest, (s.dest,)))
+
+
+def setting_differences(saved: dict, wanted: dict) -> list[str]:
+    """One phrase per result setting on which two config records differ."""
+    return [f"{key} = {saved.get(key)!r}, not {wanted.get(key)!r}" for key in RESULT_CONFIG_KEYS
+            if saved.get(key) != wanted.get(key)]
+
+
+def check_resume_flags(saved_args: dict, spec, explicit: set) -> None:
+    """Settings given with --resume must agree with the saved run, the runtime ones that may
+    change aside: ValueError naming the first that does not, and why."""
+    for dest in sorted(explicit - RESUMABLE):
+        given, was = getattr(spec, dest), saved_args.get(dest)
+        if given != was:
+            why = ("FreezeOut's schedule is set by the run's length (every unit freezes at its fraction of "
+                   "all the steps), so a run of another length freezes its units at other steps than this "
+                   "one did" if dest in LENGTH else "a run continues with the settings it started with")
+            name = flag(dest)
+            raise ValueError(f"--resume: {name} {given} contradicts the saved run's {dest} = {was}: {why}; "
+                             f"leave {name} out to continue this run, or start a new run with it under "
+                             f"another --name")
+
+
+# The order of the labels in a default run name (the order names have always had).
+NAME_ORDER = ("reduction", "dropout", "batch_size", "lr", "momentum", "weight_decay", "augment", "eval_mode",
+              "const_time", "amp")
+
+
+def default_name_labels(spec, defaults: dict) -> list[str]:
+    """The default run name's parts for result settings that differ from their defaults and
+    have a label (those every name spells out have none)."""
+    parts = []
+    for s in sorted((s for s in SETTINGS if s.label is not None), key=lambda s: NAME_ORDER.index(s.dest)):
+        value = getattr(spec, s.dest)
+        if s.label is None or value == defaults[s.dest] or (s.dest == "reduction" and spec.model != "densenet"):
+            continue
+        parts.append(s.label[value] if isinstance(s.label, dict) else s.label.format(value))
+    return parts
+
+
+__all__ = ["Setting", "SETTINGS", "RunSpec", "RESULT", "RUNTIME", "flag", "add_settings", "check_settings",
+           "setting_differences", "check_resume_flags", "default_name_labels"]
