@@ -4,8 +4,8 @@ read without running any pickled code.
 - `save_checkpoint` / `load_checkpoint`: the format (state_dicts, epoch, step, position inside
   the epoch, every rank's RNG state, the config), `torch.load(weights_only=True)`.
 - `restore`: a checkpoint back into model, optimizer, scheduler, scaler and RNGs.
-- `open_run`, `prepare_run_dir`, `check_resume_flags`: a new run never overwrites an old one;
-  --resume continues one and refuses flags that contradict it; a run that stopped before its
+- `open_run`, `prepare_run_dir`: a new run never overwrites an old one; resuming continues one
+  (the settings it may not change are checked by the caller); a run that stopped before its
   first checkpoint (only its config record written) starts again from step 0.
 - `save_first_checkpoint`: the step-0 checkpoint, written as soon as a run starts, so that
   every run can be continued at every moment; `describe_checkpoint` says which one exists.
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from metrics_logger import read_records, write_atomically
-from utils import RunError
+from utils import RunError, setting
 
 CHECKPOINT_FORMAT = "freezeout-checkpoint-v1"
 
@@ -106,7 +106,7 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as e:
         raise RunError(f"{path} is not a loadable FreezeOut checkpoint ({one_line(e)}); the run cannot be "
                        f"continued from it (its metrics.jsonl keeps the epochs recorded so far): start it "
-                       f"again under another --name, or remove {path.parent} to reuse its name") from None
+                       f"again under another {setting('name')}, or remove {path.parent} to reuse its name") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a FreezeOut checkpoint of this project")
     return state
@@ -139,8 +139,7 @@ def restore(checkpoint: dict, training) -> None:
     set_rng_state(checkpoint["rng"][training.dist.rank])
 
 
-def prepare_run_dir(run_dir: Path, out_dir: str, resume: bool,
-                    name_flag: str) -> tuple[dict | None, dict | None]:
+def prepare_run_dir(run_dir: Path, out_dir: str, resume: bool) -> tuple[dict | None, dict | None]:
     """(the checkpoint to resume, the saved config): (None, None) for a new run, after checking
     that it would overwrite nothing and that its directory can be made; (None, the config
     record's settings) for a run to start again because it stopped before its first checkpoint."""
@@ -151,18 +150,18 @@ def prepare_run_dir(run_dir: Path, out_dir: str, resume: bool,
             return checkpoint, checkpoint["config"]
         saved = started_config(run_dir)
         if saved is None:
-            raise RunError(f"--resume: no checkpoint in {run_dir} and no run started there; "
-                           f"start it without --resume")
+            raise RunError(f"{setting('resume')}: no checkpoint in {run_dir} and no run started there; "
+                           f"start it without {setting('resume')}")
         return None, saved
     if ckpt_path.exists() or holds_records(run_dir / "metrics.jsonl"):
-        raise RunError(f"{run_dir} already holds a run: continue it with --resume, "
-                       f"or start a new one with {name_flag} NAME")
+        raise RunError(f"{run_dir} already holds a run: continue it with {setting('resume')}, "
+                       f"or start a new one with {setting('name')} NAME")
     # The directory itself is made once the data has loaded: a failed start leaves nothing.
     existing = run_dir
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise RunError(f"--out-dir {out_dir}: cannot create {run_dir} "
+        raise RunError(f"{setting('out_dir')} {out_dir}: cannot create {run_dir} "
                        f"({existing} is not a writable directory)")
     return None, None
 
@@ -300,7 +299,7 @@ class RunLock:
             owner = f.read().split() or ["?", "?"]
             f.close()
             raise RunBusy(f"{self.run_dir} is in use by another run (pid {owner[0]} on {owner[-1]}); "
-                          f"wait for it to end, or give this one another --name") from None
+                          f"wait for it to end, or give this one another {setting('name')}") from None
         except OSError as e:  # a file system without locks (some network mounts)
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
@@ -326,7 +325,7 @@ class RunLock:
         self.file = None
 
 
-def open_run(config: dict, dist, resume: bool, name_flag: str, check_flags: Callable[[dict], None],
+def open_run(config: dict, dist, resume: bool, check_flags: Callable[[dict], None],
              runtime: tuple, lock: RunLock | None = None) -> OpenedRun:
     """On rank 0: check the run directory; when resuming load the checkpoint, check the settings
     against its config (`check_flags(saved config)` raises ValueError) and make that config,
@@ -344,7 +343,7 @@ def open_run(config: dict, dist, resume: bool, name_flag: str, check_flags: Call
         # made and locked once the checks pass (of two runs started at once, one gets it).
         if lock is not None and run_dir.exists():
             lock.acquire()
-        checkpoint, saved = prepare_run_dir(run_dir, config["out_dir"], resume, name_flag)
+        checkpoint, saved = prepare_run_dir(run_dir, config["out_dir"], resume)
         if lock is not None and not lock.held:
             lock.acquire()
         opened = OpenedRun(config, checkpoint)
@@ -354,7 +353,7 @@ def open_run(config: dict, dist, resume: bool, name_flag: str, check_flags: Call
         if checkpoint is not None:
             saved_world = saved.get("world_size", 1)
             if saved_world != dist.world_size:
-                raise RunError(f"--resume: the run was trained by {saved_world} process(es); "
+                raise RunError(f"{setting('resume')}: the run was trained by {saved_world} process(es); "
                                f"resume it with the same number (this is {dist.world_size})")
             summaries = read_records(run_dir / "metrics.jsonl", "summary")
             opened.finished = summaries[-1] if summaries else None

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from distributed import DDPModel, Distributed
 from freezeout import FreezeOut, param_groups
-from utils import RunError
+from utils import RunError, setting
 
 PROGRESS_EVERY = 20  # steps between reads of the loss (each read waits for the device)
 NO_STEP = 2 ** 62  # "no non-finite loss yet": larger than any step
@@ -51,11 +51,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available (try --device cpu or auto)")
+        raise ValueError(f"{setting('device')} cuda: no CUDA GPU is available (try {setting('device')} cpu or auto)")
     if name == "mps" and not has_mps:
-        raise ValueError("--device mps: Apple's MPS backend is not available (try --device cpu or auto)")
+        raise ValueError(f"{setting('device')} mps: Apple's MPS backend is not available (try {setting('device')} "
+                         "cpu or auto)")
     if name not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name}: unknown device (choose auto, cpu, cuda or mps)")
+        raise ValueError(f"{setting('device')} {name}: unknown device (choose auto, cpu, cuda or mps)")
     return torch.device(name)
 
 

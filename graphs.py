@@ -1,7 +1,7 @@
 """The training step as CUDA graphs: one graph per freeze level, replayed from static input
 buffers, with the learning rates on the device.
 
-- `use_cuda_graphs`, `graphs_unsupported`: --cuda-graphs, and why a step runs eagerly.
+- `use_cuda_graphs`, `graphs_unsupported`: the cuda_graphs setting, and why a step runs eagerly.
 - `GraphedStep`: the step object `engine.train_one_epoch` calls, in place of `EagerStep`.
 - `CudaGraphs` captures on a GPU; `EagerGraphs` stands in for it on a CPU, so that the CPU
   tests the same logic (rates table, static buffers, when to capture).
@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from engine import Training, autocast_for
+from utils import setting
 
 GRAPH_WARMUP_STEPS = 2    # eager steps before a process's first capture (cuDNN, allocator, lazy init)
 GRAPH_MIN_STEPS = 8       # capture a level only if it lasts this many steps: a capture costs a few
@@ -39,13 +40,13 @@ def graphs_unsupported(device: torch.device, amp: str, distributed: bool) -> str
 
 
 def use_cuda_graphs(mode: str, device: torch.device, amp: str, distributed: bool) -> tuple[bool, str | None]:
-    """--cuda-graphs: "off"; "on" (ValueError where unsupported); "auto" (on wherever
+    """The cuda_graphs setting: "off"; "on" (ValueError where unsupported); "auto" (on wherever
     supported). Returns (graphed, why not: a line to print where CUDA runs eagerly under auto)."""
     why = graphs_unsupported(device, amp, distributed)
     if mode == "off":
         return False, None
     if mode == "on" and why is not None:
-        raise ValueError(f"--cuda-graphs on: {why}")
+        raise ValueError(f"{setting('cuda_graphs')} on: {why}")
     return why is None, why if device.type == "cuda" else None
 
 
@@ -199,8 +200,8 @@ class GraphedStep:
                  warmup: int = GRAPH_WARMUP_STEPS, min_steps: int = GRAPH_MIN_STEPS,
                  forward: Callable[[torch.Tensor], torch.Tensor] | None = None, level_warmup: int = 0):
         t = self.training = training
-        # The model's forward (a compiled one under --compile), and the uncaptured steps each
-        # level needs first (1 under --compile: the level's compile must not happen in a capture).
+        # The model's forward (a compiled one when compiling), and the uncaptured steps each
+        # level needs first (1 when compiling: the level's compile must not happen in a capture).
         self.forward = forward or t.model
         self.level_warmup, self.level_steps, self.level = level_warmup, 0, None
         device = t.device

@@ -189,7 +189,7 @@ def fits_on_device(data: Sequence[ImageSet], device: torch.device, fraction: flo
 
 
 def choose_loader(kind: str, splits: Splits, device: torch.device) -> str:
-    """--loader auto: the tensor loader when the data fits on the device, else torchvision."""
+    """The loader "auto": the tensor loader when the data fits on the device, else torchvision."""
     if kind != "auto":
         return kind
     data = [d for d in (splits.train, splits.eval, splits.test) if d is not None]

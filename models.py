@@ -15,7 +15,14 @@ from torch import nn
 
 from densenet import DenseNet, layers_per_block
 from freezeout import unit_times
-from utils import ESTIMATE_INPUT, densenet_bc_speedup, schedule_speedup, training_flops_by_level, unit_flops
+from utils import (
+    ESTIMATE_INPUT,
+    densenet_bc_speedup,
+    schedule_speedup,
+    setting,
+    training_flops_by_level,
+    unit_flops,
+)
 from vgg import VGG, config_for_depth
 from wrn import WideResNet, blocks_per_group
 
@@ -42,7 +49,7 @@ def check_depth(model: str, depth: int, bottleneck: bool = True) -> None:
         else:
             config_for_depth(depth)
     except ValueError as e:
-        raise ValueError(f"-L/--depth: {e}") from None
+        raise ValueError(f"{setting('depth')}: {e}") from None
 
 
 def build_model(model: str, depth: int, width: Optional[int], num_classes: int,

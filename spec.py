@@ -31,6 +31,7 @@ from cli import (
     flag_spellings,
 )
 from models import MODELS
+from utils import name_settings
 
 Check = Callable[[str, Any], None]  # check(flag, value) raises ValueError naming the flag
 
@@ -203,6 +204,16 @@ RunSpec = dataclasses.make_dataclass(
 def flag(dest: str) -> str:
     """How messages name a setting."""
     return BY_DEST[dest].flag
+
+
+def message_name(name: str) -> str:
+    """A setting as the command line's messages name it: its flag (other names as they are)."""
+    return flag(name) if name in BY_DEST else name
+
+
+# The machinery's messages name settings; with the command line built from this table, they
+# name them by their flags.
+name_settings(message_name)
 
 
 def add_settings(parser: argparse.ArgumentParser, settings=SETTINGS, defaults: Optional[dict] = None,

@@ -394,7 +394,7 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
         print(f"{parser.prog}: {note}", file=sys.stderr)
     lock = RunLock(Path(config["run_dir"])) if dist.is_main else None  # rank 0 owns the directory
     try:
-        prepared = open_run(config, dist, args.resume, "--name",
+        prepared = open_run(config, dist, args.resume,
                             lambda saved: check_resume_flags(saved["args"], args, explicit), RESUMED_FROM_NOW, lock)
         if prepared.error is not None:
             if prepared.usage and dist.is_main:

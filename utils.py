@@ -46,6 +46,23 @@ class RunError(Exception):
     """A problem with the run's files or its progress (divergence), reported as one line."""
 
 
+# How messages name a setting. The machinery knows settings by their names (data_root,
+# batch_size); the command-line layer (spec.py) installs its flag spellings here, so that its
+# users read its flag. Elsewhere a message reads the name, "data_root".
+_setting_name = str
+
+
+def setting(name: str) -> str:
+    """A setting as messages name it."""
+    return _setting_name(name)
+
+
+def name_settings(namer) -> None:
+    """Make messages name each setting as `namer(name)` says (spec.flag: its flag)."""
+    global _setting_name
+    _setting_name = namer
+
+
 # ---------------------------------------------------------------------------------------
 # The paper's speedup estimate
 # ---------------------------------------------------------------------------------------
@@ -161,9 +178,9 @@ class Splits:
 def check_data_root(root: str | os.PathLike) -> Path:
     root = Path(root)
     if root.exists() and not root.is_dir():
-        raise DataError(f"--data-root {root} is not a directory")
+        raise DataError(f"{setting('data_root')} {root} is not a directory")
     if root.is_dir() and not os.access(root, os.R_OK | os.X_OK):
-        raise DataError(f"--data-root {root} is not readable")
+        raise DataError(f"{setting('data_root')} {root} is not readable")
     return root
 
 
@@ -191,8 +208,9 @@ def load_cifar(name: str, root: str | os.PathLike) -> tuple[ImageSet, ImageSet]:
                 raise DataError(f"{pretty} files under {root} are missing or corrupted (checksum "
                                 f"mismatch) and a fresh copy could not be downloaded ({reason}); "
                                 f"replace them with a good copy or delete {root / cls.base_folder}") from None
+            where, synthetic = setting("data_root"), setting("dataset")
             raise DataError(f"{pretty} could not be found under {root} or downloaded ({reason}); "
-                            f"pass --data-root with a copy of it, or use --dataset synthetic") from None
+                            f"pass {where} with a copy of it, or use {synthetic} synthetic") from None
     return _to_imageset(train), _to_imageset(test)
 
 
@@ -341,7 +359,7 @@ def steps_per_epoch(train_images: int, batch_size: int, world_size: int = 1) -> 
     torchrun, where `batch_size` is the global batch). ValueError when there is none."""
     steps = (train_images // world_size) // (batch_size // world_size)
     if steps == 0:
-        raise ValueError(f"--batch_size {batch_size} is larger than the training set "
+        raise ValueError(f"{setting('batch_size')} {batch_size} is larger than the training set "
                          f"({train_images} images)")
     return steps
 

@@ -114,3 +114,25 @@ def test_the_scripts_share_the_specs_flags_and_defaults():
             s = trained[dest]
             assert set(spec.flag_spellings(*s.flags)) <= set(own[dest].option_strings), dest
             assert (list(s.choices) if s.choices else None) == own[dest].choices, dest
+
+
+def test_the_machinery_names_settings_not_flags(tmp_path):
+    """engine, graphs, loaders, utils and checkpoint speak of settings; the command line's
+    spelling of them comes from the spec, which installs it for their messages."""
+    import re
+    from pathlib import Path
+
+    import utils
+    root = Path(spec.__file__).parent
+    for module in ("engine.py", "graphs.py", "loaders.py", "utils.py", "checkpoint.py"):
+        assert not re.search(r"--[a-z]", (root / module).read_text()), module
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    with pytest.raises(utils.DataError, match=r"^--data-root .* is not a directory$"):
+        utils.check_data_root(afile)
+    utils.name_settings(str)  # as the library reads without the command line
+    try:
+        with pytest.raises(utils.DataError, match=r"^data_root .* is not a directory$"):
+            utils.check_data_root(afile)
+    finally:
+        utils.name_settings(spec.message_name)
