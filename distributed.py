@@ -7,7 +7,9 @@ needs, and the model wrapped in DistributedDataParallel over the parameters stil
 """
 from __future__ import annotations
 
+import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    monitor: object = None  # a Gloo group for `unanswered`
 
     @property
     def enabled(self) -> bool:
@@ -44,6 +47,19 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def unanswered(self, seconds: float = 10.0) -> list[int]:
+        """The ranks that do not reach a barrier within `seconds`, as this rank can tell: after
+        a collective timed out, the process that stopped answering. Rank 0 hears from every
+        rank; another rank can tell only that rank 0 did not answer ([0]) or that it did ([])."""
+        import torch.distributed as dist
+        try:
+            dist.monitored_barrier(group=self.monitor, timeout=datetime.timedelta(seconds=seconds),
+                                   wait_all_ranks=True)
+        except RuntimeError as e:
+            listed = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
+            return [int(r) for r in re.findall(r"\d+", listed.group(1))] if listed else [0]
+        return []
+
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
         if not self.enabled:
@@ -54,9 +70,10 @@ class Distributed:
         return out
 
 
-def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> tuple[Distributed, torch.device]:
     """Join torchrun's process group when there is one (WORLD_SIZE > 1): NCCL with one GPU per
-    process (LOCAL_RANK), Gloo on CPUs. Returns this process's place and its device."""
+    process (LOCAL_RANK), Gloo on CPUs; a collective waits `timeout_minutes` for the other
+    processes before it fails. Returns this process's place and its device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Distributed(), device
@@ -66,8 +83,11 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world_size, local_rank), device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    # A group of its own for finding out who stopped answering once a collective timed out.
+    monitor = dist.new_group(backend="gloo")
+    return Distributed(rank, world_size, local_rank, monitor), device
 
 
 class DDPModel:

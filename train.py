@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -63,7 +64,7 @@ from graphs import GraphedStep, use_cuda_graphs
 from loaders import choose_loader, load_data, make_loaders
 from metrics_logger import MetricsLogger, WriteError, read_records, write_records
 from models import build_model, model_name, resolve_size, run_estimates
-from spec import RESUMABLE, SETTINGS, RunSpec, add_settings, check_resume_flags
+from spec import RESUMABLE, SETTINGS, RunSpec, add_settings, check_resume_flags, flag
 from utils import DataError, RunError, first_frozen_steps, steps_per_epoch
 
 # The config entries a resumed run takes from this invocation rather than its checkpoint: the
@@ -346,7 +347,8 @@ def continue_command(args, config: dict, world_size: int = 1) -> str:
              ("--workers", args.workers, defaults["workers"]),
              ("--cuda-graphs", args.cuda_graphs, defaults["cuda_graphs"]),
              ("--compile", args.compile, defaults["compile"]),
-             ("--compile-backend", args.compile_backend, defaults["compile_backend"])]
+             ("--compile-backend", args.compile_backend, defaults["compile_backend"]),
+             ("--dist-timeout", args.dist_timeout, defaults["dist_timeout"])]
     words = launcher + [w for flag, value, default in flags if value != default
                         for w in ((flag,) if value is True else (flag, str(value)))]
     return " ".join(shlex.quote(w) for w in words + ["--resume"])
@@ -376,6 +378,16 @@ def failure(error: BaseException, config: dict, resume_hint: str | None) -> str:
     return str(error)
 
 
+def no_answer(rank: int, silent: list, minutes: float, config: dict, resume_hint: str | None) -> str:
+    """The one line for a torchrun job ended by a collective that timed out."""
+    who = (f"rank {', '.join(map(str, silent))} stopped answering (stuck, stopped or dead)" if silent
+           else "every rank answers again: the network or a slow rank held one up")
+    kept = f"; continue with: {resume_hint}" if resume_hint and (Path(config["run_dir"]) / "checkpoint.pt").exists() \
+        else ""
+    return (f"rank {rank} waited {minutes:g} min ({flag('dist_timeout')}) at a collective: {who}; the job ends, "
+            f"its last checkpoint kept{kept}")
+
+
 def main(argv=None, *, resume_hint: bool = True) -> dict:
     """Train as the command line says; return the run's summary record. A run that stops
     early raises SystemExit after one line on stderr ending, where it can be continued, with
@@ -387,7 +399,7 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
         config = resolve_config(args, explicit, argv, build_parser()[1])
     except ValueError as e:  # a flag value no run can use
         parser.error(str(e))
-    dist, device = init_distributed(torch.device(config["device"]))
+    dist, device = init_distributed(torch.device(config["device"]), args.dist_timeout)
     config["device"] = str(device)
     note = ignored_flags_note(args.model, {dest: getattr(args, dest) for dest in explicit})
     if note and dist.is_main:
@@ -417,6 +429,15 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
             print(f"{parser.prog}: {prefix}{failure(e, config, command)}", file=sys.stderr)
         stopped = 128 + e.signum if isinstance(e, Stopped) else 128 + signal.SIGINT
         raise SystemExit(stopped if isinstance(e, (Stopped, KeyboardInterrupt)) else 1) from None
+    except RuntimeError as e:
+        if not (dist.enabled and re.search(r"time[sd]? ?out", str(e), re.IGNORECASE)):
+            raise
+        silent = dist.unanswered()  # who stopped answering, as far as this rank can tell
+        if dist.is_main or silent == [0]:
+            command = continue_command(args, config, dist.world_size) if resume_hint else None
+            print(f"{parser.prog}: error: {no_answer(dist.rank, silent, args.dist_timeout, config, command)}",
+                  file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         if lock is not None:
             lock.release()

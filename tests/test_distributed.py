@@ -97,3 +97,25 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path, two_proc
         train.main([*ARGS, "--out-dir", str(out), "--save-weights", "whole", "--resume"])
     assert refused.value.code == 1
     assert "trained by 2 process(es); resume it with the same number" in capsys.readouterr().err
+
+
+def test_a_stuck_rank_is_named_after_the_collective_timeout_and_the_run_resumes(tmp_path, two_process_run):
+    out, _ = two_process_run
+    stuck = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "tests/train_stuck.py", "6", "1", *ARGS, "--out-dir", str(tmp_path), "--name", "cut",
+                              "--dist-timeout", "0.1"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = time.time()
+    _, stderr = stuck.communicate(timeout=600)
+    assert stuck.returncode != 0 and time.time() - started < 120  # not gloo's default 30 minutes
+    line = next(x for x in stderr.splitlines() if ": error: rank 0 waited" in x)
+    assert line.endswith(": error: rank 0 waited 0.1 min (--dist-timeout) at a collective: rank 1 stopped answering "
+                         f"(stuck, stopped or dead); the job ends, its last checkpoint kept; continue with: torchrun "
+                         f"--nproc_per_node=2 train.py --out-dir {tmp_path} --name cut --device cpu --dist-timeout 0.1 "
+                         "--resume"), line
+    p = torchrun(tmp_path, "cut", "--resume")
+    _, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    whole = torch.load(out / "whole" / "checkpoint.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
