@@ -8,6 +8,7 @@ import math
 
 import freezeout
 from freezeout import SCALE_POWERS
+from models import REGISTRY
 from utils import DATASETS  # noqa: F401  (re-exported: the choice list of --dataset)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -102,11 +103,8 @@ def check_seed(flag: str, value: int) -> None:
 # Flags that shape one architecture only: dest -> (the flag as a user writes it, the models it
 # means something to). A flag given for another model is ignored with one printed note rather
 # than refused, so that one command line can be reused across --model values.
-MODEL_FLAGS = {
-    "growth_rate": ("-k", ("densenet", "wrn")),
-    "bottleneck": ("--bottleneck", ("densenet",)),
-    "reduction": ("--reduction", ("densenet",)),
-}
+MODEL_FLAGS = {dest: (flag, tuple(m for m, a in REGISTRY.items() if dest in a.settings))
+               for dest, flag in (("growth_rate", "-k"), ("bottleneck", "--bottleneck"), ("reduction", "--reduction"))}
 
 
 def ignored_flags_note(model: str, given: dict) -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from cli import check_which_dataset
 from engine import effective_amp, resolve_device
 from graphs import use_cuda_graphs
-from models import check_depth, paper_speedup, speedup_estimator
+from models import REGISTRY, check_depth, paper_speedup, speedup_estimator
 from spec import check_settings, default_name_labels, flag
 from utils import solve_t_0, split_sizes, steps_per_epoch
 
@@ -44,8 +44,7 @@ def args_paper_speedup(args, t_0: float):
 def default_run_name(args, dataset: str, defaults: dict) -> str:
     """The settings every name spells out, then each result setting with a label in spec.py
     that differs from its default: a sweep over any of them gets a directory per value."""
-    arch = {"densenet": f"densenet{'BC' if args.bottleneck else ''}-L{args.depth}-k{args.growth_rate}",
-            "wrn": f"wrn-{args.depth}-{args.growth_rate}", "vgg": f"vgg{args.depth}"}[args.model]
+    arch = REGISTRY[args.model].run_label(args.depth, args.growth_rate, args.bottleneck)
     data = dataset + (f"{args.which_dataset}" if dataset == "synthetic" and args.which_dataset else "")
     data += f"-sub{args.subset}" if args.subset else ""
     fo = (f"ts{args.target_speedup:g}" if args.target_speedup is not None else f"t0-{args.t_0:g}")

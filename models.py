@@ -9,7 +9,8 @@ VGG has none.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -26,28 +27,60 @@ from utils import (
 from vgg import VGG, config_for_depth
 from wrn import WideResNet, blocks_per_group
 
-# Each architecture's paper default (depth L, width k).
-DEFAULTS = {"densenet": (76, 12), "wrn": (40, 4), "vgg": (16, None)}
-MODELS = tuple(DEFAULTS)
+
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture: its paper defaults (depth L, width k; VGG has no k), how its depth is
+    checked (ValueError), built and named, its part of a default run name, and the settings
+    beyond depth that mean something to it."""
+    depth: int
+    width: Optional[int]
+    check: Callable[[int, bool], None]
+    build: Callable[..., nn.Module]
+    display: Callable[[int, Optional[int], bool], str]
+    run_label: Callable[[int, Optional[int], bool], str]
+    settings: tuple = ()
+
+
+REGISTRY = {
+    "densenet": Architecture(
+        76, 12, check=lambda depth, bottleneck: layers_per_block(depth, bottleneck),
+        build=lambda depth, width, num_classes, bottleneck, reduction, dropout: DenseNet(
+            depth=depth, growth_rate=width, num_classes=num_classes, bottleneck=bottleneck, reduction=reduction,
+            dropout=dropout),
+        display=lambda depth, width, bottleneck: f"DenseNet{'-BC' if bottleneck else ''} L={depth} k={width}",
+        run_label=lambda depth, width, bottleneck: f"densenet{'BC' if bottleneck else ''}-L{depth}-k{width}",
+        settings=("growth_rate", "bottleneck", "reduction")),
+    "wrn": Architecture(
+        40, 4, check=lambda depth, bottleneck: blocks_per_group(depth),
+        build=lambda depth, width, num_classes, bottleneck, reduction, dropout: WideResNet(
+            depth=depth, widen_factor=width, num_classes=num_classes, dropout=dropout),
+        display=lambda depth, width, bottleneck: f"WRN-{depth}-{width}",
+        run_label=lambda depth, width, bottleneck: f"wrn-{depth}-{width}",
+        settings=("growth_rate",)),
+    "vgg": Architecture(
+        16, None, check=lambda depth, bottleneck: config_for_depth(depth),
+        build=lambda depth, width, num_classes, bottleneck, reduction, dropout: VGG(
+            depth=depth, num_classes=num_classes, dropout=dropout),
+        display=lambda depth, width, bottleneck: f"VGG-{depth} (BN)",
+        run_label=lambda depth, width, bottleneck: f"vgg{depth}"),
+}
+MODELS = tuple(REGISTRY)
+DEFAULTS = {name: (a.depth, a.width) for name, a in REGISTRY.items()}  # (depth L, width k)
 
 
 def resolve_size(model: str, depth: Optional[int], width: Optional[int]) -> tuple[int, Optional[int]]:
     """-L and -k as given, or the architecture's paper defaults (VGG has no k)."""
     default_depth, default_width = DEFAULTS[model]
     depth = default_depth if depth is None else depth
-    width = default_width if width is None or model == "vgg" else width
+    width = default_width if width is None or REGISTRY[model].width is None else width
     return depth, width
 
 
 def check_depth(model: str, depth: int, bottleneck: bool = True) -> None:
-    """Raise ValueError naming -L for a depth the architecture cannot have."""
+    """Raise ValueError naming the depth setting for a depth the architecture cannot have."""
     try:
-        if model == "densenet":
-            layers_per_block(depth, bottleneck)
-        elif model == "wrn":
-            blocks_per_group(depth)
-        else:
-            config_for_depth(depth)
+        REGISTRY[model].check(depth, bottleneck)
     except ValueError as e:
         raise ValueError(f"{setting('depth')}: {e}") from None
 
@@ -56,20 +89,17 @@ def build_model(model: str, depth: int, width: Optional[int], num_classes: int,
                 bottleneck: bool = True, reduction: float = 0.5, dropout: float = 0.0) -> nn.Module:
     """The architecture `model` ("densenet", "wrn", "vgg"); its `freeze_units()` lists its
     FreezeOut units in forward order."""
-    if model == "wrn":
-        return WideResNet(depth=depth, widen_factor=width, num_classes=num_classes, dropout=dropout)
-    if model == "vgg":
-        return VGG(depth=depth, num_classes=num_classes, dropout=dropout)
-    return DenseNet(depth=depth, growth_rate=width, num_classes=num_classes, bottleneck=bottleneck,
-                    reduction=reduction, dropout=dropout)
+    return REGISTRY[model].build(depth, width, num_classes, bottleneck, reduction, dropout)
 
 
 def model_name(model: str, depth: int, width: Optional[int], bottleneck: bool = True) -> str:
-    if model == "wrn":
-        return f"WRN-{depth}-{width}"
-    if model == "vgg":
-        return f"VGG-{depth} (BN)"
-    return f"DenseNet{'-BC' if bottleneck else ''} L={depth} k={width}"
+    return REGISTRY[model].display(depth, width, bottleneck)
+
+
+def applies(setting_name: str, model: str) -> bool:
+    """Whether a setting means something to `model` (one that shapes some architecture only)."""
+    shaping = {name for a in REGISTRY.values() for name in a.settings}
+    return setting_name not in shaping or setting_name in REGISTRY[model].settings
 
 
 def paper_speedup(model: str, depth: int, width: Optional[int], t_0: float, how_scale: str,

@@ -59,7 +59,7 @@ from launch import (
     threads_per_run,
 )
 from metrics_logger import read_records
-from models import DEFAULTS, MODELS, build_model, check_depth, model_name
+from models import DEFAULTS, MODELS, applies, build_model, check_depth, model_name
 from spec import BY_DEST, add_settings, setting_differences
 from train import build_parser as train_parser
 from train import parse_args as train_args
@@ -112,7 +112,7 @@ def make_grid(settings: dict, out: Path) -> list[Job]:
               "--device", settings["device"], "--amp", settings["amp"], "--data-root", settings["data_root"],
               "--cuda-graphs", settings["cuda_graphs"],
               "--out-dir", str(out / "runs")]
-    if settings["growth_rate"] is not None and settings["model"] != "vgg":
+    if settings["growth_rate"] is not None and applies("growth_rate", settings["model"]):
         common += ["-k", str(settings["growth_rate"])]
     if settings["which_dataset"] is not None:
         common += ["--which_dataset", str(settings["which_dataset"])]
@@ -471,7 +471,8 @@ def check(args, settings: dict, parser) -> None:
             if not 0 < s < 1:
                 raise ValueError(f"--target-speedups: every target must be in (0, 1), got {s}")
         check_positive({**{f"--{key}": settings[key] for key in ("epochs", "batch_size", "subset")},
-                        "-k/--growth-rate": settings["growth_rate"] if settings["model"] != "vgg" else None})
+                        "-k/--growth-rate": settings["growth_rate"] if applies("growth_rate", settings["model"])
+                        else None})
         check_depth(settings["model"], settings["depth"])
         for seed in settings["seeds"]:
             check_seed("--seeds: every seed", seed)

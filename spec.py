@@ -30,7 +30,7 @@ from cli import (
     check_t_0,
     flag_spellings,
 )
-from models import MODELS
+from models import MODELS, applies
 from utils import name_settings
 
 Check = Callable[[str, Any], None]  # check(flag, value) raises ValueError naming the flag
@@ -293,7 +293,7 @@ def default_name_labels(spec, defaults: dict) -> list[str]:
     parts = []
     for s in sorted((s for s in SETTINGS if s.label is not None), key=lambda s: NAME_ORDER.index(s.dest)):
         value = getattr(spec, s.dest)
-        if s.label is None or value == defaults[s.dest] or (s.dest == "reduction" and spec.model != "densenet"):
+        if value == defaults[s.dest] or not applies(s.dest, spec.model):
             continue
         parts.append(s.label[value] if isinstance(s.label, dict) else s.label.format(value))
     return parts
