@@ -15,6 +15,7 @@ read without running any pickled code.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import os
@@ -56,14 +57,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, training, config: dict, epoch: int, step: int, train_time: float,
-                    position: dict | None) -> None:
+                    position=None) -> None:
     """`epoch` epochs are complete; `position` says how far the next one got when a signal
     stopped it (None at an epoch's end). Every rank's RNG state is gathered (a collective);
     rank 0 writes, atomically."""
     rngs = training.dist.gather(rng_state())
     if training.dist.is_main:
+        where = None if position is None else dataclasses.asdict(position)  # engine.EpochPosition
         state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "train_time_s": train_time,
-                 "position": position, "config": config, "model": training.model.state_dict(),
+                 "position": where, "config": config, "model": training.model.state_dict(),
                  "optimizer": training.optimizer.state_dict(),
                  "scheduler": training.scheduler.state_dict(), "scaler": training.scaler.state_dict(),
                  "rng": rngs}

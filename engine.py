@@ -17,7 +17,7 @@ import signal
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -104,6 +104,36 @@ def make_optimizer(units, lr: float, momentum: float, weight_decay: float, devic
                            weight_decay=weight_decay, fused=fused)
 
 
+class TrainingStep(Protocol):
+    """One optimizer step on a batch, returning its loss on the device without waiting for it:
+    `EagerStep`, graphs.GraphedStep, compiled_step.CompiledStep. Each counts its captures (CUDA
+    graphs or compiles), their seconds, and the steps it ran eagerly."""
+    captures: int
+    capture_time_s: float
+    eager_steps: int
+
+    def start_epoch(self, first_step: int, start_batch: int) -> None:
+        """The epoch about to run starts at the run's step `first_step`, batch `start_batch`."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class EpochPosition:
+    """Where an epoch stands: batches done, and the sums its record is made of (the loss summed
+    over the images seen, and the training seconds). Saved in a checkpoint as a dict."""
+    epoch: int
+    batch: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    time_s: float = 0.0
+
+    def stats(self) -> dict:
+        """The epoch record's training figures."""
+        return {"train_loss": self.loss_sum / max(self.seen, 1), "train_time_s": self.time_s,
+                "images_per_s": self.seen / self.time_s if self.time_s > 0 else 0.0}
+
+
 @dataclass
 class Training:
     """The objects one training run works on."""
@@ -117,7 +147,7 @@ class Training:
     channels_last: bool = False
     dist: Distributed = field(default_factory=Distributed)
     ddp: DDPModel = None
-    step: Callable = None                 # the training step: EagerStep or GraphedStep
+    step: TrainingStep = None             # EagerStep unless another is given
 
     def __post_init__(self):
         if self.ddp is None:
@@ -206,18 +236,7 @@ class EagerStep:
         return train_step(model, x, y, t.optimizer, t.scaler, self.autocast)
 
 
-def new_position(epoch: int) -> dict:
-    """Where an epoch stands: batches done, and the sums its record is made of."""
-    return {"epoch": epoch, "batch": 0, "loss_sum": 0.0, "seen": 0, "time_s": 0.0}
-
-
-def epoch_stats(position: dict) -> dict:
-    t = position["time_s"]
-    return {"train_loss": position["loss_sum"] / max(position["seen"], 1), "train_time_s": t,
-            "images_per_s": position["seen"] / t if t > 0 else 0.0}
-
-
-def train_one_epoch(training: Training, loader, position: dict, steps_per_epoch: int,
+def train_one_epoch(training: Training, loader, position: EpochPosition, steps_per_epoch: int,
                     stop: StopSignals, desc: str) -> bool:
     """Train from `position` (updated in place) to the epoch's end or until a stop signal;
     returns whether it was stopped. A non-finite loss raises `Diverged` naming its first
@@ -229,28 +248,28 @@ def train_one_epoch(training: Training, loader, position: dict, steps_per_epoch:
     count are summed over the ranks at its end."""
     device, dist, scheduler = training.device, training.dist, training.scheduler
     training.model.train()
-    first_step = (position["epoch"] - 1) * steps_per_epoch + position["batch"]
+    first_step = (position.epoch - 1) * steps_per_epoch + position.batch
     # The epoch's running sums continue from the position (on rank 0; the others add theirs at
     # the end), in float64, so that an interrupted epoch sums exactly as an uninterrupted one.
     exact = torch.float32 if device.type == "mps" else torch.float64
-    loss_sum = torch.tensor(position["loss_sum"] if dist.is_main else 0.0, dtype=exact, device=device)
+    loss_sum = torch.tensor(position.loss_sum if dist.is_main else 0.0, dtype=exact, device=device)
     step_no = torch.tensor(first_step - 1, device=device)
     bad_step = torch.tensor(NO_STEP, device=device)  # first step with a non-finite loss
-    seen = position["seen"] if dist.is_main else 0
+    seen = position.seen if dist.is_main else 0
     stopped, seen_before = False, seen
     start = time.perf_counter()
-    loader.set_epoch(position["epoch"], position["batch"])
-    training.step.start_epoch((position["epoch"] - 1) * steps_per_epoch, position["batch"])
+    loader.set_epoch(position.epoch, position.batch)
+    training.step.start_epoch((position.epoch - 1) * steps_per_epoch, position.batch)
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
-               initial=position["batch"], total=steps_per_epoch, disable=not dist.is_main)
-    for i, (x, y) in enumerate(bar, position["batch"]):
+               initial=position.batch, total=steps_per_epoch, disable=not dist.is_main)
+    for i, (x, y) in enumerate(bar, position.batch):
         loss = training.step(x, y)
         scheduler.step()
         loss_sum += loss.to(exact) * len(y)
         step_no += 1
         bad_step = torch.where(torch.isfinite(loss), bad_step, torch.minimum(bad_step, step_no))
         seen += len(y)
-        position["batch"] = i + 1
+        position.batch = i + 1
         last = i + 1 == steps_per_epoch
         if i % PROGRESS_EVERY == 0 or last or (stop.signum is not None and not dist.enabled):
             stop_all = stop_or_diverged(bad_step, stop, dist)
@@ -264,8 +283,8 @@ def train_one_epoch(training: Training, loader, position: dict, steps_per_epoch:
         torch.cuda.synchronize(device)
     totals = dist.all_reduce(torch.stack([loss_sum, torch.tensor(float(seen), dtype=exact, device=device)]))
     elapsed = dist.all_reduce(torch.tensor(time.perf_counter() - start, dtype=exact, device=device), "max")
-    position.update(loss_sum=totals[0].item(), seen=int(totals[1].item()),
-                    time_s=position["time_s"] + elapsed.item())
+    position.loss_sum, position.seen = totals[0].item(), int(totals[1].item())
+    position.time_s += elapsed.item()
     return stopped
 
 

@@ -49,13 +49,12 @@ from distributed import Distributed, check_replicas_agree, init_distributed
 from engine import (
     NO_STEP,
     Diverged,
+    EpochPosition,
     StopSignals,
     Training,
     build_training,
     effective_amp,
-    epoch_stats,
     evaluate,
-    new_position,
     seed_everything,
     stop_or_diverged,
     train_one_epoch,
@@ -196,14 +195,25 @@ def resume_run(checkpoint: dict, training: Training, run_dir: Path) -> tuple[int
     epochs done, the training time so far and the position inside the next epoch."""
     restore(checkpoint, training)
     done_epochs = checkpoint["epoch"]
-    position = checkpoint["position"] or new_position(done_epochs + 1)
+    position = saved_position(checkpoint["position"], done_epochs + 1, run_dir)
     if training.dist.is_main:
         metrics = run_dir / "metrics.jsonl"
         kept = [r for r in read_records(metrics) if r["event"] == "config"
                 or (r["event"] == "epoch" and r["epoch"] <= done_epochs)]
         write_records(metrics, kept)
-        print(f"resuming {run_dir} in epoch {position['epoch']} at batch {position['batch']}")
+        print(f"resuming {run_dir} in epoch {position.epoch} at batch {position.batch}")
     return done_epochs, checkpoint["train_time_s"], position
+
+
+def saved_position(saved: dict | None, next_epoch: int, run_dir: Path) -> EpochPosition:
+    """The position a checkpoint holds inside an epoch (None: at the start of `next_epoch`)."""
+    if saved is None:
+        return EpochPosition(next_epoch)
+    try:
+        return EpochPosition(**saved)
+    except TypeError:
+        raise RunError(f"{run_dir}/checkpoint.pt holds an epoch position of another format ({sorted(saved)}); "
+                       f"it cannot be continued by this version") from None
 
 
 def stopped_by(signum: int, where: str, run_dir: Path) -> Stopped:
@@ -212,7 +222,7 @@ def stopped_by(signum: int, where: str, run_dir: Path) -> Stopped:
 
 
 def fit(config: dict, training: Training, loaders, run_dir: Path, done_epochs: int,
-        train_time: float, position: dict, log) -> tuple[float, tuple]:
+        train_time: float, position: EpochPosition, log) -> tuple[float, tuple]:
     """The epoch loop: train, evaluate, log and checkpoint every epoch; a stop signal writes a
     checkpoint (inside the epoch if need be) and raises Stopped. Returns the training time and
     the last evaluation (loss, error), (None, None) without one."""
@@ -225,12 +235,12 @@ def fit(config: dict, training: Training, loaders, run_dir: Path, done_epochs: i
             before = (step_fn.captures, step_fn.capture_time_s, step_fn.eager_steps)
             stopped = train_one_epoch(training, train_loader, position, per_epoch, stop,
                                       desc=f"epoch {epoch}/{config['epochs']}")
-            step = (epoch - 1) * per_epoch + position["batch"]
+            step = (epoch - 1) * per_epoch + position.batch
             if stopped:
                 save_checkpoint(checkpoint_path, training, config, epoch - 1, step, train_time, position)
                 raise stopped_by(stop.signum, f"in epoch {epoch} after step {step} of "
                                  f"{scheduler.total_steps}", run_dir)
-            stats = epoch_stats(position)
+            stats = position.stats()
             train_time += stats["train_time_s"]
             record = {"epoch": epoch, "step": step, **stats, "training_step": config["training_step"],
                       "captures": step_fn.captures - before[0],
@@ -250,7 +260,7 @@ def fit(config: dict, training: Training, loaders, run_dir: Path, done_epochs: i
             save_checkpoint(checkpoint_path, training, config, epoch, step, train_time, None)
             if dist.is_main:
                 tqdm.write(epoch_line(record, config))
-            position = new_position(epoch + 1)
+            position = EpochPosition(epoch + 1)
             if epoch < config["epochs"] and stop_or_diverged(torch.tensor(NO_STEP, device=training.device),
                                                               stop, dist):
                 raise stopped_by(stop.signum, f"after epoch {epoch}", run_dir)
@@ -289,7 +299,7 @@ def run(config: dict, run_dir: Path, checkpoint: dict | None, dist: Distributed 
         training.step = CompiledStep(training, **compile_options)
     if checkpoint is None:
         start_run(config, training, splits, run_dir, per_epoch)
-        done_epochs, train_time, position = 0, 0.0, new_position(1)
+        done_epochs, train_time, position = 0, 0.0, EpochPosition(1)
     else:
         done_epochs, train_time, position = resume_run(checkpoint, training, run_dir)
     loaders = make_loaders(splits, config["loader_used"], config["batch_size"], device,

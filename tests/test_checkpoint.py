@@ -16,7 +16,7 @@ from checkpoint import (
 )
 from conftest import same_state
 from densenet import DenseNet
-from engine import build_training
+from engine import EpochPosition, build_training
 from utils import RunError
 
 CPU = torch.device("cpu")
@@ -48,11 +48,12 @@ def test_a_checkpoint_gives_back_every_state_and_every_generator(tmp_path):
     saved.scaler.update(1024.0)  # a scale of its own, not the default a fresh scaler has
     random.seed(11), np.random.seed(12), torch.manual_seed(13)
     np.random.randn()  # numpy's cached Gaussian is part of its state too
-    save_checkpoint(tmp_path / "checkpoint.pt", saved, {"seed": 0}, 1, 5, 3.5, {"batch": 2})
+    save_checkpoint(tmp_path / "checkpoint.pt", saved, {"seed": 0}, 1, 5, 3.5, EpochPosition(2, batch=2, seen=64))
     expected = draws()
 
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert (ckpt["epoch"], ckpt["step"], ckpt["train_time_s"], ckpt["position"]) == (1, 5, 3.5, {"batch": 2})
+    assert (ckpt["epoch"], ckpt["step"], ckpt["train_time_s"]) == (1, 5, 3.5)
+    assert ckpt["position"] == {"epoch": 2, "batch": 2, "loss_sum": 0.0, "seen": 64, "time_s": 0.0}  # plain data
     resumed = training(123)  # other weights, a fresh scaler, no frozen unit
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     restore(ckpt, resumed)
