@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from freezeout import FreezeOut, param_groups
-from metrics_logger import read_records
+from metrics_logger import evaluation, read_records
 
 STRATEGIES = {  # the paper's four strategies: name -> (how_scale, scale_lr)
     "linear-scaled": ("linear", True), "linear-unscaled": ("linear", False),
@@ -127,15 +127,17 @@ def plot_error_vs_time(rows: list[dict], path: Path) -> None:
         if own:
             picks.append(min(own, key=lambda r: r["val_err"]))
     for r in picks:
-        epochs = read_records(Path(r["run_dirs"][0]) / "metrics.jsonl", "epoch")
-        if not epochs or "val_err" not in epochs[0]:
+        metrics = Path(r["run_dirs"][0]) / "metrics.jsonl"
+        epochs, config = read_records(metrics, "epoch"), read_records(metrics, "config")[0]
+        errors = [evaluation(e, config.get("eval_mode")) for e in epochs]
+        if not epochs or errors[0] is None or errors[0][0] != "val":
             continue
         elapsed, xs = 0.0, []
         for e in epochs:
             elapsed += e["train_time_s"]
             xs.append(elapsed / 60)
         label = r["strategy"] if r["strategy"] == "baseline" else f"{r['strategy']} t_0={r['t_0']:.2g}"
-        ax.plot(xs, [e["val_err"] for e in epochs], marker=".",
+        ax.plot(xs, [ev[2] for ev in errors], marker=".",
                 lw=2 if r["strategy"] == "baseline" else 1.2, label=label)
     ax.set_xlabel("training time (min, evaluation excluded)")
     ax.set_ylabel("validation error (%)")

@@ -64,6 +64,18 @@ def _drop_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def evaluation(record: dict, eval_mode: str | None = None) -> tuple[str, float | None, float] | None:
+    """An epoch record's evaluation as (split, loss, error %), or None without one. The split
+    is what the record's names say: val_* for the validation split, test_* for the test set
+    under --validate-test. Records written before those names held the test set's under val_*:
+    given the run's eval_mode, they are read as what they were."""
+    for split in ("val", "test"):
+        if record.get(f"{split}_err") is not None:
+            split_read = "test" if split == "val" and eval_mode == "test" else split
+            return split_read, record.get(f"{split}_loss"), record[f"{split}_err"]
+    return None
+
+
 def read_records(path: str | os.PathLike, event: str | None = None) -> list[dict]:
     """All records of a metrics file (only those of `event` if given).
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from figures import plot_lr_curves, pyplot, schedule_of
-from metrics_logger import read_records
+from metrics_logger import evaluation, read_records
 
 MARKED_EPOCHS = 30  # up to this many epoch records, each is marked with a dot
 X_PAD = 0.03  # room past the last epoch (of the axis's length), so that its markers are not cut in half
@@ -118,12 +118,13 @@ def plot_curves(config: dict, epochs: list, path: Path, summary: Optional[dict] 
     marker = "o" if len(epochs) <= MARKED_EPOCHS else None
     ms = 4
     left.plot(x, [e["train_loss"] for e in epochs], marker=marker, ms=ms, label="training loss")
-    if "val_loss" in epochs[0]:
-        left.plot(x, [e["val_loss"] for e in epochs], marker=marker, ms=ms, label="evaluation loss")
+    evaluated = [evaluation(e, config.get("eval_mode")) for e in epochs]
+    if evaluated[0] is not None and evaluated[0][1] is not None:
+        left.plot(x, [ev[1] for ev in evaluated], marker=marker, ms=ms, label=f"{evaluated[0][0]} loss")
     left.set_ylabel("cross-entropy")
-    if "val_err" in epochs[0]:
-        right.plot(x, [e["val_err"] for e in epochs], marker=marker, ms=ms, color="C3",
-                   label="evaluation error")
+    if evaluated[0] is not None:
+        right.plot(x, [ev[2] for ev in evaluated], marker=marker, ms=ms, color="C3",
+                   label=f"{evaluated[0][0]} error")
     test_err = summary.get("test_err") if summary is not None else None
     if test_err is not None:
         right.plot([summary["epochs"]], [test_err], marker="*", ms=13, ls="none", color="C1",

@@ -61,7 +61,7 @@ from engine import (
 )
 from graphs import GraphedStep, use_cuda_graphs
 from loaders import choose_loader, load_data, make_loaders
-from metrics_logger import MetricsLogger, WriteError, read_records, write_records
+from metrics_logger import MetricsLogger, WriteError, evaluation, read_records, write_records
 from models import build_model, model_name, resolve_size, run_estimates
 from spec import RESUMABLE, SETTINGS, RunSpec, add_settings, check_resume_flags, flag
 from utils import DataError, RunError, first_frozen_steps, steps_per_epoch
@@ -142,8 +142,9 @@ def too_short(config: dict) -> str:
 
 def epoch_line(record: dict, config: dict) -> str:
     line = f"epoch {record['epoch']:>3}/{config['epochs']}  loss {record['train_loss']:.4f}"
-    if "val_err" in record:
-        line += f"  {'val' if config['eval_mode'] == 'val' else 'test'} err {record['val_err']:5.2f}%"
+    evaluated = evaluation(record, config["eval_mode"])
+    if evaluated is not None:
+        line += f"  {evaluated[0]} err {evaluated[2]:5.2f}%"
     return line + (f"  frozen {record['frozen_units']}/{config['n_units']}"
                    f"  {record['images_per_s']:.0f} img/s  {record['train_time_s']:.1f} s")
 
@@ -251,8 +252,9 @@ def fit(config: dict, training: Training, loaders, run_dir: Path, done_epochs: i
             if eval_loader is not None:
                 started = time.perf_counter()
                 last_eval = evaluate(training, eval_loader)
-                record.update(val_loss=last_eval[0], val_err=last_eval[1],
-                              eval_time_s=time.perf_counter() - started)
+                split = "val" if config["eval_mode"] == "val" else "test"  # the records name what they hold
+                record.update({f"{split}_loss": last_eval[0], f"{split}_err": last_eval[1],
+                               "eval_time_s": time.perf_counter() - started})
             record.update(frozen_units=scheduler.num_frozen,
                           active_units=len(training.units) - scheduler.num_frozen,
                           lr=[float(lr) for lr in scheduler.get_last_lr()])

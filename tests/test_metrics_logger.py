@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from metrics_logger import MetricsLogger, read_records, write_records
+from metrics_logger import MetricsLogger, evaluation, read_records, write_records
 
 
 def test_records_round_trip_and_filter(tmp_path):
@@ -67,3 +67,13 @@ def test_a_failed_write_keeps_the_old_file_leaves_no_temporary_and_says_so_in_on
     (tmp_path / "run").write_bytes(b"")  # a file where the run directory would be
     with pytest.raises(WriteError, match=f"^cannot write {tmp_path}/run/metrics.jsonl: File exists$"):
         MetricsLogger(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_an_epochs_evaluation_is_read_under_either_name():
+    """Epoch records name their evaluation by its split (val_* or, under --validate-test,
+    test_*); records written before that held the test set's under val_*, and the run's
+    eval_mode tells them apart."""
+    assert evaluation({"epoch": 1, "val_loss": 1.5, "val_err": 40.0}, "val") == ("val", 1.5, 40.0)
+    assert evaluation({"epoch": 1, "test_loss": 1.5, "test_err": 40.0}, "test") == ("test", 1.5, 40.0)
+    assert evaluation({"epoch": 1, "val_loss": 1.5, "val_err": 40.0}, "test") == ("test", 1.5, 40.0)  # old file
+    assert evaluation({"epoch": 1, "train_loss": 2.0}, "none") is None

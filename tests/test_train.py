@@ -259,10 +259,10 @@ def test_validate_test_reuses_the_last_evaluation_as_the_test_result(tmp_path, m
     summary = run_train(tmp_path, "--epochs", "1", "--validate-test")
     epoch = read_records(tmp_path / "run" / "metrics.jsonl", "epoch")[0]
     assert len(calls) == 1  # one evaluation: the epoch's, on the test set, reused
-    assert (summary["test_loss"], summary["test_err"]) == (epoch["val_loss"], epoch["val_err"]) == calls[0][1]
-    assert summary["val_err"] is None
+    assert (summary["test_loss"], summary["test_err"]) == (epoch["test_loss"], epoch["test_err"]) == calls[0][1]
+    assert summary["val_err"] is None and "val_err" not in epoch  # the records name what they hold
     splits = tiny_splits("test")
-    assert epoch["val_err"] == pytest.approx(error_of(final_model(tmp_path / "run"), splits.test.images,
+    assert epoch["test_err"] == pytest.approx(error_of(final_model(tmp_path / "run"), splits.test.images,
                                                       splits.test.labels, splits.mean, splits.std, 16), abs=1e-9)
 
 
