@@ -23,7 +23,7 @@ import signal
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -59,10 +59,9 @@ from launch import (
     threads_per_run,
 )
 from metrics_logger import read_records
-from models import DEFAULTS, MODELS, applies, build_model, check_depth, model_name
-from spec import BY_DEST, add_settings, setting_differences
+from models import DEFAULTS, MODELS, applies, build_model, check_depth, model_name, resolve_size
+from spec import BY_DEST, SETTINGS, RunSpec, add_settings, given, setting_differences, to_argv
 from train import build_parser as train_parser
-from train import parse_args as train_args
 
 PRESETS = {
     # The paper's Figure 3 (DenseNet-BC k=12 L=76 on CIFAR-10, 100 epochs): 37 runs of about
@@ -83,7 +82,12 @@ class Job:
     setting: Optional[float]  # t_0, or the target speedup when target is True
     seed: int
     target: bool = False
-    argv: list = field(default_factory=list)
+    spec: Optional[RunSpec] = None  # the run's train.py settings
+
+    @property
+    def argv(self) -> list[str]:
+        """train.py's flags for the run."""
+        return to_argv(self.spec)
 
     @property
     def name(self) -> str:
@@ -107,17 +111,13 @@ class Job:
 # The grid
 # ---------------------------------------------------------------------------------------
 def make_grid(settings: dict, out: Path) -> list[Job]:
-    common = ["--model", settings["model"], "-L", str(settings["depth"]), "--dataset", settings["dataset"],
-              "--epochs", str(settings["epochs"]), "--batch_size", str(settings["batch_size"]),
-              "--device", settings["device"], "--amp", settings["amp"], "--data-root", settings["data_root"],
-              "--cuda-graphs", settings["cuda_graphs"],
-              "--out-dir", str(out / "runs")]
-    if settings["growth_rate"] is not None and applies("growth_rate", settings["model"]):
-        common += ["-k", str(settings["growth_rate"])]
-    if settings["which_dataset"] is not None:
-        common += ["--which_dataset", str(settings["which_dataset"])]
-    if settings["subset"] is not None:
-        common += ["--subset", str(settings["subset"])]
+    """The grid's runs, each with the spec train.py runs it by."""
+    common = {**{s.dest: s.default for s in SETTINGS},
+              **{k: settings[k] for k in ("model", "dataset", "which_dataset", "subset", "epochs", "batch_size",
+                                          "device", "amp", "data_root", "cuda_graphs")},
+              "out_dir": str(out / "runs")}
+    common["depth"], common["growth_rate"] = resolve_size(settings["model"], settings["depth"],
+                                                          settings["growth_rate"])
     targets = settings["targets"]
     jobs = []
     for seed in settings["seeds"]:
@@ -127,16 +127,15 @@ def make_grid(settings: dict, out: Path) -> list[Job]:
                 jobs.append(Job(strategy, value, seed, target=bool(targets)))
     for job in jobs:
         how, scaled = STRATEGIES[job.strategy] if job.strategy else ("cubic", True)
-        setting = ["--target-speedup", str(job.setting)] if job.target else ["--t_0", str(job.setting)]
-        job.argv = [*common, "--seed", str(job.seed), "--how_scale", how, *([] if scaled else ["--no_scale"]),
-                    *setting, "--save-weights", job.name]
+        fo = {"target_speedup": job.setting} if job.target else {"t_0": job.setting}
+        job.spec = RunSpec(**{**common, "seed": job.seed, "how_scale": how, "scale_lr": scaled, **fo,
+                              "name": job.name})
     return jobs
 
 
 def wanted_config(job: Job) -> dict:
     """The config train.py would give the job's run: what a run found in its directory must be."""
-    _, args, explicit = train_args(job.argv)
-    return resolve_config(args, explicit, job.argv, train_parser()[1])
+    return resolve_config(job.spec, given(job.spec), job.argv, train_parser()[1])
 
 
 def mismatched_runs(jobs: list[Job], out: Path) -> list[tuple[Job, list[str]]]:

@@ -252,6 +252,26 @@ def check_settings(values, names=None) -> None:
             s.check(s.flag, getattr(values, s.dest))
 
 
+def given(values) -> set:
+    """The settings of a spec that differ from their defaults: what a command line gives."""
+    return {s.dest for s in SETTINGS if getattr(values, s.dest) != s.default}
+
+
+def to_argv(values) -> list[str]:
+    """train.py's flags for a spec: every setting that differs from its default (parsing them
+    gives the spec back)."""
+    argv = []
+    for s in SETTINGS:
+        value = getattr(values, s.dest)
+        if s.dest not in given(values):
+            continue
+        if s.switches:
+            argv.append(next(spelling for spelling, const, _ in s.switches if const == value))
+        else:
+            argv += [[f for f in s.flags if f.startswith("--")][0], str(value)]
+    return argv
+
+
 # ---------------------------------------------------------------------------------------
 # Comparing runs
 # ---------------------------------------------------------------------------------------
@@ -299,5 +319,6 @@ def default_name_labels(spec, defaults: dict) -> list[str]:
     return parts
 
 
-__all__ = ["Setting", "SETTINGS", "RunSpec", "RESULT", "RUNTIME", "flag", "add_settings", "check_settings",
+__all__ = ["Setting", "SETTINGS", "RunSpec", "RESULT", "RUNTIME", "flag", "add_settings", "check_settings", "given",
+           "to_argv",
            "setting_differences", "check_resume_flags", "default_name_labels"]

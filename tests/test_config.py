@@ -136,3 +136,13 @@ def test_the_machinery_names_settings_not_flags(tmp_path):
             utils.check_data_root(afile)
     finally:
         utils.name_settings(spec.message_name)
+
+
+def test_reproduce_builds_specs_and_their_flags_give_them_back(tmp_path):
+    """reproduce.py builds each grid run's spec; the flags it hands train.py parse back to it."""
+    for flags in (["--preset", "quick"], ["--preset", "paper", "--model", "vgg", "--target-speedups", "0.2"],
+                  ["--model", "wrn", "--strategies", "linear-unscaled", "--t0s", "0.5", "--amp", "bf16"]):
+        settings = reproduce.resolve_settings(reproduce.build_parser().parse_args(flags))
+        for job in reproduce.make_grid(settings, tmp_path):
+            _, parsed, explicit = train.parse_args(job.argv)
+            assert isinstance(job.spec, spec.RunSpec) and parsed == job.spec and explicit == spec.given(job.spec)
