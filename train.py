@@ -26,6 +26,7 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -165,19 +166,70 @@ class NoLog:
         return {"event": event, **fields}
 
 
-def start_run(config: dict, training: Training, splits, run_dir: Path, per_epoch: int) -> None:
-    """Complete the config with what only the built run knows, make the run directory, write
-    the config record first, then the step-0 checkpoint: from then on the run can be continued
-    with --resume whatever stops it."""
-    dist, scheduler = training.dist, training.scheduler
-    config.update(num_classes=splits.num_classes, params=sum(p.numel() for p in training.model.parameters()),
-                  n_units=len(training.units), t_i=scheduler.t_i, steps_per_epoch=per_epoch,
-                  total_steps=scheduler.total_steps, train_images=len(splits.train),
-                  world_size=dist.world_size, per_rank_batch_size=config["batch_size"] // dist.world_size,
-                  loader_used=choose_loader(config["loader"], splits, training.device),
-                  load_start=load_average(), cpu_count=os.cpu_count(),
-                  **run_estimates(training.model, training.units, scheduler.t_i, scheduler.total_steps,
-                                  config["paper_speedup"]))
+@dataclass
+class BuiltRun:
+    """A run ready to train: its config (the settings and the plan: the `config` record), the
+    training objects and the data."""
+    config: dict
+    training: Training
+    splits: object
+
+
+def build_run(settings: dict, dist: Distributed, device: torch.device, step: dict,
+              resumed: bool) -> BuiltRun:
+    """The resolve phase: the data, the model, the training objects and the step as `step`
+    says (choose_step), then the plan, once: what only the built run knows (device, precision
+    and step that run here, classes, parameters, units and their t_i, steps, loader, estimates).
+    The config is the settings plus the plan; nothing else adds to it. A resumed run keeps the
+    loader its position was made with."""
+    seed_everything(settings["seed"])
+    splits = load_data(dist, settings["dataset"], settings["data_root"], settings["eval_mode"],
+                       settings["subset"], settings["synthetic_classes"], settings["seed"])
+    if settings["batch_size"] % dist.world_size:
+        raise RunError(f"--batch_size {settings['batch_size']} is not divisible by the "
+                       f"{dist.world_size} processes (it is the global batch)")
+    try:
+        per_epoch = steps_per_epoch(len(splits.train), settings["batch_size"], dist.world_size)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    model = build_model(settings["model"], settings["depth"], settings["growth_rate"], splits.num_classes,
+                        settings["bottleneck"], settings["reduction"], settings["dropout"])
+    kind = step["training_step"]
+    training = build_training(
+        model, device, settings["epochs"] * per_epoch, lr=settings["lr"], momentum=settings["momentum"],
+        weight_decay=settings["weight_decay"], t_0=settings["t_0"], how_scale=settings["how_scale"],
+        scale_lr=settings["scale_lr"], amp=step["amp_effective"], channels_last=settings["channels_last"],
+        dist=dist, fused=True if kind == "graphed" else None)
+    compile_options = {"backend": settings.get("compile_backend", "inductor")}
+    if kind == "graphed" and settings.get("compile", False):
+        training.step = GraphedStep(training, settings["batch_size"], per_epoch, level_warmup=1,
+                                    forward=compiled_forward(training, **compile_options))
+    elif kind == "graphed":
+        training.step = GraphedStep(training, settings["batch_size"], per_epoch)
+    elif kind == "compiled":
+        training.step = CompiledStep(training, **compile_options)
+    scheduler = training.scheduler
+    loader = settings["loader_used"] if resumed and "loader_used" in settings else \
+        choose_loader(settings["loader"], splits, device)
+    plan = dict(
+        device=str(device), **step, num_classes=splits.num_classes,
+        params=sum(p.numel() for p in training.model.parameters()), n_units=len(training.units),
+        t_i=scheduler.t_i, steps_per_epoch=per_epoch, total_steps=scheduler.total_steps,
+        train_images=len(splits.train), world_size=dist.world_size,
+        per_rank_batch_size=settings["batch_size"] // dist.world_size, loader_used=loader,
+        workers=settings["workers"] if settings["workers"] is not None else (0 if device.type == "cpu" else 4),
+        load_start=load_average(), cpu_count=os.cpu_count(),
+        **run_estimates(training.model, training.units, scheduler.t_i, scheduler.total_steps,
+                        settings["paper_speedup"]))
+    if resumed:  # the host's load and cores when the run started
+        plan.update({k: settings[k] for k in ("load_start", "cpu_count") if k in settings})
+    return BuiltRun({**settings, **plan}, training, splits)
+
+
+def start_run(config: dict, training: Training, run_dir: Path) -> None:
+    """Make the run directory, write the config record first, then the step-0 checkpoint: from
+    then on the run can be continued with --resume whatever stops it."""
+    dist = training.dist
     if dist.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -269,38 +321,13 @@ def fit(config: dict, training: Training, loaders, run_dir: Path, done_epochs: i
     return train_time, last_eval
 
 
-def run(config: dict, run_dir: Path, checkpoint: dict | None, dist: Distributed | None = None) -> dict:
-    """Start or resume the run, train it to the end, evaluate on the test set, write the
-    summary record (returned). `dist`: one process by default."""
-    dist = dist or Distributed()
-    seed_everything(config["seed"])
-    device = torch.device(config["device"])
-    splits = load_data(dist, config["dataset"], config["data_root"], config["eval_mode"],
-                       config["subset"], config["synthetic_classes"], config["seed"])
-    if config["batch_size"] % dist.world_size:
-        raise RunError(f"--batch_size {config['batch_size']} is not divisible by the "
-                       f"{dist.world_size} processes (it is the global batch)")
-    try:
-        per_epoch = steps_per_epoch(len(splits.train), config["batch_size"], dist.world_size)
-    except ValueError as e:
-        raise RunError(str(e)) from None
-    model = build_model(config["model"], config["depth"], config["growth_rate"], splits.num_classes,
-                        config["bottleneck"], config["reduction"], config["dropout"])
-    training = build_training(
-        model, device, config["epochs"] * per_epoch, lr=config["lr"], momentum=config["momentum"],
-        weight_decay=config["weight_decay"], t_0=config["t_0"], how_scale=config["how_scale"],
-        scale_lr=config["scale_lr"], amp=config["amp_effective"], channels_last=config["channels_last"],
-        dist=dist, fused=True if config["training_step"] == "graphed" else None)
-    compile_options = {"backend": config.get("compile_backend", "inductor")}
-    if config["training_step"] == "graphed" and config.get("compile", False):
-        training.step = GraphedStep(training, config["batch_size"], per_epoch, level_warmup=1,
-                                    forward=compiled_forward(training, **compile_options))
-    elif config["training_step"] == "graphed":
-        training.step = GraphedStep(training, config["batch_size"], per_epoch)
-    elif config["training_step"] == "compiled":
-        training.step = CompiledStep(training, **compile_options)
+def run(built: BuiltRun, run_dir: Path, checkpoint: dict | None) -> dict:
+    """Start or resume the built run, train it to the end, evaluate on the test set, write the
+    summary record (returned)."""
+    config, training, splits = built.config, built.training, built.splits
+    dist, device = training.dist, training.device
     if checkpoint is None:
-        start_run(config, training, splits, run_dir, per_epoch)
+        start_run(config, training, run_dir)
         done_epochs, train_time, position = 0, 0.0, EpochPosition(1)
     else:
         done_epochs, train_time, position = resume_run(checkpoint, training, run_dir)
@@ -412,7 +439,6 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
     except ValueError as e:  # a flag value no run can use
         parser.error(str(e))
     dist, device = init_distributed(torch.device(config["device"]), args.dist_timeout)
-    config["device"] = str(device)
     note = ignored_flags_note(args.model, {dest: getattr(args, dest) for dest in explicit})
     if note and dist.is_main:
         print(f"{parser.prog}: {note}", file=sys.stderr)
@@ -426,14 +452,16 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
             if dist.is_main:
                 print(f"{parser.prog}: error: {prepared.error}", file=sys.stderr)
             raise SystemExit(prepared.exit_code)
-        config = {**prepared.config, **choose_step(prepared.config, device, dist, parser)}
+        config, step = prepared.config, choose_step(prepared.config, device, dist, parser)
         if prepared.finished is not None:
             if dist.is_main:
                 print(f"{config['run_dir']} has already finished; nothing to resume")
             return prepared.finished
         if prepared.notice is not None and dist.is_main:
             print(prepared.notice, flush=True)
-        return run(config, Path(config["run_dir"]), prepared.checkpoint, dist)
+        built = build_run(config, dist, device, step, resumed=prepared.checkpoint is not None)
+        config = built.config
+        return run(built, Path(config["run_dir"]), prepared.checkpoint)
     except (RunError, DataError, WriteError, Stopped, KeyboardInterrupt) as e:
         if dist.is_main:  # a stop by signal is not an error: the run did what it was asked
             prefix = "" if isinstance(e, Stopped) else "error: "
