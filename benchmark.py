@@ -31,7 +31,13 @@ import torch
 
 import spec
 from checkpoint import first_line
-from cli import (
+from compiled_step import CompiledStep
+from engine import Training, build_training, effective_amp, memory_format, resolve_device
+from figures import mib, pct
+from freezeout import SCALE_POWERS, freeze, unit_times
+from graphs import CudaGraphs, GraphedStep, use_cuda_graphs
+from models import build_model, check_depth, model_name, paper_speedup, resolve_size
+from spec import (
     HelpFormatter,
     check_positive,
     check_seed,
@@ -40,12 +46,6 @@ from cli import (
     flag_spellings,
     ignored_flags_note,
 )
-from compiled_step import CompiledStep
-from engine import Training, build_training, effective_amp, memory_format, resolve_device
-from figures import mib, pct
-from freezeout import SCALE_POWERS, freeze, unit_times
-from graphs import CudaGraphs, GraphedStep, use_cuda_graphs
-from models import build_model, check_depth, model_name, paper_speedup, resolve_size
 from utils import ESTIMATE_INPUT, first_frozen_steps, schedule_speedup, training_flops_by_level, unit_flops
 
 

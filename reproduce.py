@@ -30,18 +30,6 @@ from typing import Optional
 import torch
 
 from checkpoint import run_progress, run_state, saved_config
-from cli import (
-    DATASETS,
-    HelpFormatter,
-    check_positive,
-    check_seed,
-    check_t_0,
-    check_which_dataset,
-    examples,
-    flag_spellings,
-    ignored_flags_note,
-)
-from config import resolve_config
 from engine import resolve_device
 from figures import STRATEGIES, pct, plot_error_vs_speedup, plot_error_vs_time, plot_lr_schedules
 from launch import (
@@ -60,7 +48,25 @@ from launch import (
 )
 from metrics_logger import read_records
 from models import DEFAULTS, MODELS, applies, build_model, check_depth, model_name, resolve_size
-from spec import BY_DEST, SETTINGS, RunSpec, add_settings, given, setting_differences, to_argv
+from spec import (
+    BY_DEST,
+    DATASETS,
+    SETTINGS,
+    HelpFormatter,
+    RunSpec,
+    add_settings,
+    check_positive,
+    check_seed,
+    check_t_0,
+    check_which_dataset,
+    examples,
+    flag_spellings,
+    given,
+    ignored_flags_note,
+    resolve_config,
+    setting_differences,
+    to_argv,
+)
 from train import build_parser as train_parser
 
 PRESETS = {

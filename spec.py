@@ -3,6 +3,9 @@ changes what the run computes (a result setting) or only how it executes (a runt
 and its label in the default run name. train.py's command line is built from this table, and
 benchmark.py and reproduce.py take their shared flags from it; the checks, the messages that
 name a flag, the default run name, --resume's checks and a grid's reuse of a run all read it.
+`resolve_config` turns a parsed spec into the run's settings (data set and classes, t_0 from a
+target speedup, epochs under --const_time, the device, the run name): the `config` record's
+first half, to which train.py's build_run adds the plan.
 
     parser, defaults = argparse.ArgumentParser(), {}
     add_settings(parser, SETTINGS, defaults)    # train.py's flags, in groups
@@ -13,25 +16,130 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
-from cli import (
-    AMP_MODES,
-    CUDA_GRAPHS,
-    DATASETS,
-    DEVICES,
-    LOADERS,
-    SCALINGS,
-    check_at_least,
-    check_positive,
-    check_range,
-    check_seed,
-    check_t_0,
-    flag_spellings,
-)
-from models import MODELS, applies
-from utils import name_settings
+import freezeout
+from engine import effective_amp, resolve_device
+from freezeout import SCALE_POWERS
+from graphs import use_cuda_graphs
+from models import MODELS, REGISTRY, applies, check_depth, paper_speedup, speedup_estimator
+from utils import DATASETS, name_settings, solve_t_0, split_sizes, steps_per_epoch
+
+# ---------------------------------------------------------------------------------------
+# What the scripts' command lines share: choice lists, both spellings of every flag, the help
+# format, the checks of numeric values, the note on flags the chosen model has no use for
+# ---------------------------------------------------------------------------------------
+DEVICES = ("auto", "cpu", "cuda", "mps")
+AMP_MODES = ("off", "bf16", "fp16")
+SCALINGS = tuple(SCALE_POWERS)
+LOADERS = ("auto", "tensor", "torchvision")
+CUDA_GRAPHS = ("auto", "on", "off")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: ...)" to a flag's help unless the help already says what happens
+    when the flag is not given, or the flag is a switch (its help says what it turns on);
+    the description and the examples keep their lines."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
+def examples(doc: str) -> str:
+    """The epilog of a script's -h: the first indented block of its docstring (its examples)."""
+    block = doc.split("\n\n")[1]
+    return "examples:\n" + "\n".join(line[2:] for line in block.splitlines())
+
+
+def flag_spellings(*names: str) -> list[str]:
+    """A flag's names plus the other spelling of each long one: --batch_size and --batch-size."""
+    spellings = list(names)
+    for name in names:
+        if name.startswith("--"):
+            for alt in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                if alt not in spellings:
+                    spellings.append(alt)
+    return spellings
+
+
+def check_positive(flags: dict) -> None:
+    """ValueError naming the first flag ({"--epochs": value, ...}) whose integer value is not
+    positive; None means not given."""
+    for flag, value in flags.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+
+
+def check_range(flag: str, value, low: float, high: float, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """ValueError naming the flag unless low <= value <= high (ends open as asked); NaN and
+    infinities never pass. None means not given."""
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) \
+        and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{flag} must be in {interval}, got {value}")
+
+
+def check_t_0(flag: str, value: float) -> None:
+    """FreezeOut's own t_0 check, its message naming the flag as the user spelled it."""
+    try:
+        freezeout.check_t_0(value)
+    except ValueError:
+        raise ValueError(f"{flag} must be in (0, 1], got {value}") from None
+
+
+def check_at_least(flag: str, value, low: float, strict: bool = False) -> None:
+    """ValueError naming the flag unless value >= low (> low when strict) and finite: a
+    learning rate of inf or NaN is as unusable as a negative one. None means not given."""
+    if value is None:
+        return
+    if not (math.isfinite(value) and (value > low if strict else value >= low)):
+        raise ValueError(f"{flag} must be a finite number {'>' if strict else '>='} {low:g}, got {value}")
+
+
+def check_which_dataset(dataset: str | None, which: int | None) -> None:
+    """--which_dataset is the 2017 spelling of a CIFAR --dataset: both given, they must agree."""
+    if dataset in ("cifar10", "cifar100") and which is not None and dataset != f"cifar{which}":
+        raise ValueError(f"--dataset {dataset} contradicts --which_dataset {which}")
+
+
+# Seeds go to torch.manual_seed, which takes 0 <= seed < 2**64.
+MAX_SEED = 2 ** 64 - 1
+
+
+def check_seed(flag: str, value: int) -> None:
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{flag} must be an integer in [0, 2**64 - 1], got {value}")
+
+
+# Flags that shape one architecture only: dest -> (the flag as a user writes it, the models it
+# means something to). A flag given for another model is ignored with one printed note rather
+# than refused, so that one command line can be reused across --model values.
+MODEL_FLAGS = {dest: (flag, tuple(m for m, a in REGISTRY.items() if dest in a.settings))
+               for dest, flag in (("growth_rate", "-k"), ("bottleneck", "--bottleneck"), ("reduction", "--reduction"))}
+
+
+def ignored_flags_note(model: str, given: dict) -> str | None:
+    """The note naming the flags in `given` ({dest: value}, the flags on the command line)
+    that mean nothing to `model`, or None when there are none."""
+    names = []
+    for dest, (flag, models) in MODEL_FLAGS.items():
+        if dest in given and model not in models:
+            names.append("--no-bottleneck" if dest == "bottleneck" and given[dest] is False else flag)
+    if not names:
+        return None
+    return f"note: {', '.join(names)} {'means' if len(names) == 1 else 'mean'} nothing to {model}; ignored"
+
 
 Check = Callable[[str, Any], None]  # check(flag, value) raises ValueError naming the flag
 
@@ -319,6 +427,90 @@ def default_name_labels(spec, defaults: dict) -> list[str]:
     return parts
 
 
+# ---------------------------------------------------------------------------------------
+# Resolving a spec: the run's settings
+# ---------------------------------------------------------------------------------------
+def check_args(args, explicit: set) -> None:
+    """Raise ValueError, naming the flag, for a value no run can use: each setting's own check,
+    then those of settings together."""
+    check_settings(args)
+    check_which_dataset(args.dataset, args.which_dataset)
+    if args.target_speedup is not None and "t_0" in explicit:
+        raise ValueError(f"give {flag('t_0')} or {flag('target_speedup')}, not both")
+    check_depth(args.model, args.depth, args.bottleneck)
+
+
+def resolve_dataset(args) -> tuple[str, int | None]:
+    if args.dataset is None:
+        return f"cifar{args.which_dataset or 100}", None
+    return args.dataset, args.which_dataset if args.dataset == "synthetic" else None
+
+
+def num_classes_of(dataset: str, synthetic_classes: int | None) -> int:
+    return {"cifar10": 10, "cifar100": 100}.get(dataset, synthetic_classes or 100)
+
+
+def args_paper_speedup(args, t_0: float):
+    return paper_speedup(args.model, args.depth, args.growth_rate, t_0, args.how_scale, args.bottleneck)
+
+
+def default_run_name(args, dataset: str, defaults: dict) -> str:
+    """The settings every name spells out, then each result setting with a label in spec.py
+    that differs from its default: a sweep over any of them gets a directory per value."""
+    arch = REGISTRY[args.model].run_label(args.depth, args.growth_rate, args.bottleneck)
+    data = dataset + (f"{args.which_dataset}" if dataset == "synthetic" and args.which_dataset else "")
+    data += f"-sub{args.subset}" if args.subset else ""
+    fo = (f"ts{args.target_speedup:g}" if args.target_speedup is not None else f"t0-{args.t_0:g}")
+    scaling = "scaled" if args.scale_lr else "unscaled"
+    name = f"{arch}_{data}_{args.how_scale}-{scaling}-{fo}_e{args.epochs}_s{args.seed}"
+    return "_".join([name, *default_name_labels(args, defaults)])
+
+
+def resolve_config(args, explicit: set, argv, defaults: dict) -> dict:
+    """Everything the run is defined by, checked before any work is done (`defaults`: every
+    flag's default, for the run's default name)."""
+    check_args(args, explicit)
+    dataset, synthetic_classes = resolve_dataset(args)
+    steps_per_epoch(split_sizes(args.eval_mode, args.subset)[0], args.batch_size)
+    t_0, epochs = args.t_0, args.epochs
+    if args.const_time or args.target_speedup is not None:
+        estimate, what = speedup_estimator(args.model, args.depth, args.growth_rate, args.how_scale,
+                                           args.bottleneck, num_classes_of(dataset, synthetic_classes))
+        if args.target_speedup is not None:
+            try:
+                t_0 = solve_t_0(args.target_speedup, estimate, f"{what} for {args.how_scale}")
+            except ValueError as e:
+                raise ValueError(f"{flag('target_speedup')}: {e}") from None
+        if args.const_time:  # as many epochs as fit in the baseline's time, by the estimate
+            epochs = math.ceil(args.epochs / (1 - estimate(t_0)))
+    device = resolve_device(args.device)
+    amp = effective_amp(args.amp, device)
+    use_cuda_graphs(args.cuda_graphs, device, amp, int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    name = args.name or default_run_name(args, dataset, defaults)
+    if not name or name in (".", "..") or "/" in name or os.sep in name:
+        raise ValueError(f"{flag('name')} {name!r}: a run name must be a plain file name")
+    return {
+        "model": args.model, "depth": args.depth, "growth_rate": args.growth_rate,
+        "bottleneck": args.bottleneck, "reduction": args.reduction, "dropout": args.dropout,
+        "dataset": dataset, "synthetic_classes": synthetic_classes,
+        "num_classes": num_classes_of(dataset, synthetic_classes), "data_root": args.data_root,
+        "subset": args.subset, "augment": args.augment, "eval_mode": args.eval_mode,
+        "loader": args.loader,
+        "epochs": epochs, "requested_epochs": args.epochs, "batch_size": args.batch_size,
+        "optimizer": "SGD", "nesterov": True, "lr": args.lr, "momentum": args.momentum,
+        "weight_decay": args.weight_decay, "seed": args.seed,
+        "t_0": t_0, "how_scale": args.how_scale, "scale_lr": args.scale_lr,
+        "const_time": args.const_time, "target_speedup": args.target_speedup,
+        "device": str(device), "amp": args.amp,
+        "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs, "compile": args.compile,
+        "compile_backend": args.compile_backend,
+        "workers": args.workers,
+        "out_dir": args.out_dir, "name": name, "run_dir": str(Path(args.out_dir) / name),
+        "paper_speedup": args_paper_speedup(args, t_0),
+        "argv": list(argv), "args": dict(vars(args)),
+    }
+
+
 __all__ = ["Setting", "SETTINGS", "RunSpec", "RESULT", "RUNTIME", "flag", "add_settings", "check_settings", "given",
-           "to_argv",
+           "to_argv", "resolve_config", "default_run_name",
            "setting_differences", "check_resume_flags", "default_name_labels"]

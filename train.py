@@ -12,7 +12,7 @@ every epoch. SIGINT or SIGTERM stop it after the current step with a checkpoint 
 train.py -h` lists the flags with their defaults.
 
 This file is the command line and the run (start or resume, the epoch loop, the summary);
-config.py turns the flags into the run's settings; the machinery lives in engine.py,
+spec.py declares the settings and turns the flags into them; the machinery lives in engine.py,
 graphs.py, checkpoint.py, loaders.py, models.py and utils.py.
 """
 from __future__ import annotations
@@ -43,9 +43,7 @@ from checkpoint import (
     save_checkpoint,
     save_first_checkpoint,
 )
-from cli import HelpFormatter, examples, ignored_flags_note
 from compiled_step import CompiledStep, compiled_forward
-from config import resolve_config
 from distributed import Distributed, check_replicas_agree, init_distributed
 from engine import (
     NO_STEP,
@@ -64,7 +62,18 @@ from graphs import GraphedStep, use_cuda_graphs
 from loaders import choose_loader, load_data, make_loaders
 from metrics_logger import MetricsLogger, WriteError, evaluation, read_records, write_records
 from models import build_model, model_name, resolve_size, run_estimates
-from spec import RESUMABLE, SETTINGS, RunSpec, add_settings, check_resume_flags, flag
+from spec import (
+    RESUMABLE,
+    SETTINGS,
+    HelpFormatter,
+    RunSpec,
+    add_settings,
+    check_resume_flags,
+    examples,
+    flag,
+    ignored_flags_note,
+    resolve_config,
+)
 from utils import DataError, RunError, first_frozen_steps, steps_per_epoch
 
 # The config entries a resumed run takes from this invocation rather than its checkpoint: the

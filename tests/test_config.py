@@ -11,7 +11,7 @@ import benchmark
 import reproduce
 import spec
 import train
-from config import resolve_config
+from spec import resolve_config
 
 # A non-default value of every result setting (with what else it needs to be valid).
 CHANGED = {

@@ -12,9 +12,9 @@ import pytest
 pytestmark = pytest.mark.slow  # a pip build and install: about 10 s
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT_MODULES = ["utils", "train", "models", "engine", "checkpoint", "cli", "loaders", "densenet", "wrn",
+SCRIPT_MODULES = ["utils", "train", "models", "engine", "checkpoint", "spec", "loaders", "densenet", "wrn",
                   "vgg", "layers", "metrics_logger", "distributed", "figures", "benchmark", "reproduce", "plot",
-                  "compiled_step", "config", "graphs"]
+                  "compiled_step", "launch", "graphs"]
 
 
 @pytest.fixture(scope="module")

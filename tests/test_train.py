@@ -395,7 +395,7 @@ def test_command_line_errors_and_help(tmp_path, capsys):
 def test_the_default_run_name_holds_every_setting_that_changes_the_result():
     """A sweep over any setting that changes what a run computes gets one directory per value
     (the name spells out every such setting that differs from its default)."""
-    from config import resolve_config
+    from spec import resolve_config
 
     def name(*flags):
         parser, args, explicit = train.parse_args(["--dataset", "synthetic", "--device", "cpu", *flags])
