@@ -111,6 +111,19 @@ TINY = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "96", "-L
 TINY_UNITS, TINY_STEPS_PER_EPOCH, TINY_PARAMS = 7, 6, 2_666
 
 
+def tiny_training(seed: int = 0, total: int = 4, t_0: float = 0.5, how_scale: str = "cubic", dropout: float = 0.0,
+                  device: str = "cpu", **options):
+    """The tiny run's model (DenseNet-BC L=10 k=4, 10 classes, 7 units) under FreezeOut for
+    `total` steps, built as train.py builds it (Nesterov SGD, lr 0.1, momentum 0.9, weight
+    decay 1e-4, scaled rates) after seeding torch; `options` go to build_training (amp,
+    channels_last, fused)."""
+    from densenet import DenseNet
+    from engine import build_training
+    torch.manual_seed(seed)
+    return build_training(DenseNet(10, 4, 10, dropout=dropout), torch.device(device), total, lr=0.1, momentum=0.9,
+                          weight_decay=1e-4, t_0=t_0, how_scale=how_scale, scale_lr=True, **options)
+
+
 def run_train(out: Path, *extra, name: str = "run") -> dict:
     """train.main on the tiny run in this process; returns its summary record."""
     import train

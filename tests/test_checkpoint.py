@@ -14,18 +14,15 @@ from checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from conftest import same_state
-from densenet import DenseNet
-from engine import EpochPosition, build_training
+from conftest import same_state, tiny_training
+from engine import EpochPosition
 from utils import RunError
 
 CPU = torch.device("cpu")
 
 
 def training(seed: int, amp: str = "fp16"):
-    torch.manual_seed(seed)
-    return build_training(DenseNet(10, 4, 10, dropout=0.1), CPU, 12, lr=0.1, momentum=0.9,
-                          weight_decay=1e-4, t_0=0.3, how_scale="linear", scale_lr=True, amp=amp)
+    return tiny_training(seed, total=12, t_0=0.3, how_scale="linear", dropout=0.1, amp=amp)
 
 
 def steps(t, n, seed=1):

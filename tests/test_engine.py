@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import spy_on_step
-from densenet import DenseNet
-from engine import EagerStep, autocast_for, build_training, effective_amp, evaluate, resolve_device, seed_everything
+from conftest import spy_on_step, tiny_training
+from engine import EagerStep, autocast_for, effective_amp, evaluate, resolve_device, seed_everything
 from loaders import TensorLoader
 from utils import ImageSet
 
@@ -85,9 +84,7 @@ def test_effective_amp_falls_back_to_off_where_autocast_declines(monkeypatch, ho
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_eager_step_computes_in_the_precision_and_layout_asked_for(monkeypatch, amp, dtype, channels_last):
     seen = spy_on_step(monkeypatch)
-    torch.manual_seed(0)
-    training = build_training(DenseNet(10, 4, 10), CPU, 4, lr=0.1, momentum=0.9, weight_decay=1e-4, t_0=0.5,
-                              how_scale="cubic", scale_lr=True, amp=amp, channels_last=channels_last)
+    training = tiny_training(amp=amp, channels_last=channels_last)
     convs = [m.weight for m in training.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(w.is_contiguous(memory_format=torch.channels_last) == channels_last or w.shape[-1] == 1
                for w in convs)
@@ -114,9 +111,7 @@ def test_autocast_for_off_is_a_no_op():
 
 # -- evaluation ---------------------------------------------------------------------------
 def test_evaluate_is_the_mean_loss_and_the_share_of_wrong_answers():
-    torch.manual_seed(0)
-    training = build_training(DenseNet(10, 4, 10), CPU, 4, lr=0.1, momentum=0.9, weight_decay=1e-4, t_0=0.5,
-                              how_scale="cubic", scale_lr=True)
+    training = tiny_training()
     data = ImageSet(torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8), torch.arange(37) % 10)
     loader = TensorLoader(data, (0.5,) * 3, (0.25,) * 3, 16, train=False)
     training.model.train()  # evaluate must switch to inference mode itself

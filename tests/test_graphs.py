@@ -16,10 +16,10 @@ from conftest import (
     graphed_run_stopped_then_resumed,
     planned_captures,
     same_state,
+    tiny_training,
 )
-from densenet import DenseNet
 from distributed import Distributed
-from engine import EagerStep, build_training
+from engine import EagerStep
 from graphs import CaptureError, EagerGraphs, GraphedStep, graphs_unsupported, use_cuda_graphs
 from metrics_logger import read_records
 
@@ -28,10 +28,7 @@ T, PER_EPOCH, BATCH = 24, 8, 4
 
 
 def make_training(seed=0, t_0=0.5, dropout=0.1, total=T):
-    torch.manual_seed(seed)
-    model = DenseNet(10, 4, 10, dropout=dropout)  # 7 units
-    return build_training(model, CPU, total, lr=0.1, momentum=0.9, weight_decay=1e-4, t_0=t_0,
-                          how_scale="cubic", scale_lr=True, fused=True)
+    return tiny_training(seed, total, t_0, dropout=dropout, fused=True)  # 7 units
 
 
 def batches(n, seed=1):
@@ -228,9 +225,7 @@ def test_a_run_started_with_a_foreach_optimizer_resumes_graphed_and_fused(tmp_pa
 
 
 def test_the_graphed_step_needs_a_fused_optimizer():
-    torch.manual_seed(0)
-    training = build_training(DenseNet(10, 4, 10), CPU, T, lr=0.1, momentum=0.9, weight_decay=1e-4,
-                              t_0=0.5, how_scale="cubic", scale_lr=True)  # foreach SGD on the CPU
+    training = tiny_training(total=T)  # foreach SGD on the CPU
     with pytest.raises(ValueError, match="fused=True"):
         graphed(training)
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import checkpoint
+import conftest
 import engine
 import train
 from conftest import ROOT, final_state, same_state
 from metrics_logger import read_records
 
 # 6 steps per epoch, 3 epochs, dropout: the RNG stream matters to the result.
-TINY = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "96", "-L", "10", "-k", "4",
-        "--batch_size", "16", "--device", "cpu", "--epochs", "3", "--dropout", "0.1", "--t_0", "0.5"]
+TINY = [*conftest.TINY, "--epochs", "3", "--dropout", "0.1", "--t_0", "0.5"]
 
 
 def events(run_dir: Path) -> list:
