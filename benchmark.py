@@ -38,6 +38,7 @@ from freezeout import SCALE_POWERS, freeze, unit_times
 from graphs import CudaGraphs, GraphedStep, use_cuda_graphs
 from models import build_model, check_depth, model_name, paper_speedup, resolve_size
 from spec import (
+    EXIT_FAILED,
     HelpFormatter,
     check_positive,
     check_seed,
@@ -447,7 +448,7 @@ def main(argv=None) -> dict:
         print(f"{parser.prog}: error: the {kind} step failed ({result[f'{kind}_error']}); the eager "
               f"figures above stand", file=sys.stderr)
     if failed:
-        raise SystemExit(1)
+        raise SystemExit(EXIT_FAILED)
     return result
 
 

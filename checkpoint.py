@@ -263,8 +263,9 @@ class OpenedRun:
     checkpoint: dict | None = None
     finished: dict | None = None   # the summary of a run that has already finished
     error: str | None = None
-    exit_code: int = 0
-    usage: bool = False            # the error is about a flag: argparse's usage line first
+    # What the error is: "setting" (a setting contradicts the saved run), "busy" (another
+    # process owns the directory) or "run" (the directory or checkpoint cannot be used).
+    error_kind: str | None = None
     notice: str | None = None      # a line to print: the run starts again from step 0
 
 
@@ -363,9 +364,9 @@ def open_run(config: dict, dist, resume: bool, check_flags: Callable[[dict], Non
             opened.notice = (f"no checkpoint in {run_dir}: the run stopped before its first one; "
                              f"starting it again from step 0")
     except ValueError as e:  # a flag that contradicts the saved run
-        opened = OpenedRun(config, error=str(e), exit_code=2, usage=True)
+        opened = OpenedRun(config, error=str(e), error_kind="setting")
     except RunBusy as e:
-        opened = OpenedRun(config, error=str(e), exit_code=2)
+        opened = OpenedRun(config, error=str(e), error_kind="busy")
     except RunError as e:
-        opened = OpenedRun(config, error=str(e), exit_code=1)
+        opened = OpenedRun(config, error=str(e), error_kind="run")
     return dist.broadcast(opened)

@@ -135,6 +135,19 @@ class EpochPosition:
 
 
 @dataclass
+class RunProgress:
+    """How far a run has got: the epochs done, their training seconds, and where the next epoch
+    stands (a checkpoint holds them as its epoch, train_time_s and position)."""
+    epochs_done: int = 0
+    train_time_s: float = 0.0
+    position: EpochPosition = None
+
+    def __post_init__(self):
+        if self.position is None:
+            self.position = EpochPosition(self.epochs_done + 1)
+
+
+@dataclass
 class Training:
     """The objects one training run works on."""
     model: torch.nn.Module

@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from checkpoint import RunBusy, RunLock, run_state
+from spec import is_stop_status
 
 ROOT = Path(__file__).resolve().parent
 STATES = ("finished", "stopped", "failed", "busy")
@@ -112,7 +113,7 @@ def outcome_of(run: GridRun, code: int, seconds: float, log: Path) -> Outcome:
     stopped with a checkpoint, 2 refused, 1 failed)."""
     if code == 0:
         return Outcome(run, "finished", seconds)
-    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+    if is_stop_status(code):
         return Outcome(run, "stopped", seconds, f"stopped with a checkpoint (exit {code})")
     tail = log_tail(log)
     if code == 2 and "in use by another run" in tail:
@@ -293,7 +294,7 @@ def job_outcome(run: GridRun, job, seconds: float) -> Outcome:
         code = job.result()
     except Exception as e:  # the job died (killed, out of memory, an import failed on the node)
         code, error = None, str(e).strip().splitlines()
-    if code in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM):
+    if code == 0 or is_stop_status(code):
         return outcome_of(run, code, seconds, Path())
     lines = [line for line in (job.stderr() or "").splitlines() if line.strip()][-LOG_TAIL_LINES:]
     why = f"exit {code}" if code is not None else (error[0] if error else "the job ended without a result")

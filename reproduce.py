@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from checkpoint import run_progress, run_state, saved_config
+from checkpoint import RunBusy, run_progress, run_state, saved_config
 from engine import resolve_device
 from figures import STRATEGIES, pct, plot_error_vs_speedup, plot_error_vs_time, plot_lr_schedules
 from launch import (
@@ -51,6 +51,8 @@ from models import DEFAULTS, MODELS, applies, build_model, check_depth, model_na
 from spec import (
     BY_DEST,
     DATASETS,
+    EXIT_FAILED,
+    EXIT_USAGE,
     SETTINGS,
     HelpFormatter,
     RunSpec,
@@ -63,8 +65,10 @@ from spec import (
     flag_spellings,
     given,
     ignored_flags_note,
+    is_stop_status,
     resolve_config,
     setting_differences,
+    stop_status,
     to_argv,
 )
 from train import build_parser as train_parser
@@ -190,11 +194,16 @@ def run_in_this_process(todo: list[GridRun], threads: int | None) -> list[Outcom
     outcomes = []
     for i, run in enumerate(todo, 1):
         start = time.perf_counter()
-        argv = start_argv(run)
+        try:
+            argv = start_argv(run)
+        except RunBusy as e:  # another process owns its directory: left alone
+            outcomes.append(Outcome(run, "busy", 0.0, str(e)))
+            print(f"[{i}/{len(todo)}] {outcome_line(outcomes[-1])}", flush=True)
+            continue
         print(f"[{i}/{len(todo)}] {run.label}: {'resuming' if '--resume' in argv else 'starting'}", flush=True)
         run_one(argv)
         outcomes.append(Outcome(run, "finished", time.perf_counter() - start))
-        left = statistics.mean(o.seconds for o in outcomes) * (len(todo) - i)
+        left = statistics.mean(o.seconds for o in outcomes if o.state == "finished") * (len(todo) - i)
         print(f"[{i}/{len(todo)}] {run.label}: done in {outcomes[-1].seconds:.0f} s; "
               f"about {format_duration(left)} left", flush=True)
     return outcomes
@@ -534,7 +543,7 @@ def main(argv=None) -> list[dict]:
         what = "" if args.report_only else "run them again with --rerun-mismatched (the old runs are moved aside), or "
         print(f"{parser.prog}: error: {len(mismatched)} run(s) in {out} were made with other settings than this "
               f"grid's: {what}give another --out", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(EXIT_USAGE)
     for job, _ in mismatched:
         print(f"{out / 'runs' / job.name} was run with other settings: moved to {move_aside(out / 'runs' / job.name)}")
     unfinished = []
@@ -556,17 +565,17 @@ def main(argv=None) -> list[dict]:
             print(f"{parser.prog}: error: {outcome_line(outcome)}", file=sys.stderr)
         print(f"{parser.prog}: error: {len(unfinished)} run(s) did not finish (above); the table leaves them out. "
               "Fix the cause and run the same command again: it runs only what is missing", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(EXIT_FAILED)
     return rows
 
 
 def stop_code(error: BaseException) -> int | None:
     """The exit status for a grid ended by a stop signal (128 + the signal), else None."""
     if isinstance(error, GridStopped):
-        return 128 + error.signum
+        return stop_status(error.signum)
     if isinstance(error, KeyboardInterrupt):
-        return 128 + signal.SIGINT
-    if error.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        return stop_status(signal.SIGINT)
+    if is_stop_status(error.code):
         return error.code
     return None
 

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import math
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -115,6 +116,22 @@ def check_which_dataset(dataset: str | None, which: int | None) -> None:
 
 # Seeds go to torch.manual_seed, which takes 0 <= seed < 2**64.
 MAX_SEED = 2 ** 64 - 1
+
+
+# Exit statuses of the scripts, chosen here alone (docs/training.md, "Exit codes"): 2 for what
+# the command line asks that cannot be (argparse's own), 1 for a run that failed, 128 + the
+# signal for a run that a signal stopped with a checkpoint.
+EXIT_USAGE, EXIT_FAILED = 2, 1
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stop_status(signum: int) -> int:
+    return 128 + signum
+
+
+def is_stop_status(code) -> bool:
+    """Whether an exit status is that of a run stopped by SIGINT or SIGTERM with a checkpoint."""
+    return code in {stop_status(s) for s in STOP_SIGNALS}
 
 
 def check_seed(flag: str, value: int) -> None:

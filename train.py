@@ -49,6 +49,7 @@ from engine import (
     NO_STEP,
     Diverged,
     EpochPosition,
+    RunProgress,
     StopSignals,
     Training,
     build_training,
@@ -63,6 +64,8 @@ from loaders import choose_loader, load_data, make_loaders
 from metrics_logger import MetricsLogger, WriteError, evaluation, read_records, write_records
 from models import build_model, model_name, resolve_size, run_estimates
 from spec import (
+    EXIT_FAILED,
+    EXIT_USAGE,
     RESUMABLE,
     SETTINGS,
     HelpFormatter,
@@ -73,12 +76,17 @@ from spec import (
     flag,
     ignored_flags_note,
     resolve_config,
+    stop_status,
 )
 from utils import DataError, RunError, first_frozen_steps, steps_per_epoch
 
 # The config entries a resumed run takes from this invocation rather than its checkpoint: the
 # runtime settings --resume may change, and where the run directory now is.
 RESUMED_FROM_NOW = tuple(sorted(RESUMABLE - {"resume", "name"})) + ("run_dir",)
+
+
+# open_run's kinds of error as exit statuses (spec.py chooses them).
+EXIT_OF_OPEN_ERROR = {"setting": EXIT_USAGE, "busy": EXIT_USAGE, "run": EXIT_FAILED}
 
 
 class Stopped(Exception):
@@ -252,9 +260,9 @@ def start_run(config: dict, training: Training, run_dir: Path) -> None:
     save_first_checkpoint(run_dir, training, config)  # every rank: it gathers their RNG states
 
 
-def resume_run(checkpoint: dict, training: Training, run_dir: Path) -> tuple[int, float, dict]:
-    """Restore every state; drop the epoch records of work about to be redone. Returns the
-    epochs done, the training time so far and the position inside the next epoch."""
+def resume_run(checkpoint: dict, training: Training, run_dir: Path) -> RunProgress:
+    """Restore every state; drop the epoch records of work about to be redone. Returns how far
+    the run had got."""
     restore(checkpoint, training)
     done_epochs = checkpoint["epoch"]
     position = saved_position(checkpoint["position"], done_epochs + 1, run_dir)
@@ -264,7 +272,7 @@ def resume_run(checkpoint: dict, training: Training, run_dir: Path) -> tuple[int
                 or (r["event"] == "epoch" and r["epoch"] <= done_epochs)]
         write_records(metrics, kept)
         print(f"resuming {run_dir} in epoch {position.epoch} at batch {position.batch}")
-    return done_epochs, checkpoint["train_time_s"], position
+    return RunProgress(done_epochs, checkpoint["train_time_s"], position)
 
 
 def saved_position(saved: dict | None, next_epoch: int, run_dir: Path) -> EpochPosition:
@@ -283,8 +291,8 @@ def stopped_by(signum: int, where: str, run_dir: Path) -> Stopped:
                            f"(run directory {run_dir})")
 
 
-def fit(config: dict, training: Training, loaders, run_dir: Path, done_epochs: int,
-        train_time: float, position: EpochPosition, log) -> tuple[float, tuple]:
+def fit(config: dict, training: Training, loaders, run_dir: Path, progress: RunProgress,
+        log) -> tuple[float, tuple]:
     """The epoch loop: train, evaluate, log and checkpoint every epoch; a stop signal writes a
     checkpoint (inside the epoch if need be) and raises Stopped. Returns the training time and
     the last evaluation (loss, error), (None, None) without one."""
@@ -292,7 +300,8 @@ def fit(config: dict, training: Training, loaders, run_dir: Path, done_epochs: i
     dist, scheduler, per_epoch = training.dist, training.scheduler, config["steps_per_epoch"]
     checkpoint_path, last_eval = run_dir / "checkpoint.pt", (None, None)
     with StopSignals() as stop:
-        for epoch in range(done_epochs + 1, config["epochs"] + 1):
+        train_time, position = progress.train_time_s, progress.position
+        for epoch in range(progress.epochs_done + 1, config["epochs"] + 1):
             step_fn = training.step
             before = (step_fn.captures, step_fn.capture_time_s, step_fn.eager_steps)
             stopped = train_one_epoch(training, train_loader, position, per_epoch, stop,
@@ -337,9 +346,9 @@ def run(built: BuiltRun, run_dir: Path, checkpoint: dict | None) -> dict:
     dist, device = training.dist, training.device
     if checkpoint is None:
         start_run(config, training, run_dir)
-        done_epochs, train_time, position = 0, 0.0, EpochPosition(1)
+        progress = RunProgress()
     else:
-        done_epochs, train_time, position = resume_run(checkpoint, training, run_dir)
+        progress = resume_run(checkpoint, training, run_dir)
     loaders = make_loaders(splits, config["loader_used"], config["batch_size"], device,
                            augment=config["augment"], eval_mode=config["eval_mode"],
                            workers=config["workers"], seed=config["seed"], rank=dist.rank,
@@ -347,8 +356,7 @@ def run(built: BuiltRun, run_dir: Path, checkpoint: dict | None) -> dict:
     if dist.is_main:
         print(describe(config, splits), flush=True)
     with (MetricsLogger(run_dir / "metrics.jsonl") if dist.is_main else NoLog()) as log:
-        train_time, last_eval = fit(config, training, loaders, run_dir, done_epochs, train_time,
-                                    position, log)
+        train_time, last_eval = fit(config, training, loaders, run_dir, progress, log)
         with StopSignals() as stop:  # a stop now: the last checkpoint is the run's end
             if config["eval_mode"] == "test" and last_eval[0] is not None:
                 test_loss, test_err = last_eval  # the last evaluation was this same test pass
@@ -456,11 +464,11 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
         prepared = open_run(config, dist, args.resume,
                             lambda saved: check_resume_flags(saved["args"], args, explicit), RESUMED_FROM_NOW, lock)
         if prepared.error is not None:
-            if prepared.usage and dist.is_main:
+            if prepared.error_kind == "setting" and dist.is_main:  # as argparse reports errors
                 parser.print_usage(sys.stderr)
             if dist.is_main:
                 print(f"{parser.prog}: error: {prepared.error}", file=sys.stderr)
-            raise SystemExit(prepared.exit_code)
+            raise SystemExit(EXIT_OF_OPEN_ERROR[prepared.error_kind])
         config, step = prepared.config, choose_step(prepared.config, device, dist, parser)
         if prepared.finished is not None:
             if dist.is_main:
@@ -476,8 +484,8 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
             prefix = "" if isinstance(e, Stopped) else "error: "
             command = continue_command(args, config, dist.world_size) if resume_hint else None
             print(f"{parser.prog}: {prefix}{failure(e, config, command)}", file=sys.stderr)
-        stopped = 128 + e.signum if isinstance(e, Stopped) else 128 + signal.SIGINT
-        raise SystemExit(stopped if isinstance(e, (Stopped, KeyboardInterrupt)) else 1) from None
+        stopped = stop_status(e.signum if isinstance(e, Stopped) else signal.SIGINT)
+        raise SystemExit(stopped if isinstance(e, (Stopped, KeyboardInterrupt)) else EXIT_FAILED) from None
     except RuntimeError as e:
         if not (dist.enabled and re.search(r"time[sd]? ?out", str(e), re.IGNORECASE)):
             raise
@@ -486,7 +494,7 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
             command = continue_command(args, config, dist.world_size) if resume_hint else None
             print(f"{parser.prog}: error: {no_answer(dist.rank, silent, args.dist_timeout, config, command)}",
                   file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(EXIT_FAILED) from None
     finally:
         if lock is not None:
             lock.release()

@@ -113,17 +113,24 @@ def test_ctrl_c_stops_every_run_with_a_checkpoint_and_the_same_command_completes
 
 
 @pytest.mark.slow
-def test_a_run_owned_by_another_process_is_left_alone(tmp_path):
+@pytest.mark.parametrize("jobs,started", [("1", True), ("2", False), ("2", True)])
+def test_a_run_owned_by_another_process_is_left_alone(tmp_path, jobs, started):
+    """Found by the grid before the run starts (its owner has written a file), or by train.py's
+    own lock when the run's process starts."""
     lock = RunLock(tmp_path / "runs" / RUNS[0])
     lock.acquire()
+    if started:
+        (tmp_path / "runs" / RUNS[0] / "metrics.jsonl").write_text("")
     try:
-        code, _, err = finish(reproduce_py(tmp_path, "--jobs", "2", "--t0s", "0.8"))
+        code, _, err = finish(reproduce_py(tmp_path, "--jobs", jobs, "--t0s", "0.8"))
+        # untouched (read while the lock is held: releasing it removes a directory left empty)
+        left = sorted(p.name for p in (tmp_path / "runs" / RUNS[0]).iterdir())
     finally:
         lock.release()
     assert code == 1
     busy = next(line for line in err.splitlines() if "error: BUSY: baseline, seed 0" in line)
     assert f"in use by another run (pid {os.getpid()}" in busy
-    assert not (tmp_path / "runs" / RUNS[0] / "metrics.jsonl").exists()
+    assert left == ([".lock", "metrics.jsonl"] if started else [".lock"])
     assert '"event": "summary"' in (tmp_path / "runs" / RUNS[2] / "metrics.jsonl").read_text()
 
 
