@@ -188,7 +188,8 @@ def run_grid(jobs: list[Job], out: Path, launch: dict) -> list[Outcome]:
 
 def run_in_this_process(todo: list[GridRun], threads: int | None) -> list[Outcome]:
     """One run after another, each train.py's output on the console, with a progress line and
-    an ETA; a failed run ends the grid (its error is the last thing printed)."""
+    an ETA. A run that fails (its error printed by train.py) is reported and the others go on;
+    a stop signal ends the grid (train.py's SystemExit with 128 + the signal)."""
     if threads is not None:
         torch.set_num_threads(threads)
     outcomes = []
@@ -201,7 +202,15 @@ def run_in_this_process(todo: list[GridRun], threads: int | None) -> list[Outcom
             print(f"[{i}/{len(todo)}] {outcome_line(outcomes[-1])}", flush=True)
             continue
         print(f"[{i}/{len(todo)}] {run.label}: {'resuming' if '--resume' in argv else 'starting'}", flush=True)
-        run_one(argv)
+        try:
+            run_one(argv)
+        except SystemExit as e:
+            if is_stop_status(e.code):
+                raise
+            outcomes.append(Outcome(run, "failed", time.perf_counter() - start,
+                                    f"train.py exited {e.code}; its error is above"))
+            print(f"[{i}/{len(todo)}] {outcome_line(outcomes[-1])}", flush=True)
+            continue
         outcomes.append(Outcome(run, "finished", time.perf_counter() - start))
         left = statistics.mean(o.seconds for o in outcomes if o.state == "finished") * (len(todo) - i)
         print(f"[{i}/{len(todo)}] {run.label}: done in {outcomes[-1].seconds:.0f} s; "

@@ -132,14 +132,28 @@ def test_a_stop_says_to_run_the_same_command_again(tmp_path, capsys, monkeypatch
     assert not any("--resume" in line for line in err)
 
 
-def test_errors_other_than_a_stop_keep_their_exit_code(tmp_path, capsys, monkeypatch):
-    def data_error(argv, **kwargs):
-        raise SystemExit(1)
+def test_a_failed_run_in_this_process_is_reported_and_the_others_run(tmp_path, capsys, monkeypatch, no_figures):
+    tried = []
 
-    monkeypatch.setattr(reproduce, "run_one", data_error)
+    def second_fails(argv, **kwargs):  # train.py has printed its error and exits 1
+        tried.append(argv[argv.index("--name") + 1])
+        if len(tried) == 2:
+            raise SystemExit(1)
+        name = tried[-1]
+        fabricate(tmp_path, name, float(name.split("t0-")[1].split("_")[0]) if "t0-" in name else 1.0, 10.0)
+
+    monkeypatch.setattr(reproduce, "run_one", second_fails)
     with pytest.raises(SystemExit) as info:
-        reproduce.main([*TINY, "--out", str(tmp_path)])
-    assert info.value.code == 1 and "stopped;" not in capsys.readouterr().err
+        reproduce.main([*GRID, "--out", str(tmp_path)])
+    assert info.value.code == 1 and tried == JOBS
+    captured = capsys.readouterr()
+    assert f"[2/5] FAILED: linear-scaled t_0 0.3, seed 0 ({tmp_path / 'runs' / JOBS[1]}): train.py exited 1; " \
+           "its error is above" in captured.out
+    err = captured.err.strip().splitlines()
+    assert "error: FAILED: linear-scaled t_0 0.3, seed 0" in err[0] and "stopped;" not in captured.err
+    assert err[-1].endswith("1 run(s) did not finish (above); the table leaves them out. Fix the cause and "
+                            "run the same command again: it runs only what is missing")
+    assert (tmp_path / "results.md").exists()
 
 
 @pytest.mark.slow  # two whole train.py runs
