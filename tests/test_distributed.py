@@ -30,6 +30,16 @@ def torchrun(out: Path, name: str, *extra, pause_at: int = 0) -> subprocess.Pope
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def resume_and_compare(tmp_path: Path, out: Path) -> None:
+    """Resume the stopped run `cut` under torchrun: its weights equal the uninterrupted run's."""
+    p = torchrun(tmp_path, "cut", "--resume")
+    _, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    whole = torch.load(out / "whole" / "checkpoint.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
@@ -81,12 +91,7 @@ def test_sigterm_to_torchrun_then_resume_matches_the_uninterrupted_run(tmp_path,
     # The ranks agree to stop at the next progress read, epoch 2's last step: stopped after it.
     assert (ckpt["epoch"], ckpt["step"], ckpt["position"]) == (2, 8, None)
     assert len(ckpt["rng"]) == 2  # both ranks' generators
-    p = torchrun(tmp_path, "cut", "--resume")
-    _, stderr = p.communicate(timeout=600)
-    assert p.returncode == 0, stderr[-3000:]
-    whole = torch.load(out / "whole" / "checkpoint.pt", weights_only=True)
-    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
+    resume_and_compare(tmp_path, out)
     assert [r["epoch"] for r in read_records(metrics, "epoch")] == list(range(1, EPOCHS + 1))
     assert len(read_records(metrics, "config")) == 1
 
@@ -113,9 +118,4 @@ def test_a_stuck_rank_is_named_after_the_collective_timeout_and_the_run_resumes(
                          f"(stuck, stopped or dead); the job ends, its last checkpoint kept; continue with: torchrun "
                          f"--nproc_per_node=2 train.py --out-dir {tmp_path} --name cut --device cpu --dist-timeout 0.1 "
                          "--resume"), line
-    p = torchrun(tmp_path, "cut", "--resume")
-    _, stderr = p.communicate(timeout=600)
-    assert p.returncode == 0, stderr[-3000:]
-    whole = torch.load(out / "whole" / "checkpoint.pt", weights_only=True)
-    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
+    resume_and_compare(tmp_path, out)

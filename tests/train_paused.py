@@ -16,21 +16,30 @@ import engine  # noqa: E402
 import train  # noqa: E402
 
 
-def main() -> None:
-    pause_at, marker = int(sys.argv[1]), Path(sys.argv[2])
+def train_with(before_step, argv: list) -> None:
+    """train.py's main on `argv`, calling before_step(n) before training step n (from 1)."""
     real, calls = engine.train_step, []
 
     def step(*args):
         calls.append(1)
-        if len(calls) == pause_at:
+        before_step(len(calls))
+        return real(*args)
+
+    engine.train_step = step
+    train.main(argv)
+
+
+def main() -> None:
+    pause_at, marker = int(sys.argv[1]), Path(sys.argv[2])
+
+    def pause(n: int) -> None:
+        if n == pause_at:
             marker.write_text(str(pause_at))
             handler = signal.getsignal(signal.SIGTERM)  # train.py's StopSignals while training
             while getattr(getattr(handler, "__self__", None), "signum", None) is None:
                 time.sleep(0.01)  # until the signal has arrived (SIGKILL ends the process here)
-        return real(*args)
 
-    engine.train_step = step
-    train.main(sys.argv[3:])
+    train_with(pause, sys.argv[3:])
 
 
 if __name__ == "__main__":
