@@ -140,7 +140,7 @@ class RunProgress:
     stands (a checkpoint holds them as its epoch, train_time_s and position)."""
     epochs_done: int = 0
     train_time_s: float = 0.0
-    position: EpochPosition = None
+    position: EpochPosition | None = None  # None: the next epoch from its start
 
     def __post_init__(self):
         if self.position is None:

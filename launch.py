@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from checkpoint import RunBusy, RunLock, run_state
-from spec import is_stop_status
+from spec import EXIT_USAGE, is_stop_status
 
 ROOT = Path(__file__).resolve().parent
 STATES = ("finished", "stopped", "failed", "busy")
@@ -116,7 +116,7 @@ def outcome_of(run: GridRun, code: int, seconds: float, log: Path) -> Outcome:
     if is_stop_status(code):
         return Outcome(run, "stopped", seconds, f"stopped with a checkpoint (exit {code})")
     tail = log_tail(log)
-    if code == 2 and "in use by another run" in tail:
+    if code == EXIT_USAGE and "in use by another run" in tail:
         return Outcome(run, "busy", seconds, tail.strip())
     return Outcome(run, "failed", seconds, f"exit {code}; the last lines of {log}:\n{tail}")
 
@@ -298,7 +298,8 @@ def job_outcome(run: GridRun, job, seconds: float) -> Outcome:
         return outcome_of(run, code, seconds, Path())
     lines = [line for line in (job.stderr() or "").splitlines() if line.strip()][-LOG_TAIL_LINES:]
     why = f"exit {code}" if code is not None else (error[0] if error else "the job ended without a result")
-    return Outcome(run, "busy" if code == 2 and "in use by another run" in "".join(lines) else "failed", seconds,
+    busy = code == EXIT_USAGE and "in use by another run" in "".join(lines)
+    return Outcome(run, "busy" if busy else "failed", seconds,
                    f"job {job.job_id}, {why}; the last lines of its log:\n" + "\n".join("    " + x for x in lines))
 
 
