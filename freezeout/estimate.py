@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .schedule import unit_times
-from .units import Unit, unit_modules
+from .units import Unit, _model_modules
 
 # The scripts count FLOPs on a (2, 3, 32, 32) batch: FLOP ratios do not depend on the batch size.
 ESTIMATE_INPUT = (2, 3, 32, 32)
@@ -31,8 +31,10 @@ def estimate_speedup(model: nn.Module, units: Sequence[Unit], example_input, t_0
     """Fraction of a run's training FLOPs that FreezeOut saves on `model` with these units and
     this schedule (scaled or not: the learning rates do not change the FLOPs).
 
-    `example_input`: what the model is called with, a tensor or a tuple of positional
-    arguments (a batch of one will do), or a shape. With `total_steps` the run's real steps
+    `units`: what FreezeOut takes (`unit_modules`): modules of the model, lists of them, or
+    containers of them such as slices of an nn.Sequential (a slice gives the same figure as the
+    list of its modules). `example_input`: what the model is called with, a tensor or a tuple
+    of positional arguments (a batch of one will do), or a shape. With `total_steps` the run's real steps
     are counted, without it the schedule's continuous limit (smooth in t_0). The model is left
     exactly as it was: weights, buffers, train/eval mode, hooks, random number generators.
     """
@@ -126,11 +128,11 @@ def unit_flops(model: nn.Module, units: Sequence[Unit], example_input) -> list[d
     from torch.utils.flop_counter import FlopCounterMode
 
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: count the model inside
+    # Each unit as the model's own modules (a slice of an nn.Sequential is a new container: its
+    # modules stand for it), named, so that the copy's modules of the same names are counted.
     name_of = {id(m): name for name, m in model.named_modules()}
-    try:
-        unit_names = [[name_of[id(m)] for m in unit_modules(u)] for u in units]
-    except KeyError:
-        raise ValueError("every unit must be a submodule of the model") from None
+    unit_names = [[name_of[id(m)] for m in _model_modules(u, name_of, f"unit {i}")]
+                  for i, u in enumerate(units)]
     args, per_example = _meta_arguments(example_input)
     meta = _meta_copy(model)
     modules = dict(meta.named_modules())

@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from .compile import allow_a_compile_per_freeze_level
 from .order import ForwardOrderWatch
-from .units import Unit, freeze, unit_parameters
+from .units import Unit, _as_modules, freeze, unit_parameters
 
 SCALE_POWERS = {"linear": 1, "squared": 2, "cubic": 3}
 
@@ -87,6 +87,8 @@ class FreezeOut(LRScheduler):
                  t_0: float = 0.8, how_scale: str = "cubic", scale_lr: bool = True,
                  last_epoch: int = -1):
         self.units = list(units)
+        for i, unit in enumerate(self.units):
+            _as_modules(unit, f"unit {i}")  # a TypeError that says what a unit is, for anything else
         if len(optimizer.param_groups) != len(self.units):
             raise ValueError(f"the optimizer has {len(optimizer.param_groups)} param groups but "
                              f"there are {len(self.units)} units; build it from param_groups(units)")

@@ -1,14 +1,19 @@
 """FreezeOut's units: what a unit is, one optimizer param group per unit, freezing a unit for
 good, and finding the units of any model by running it once.
 
-A unit is a module or a list of modules (resnet18's stem is `[conv1, bn1]`); a model's units
-are listed in forward order, so that the frozen ones are always a prefix of the forward pass.
+A unit is a module, a list or tuple of modules (resnet18's stem is `[conv1, bn1]`), or a
+container of the model's modules that the model itself does not hold: a slice of an
+nn.Sequential (`model[0:3]` is a new nn.Sequential), a new nn.ModuleList. `unit_modules` is the
+one rule, used by the scheduler, `param_groups`, `freeze`, the order check and the estimate. A
+model's units are listed in forward order, so that the frozen ones are always a prefix of the
+forward pass.
 """
 from __future__ import annotations
 
 import types
 import warnings
 from collections import Counter
+from collections.abc import Container
 from typing import Iterable, Sequence, Union
 
 import torch
@@ -17,8 +22,66 @@ from torch import nn
 Unit = Union[nn.Module, Sequence[nn.Module]]
 
 
-def unit_modules(unit: Unit) -> list[nn.Module]:
-    return [unit] if isinstance(unit, nn.Module) else list(unit)
+WHAT_A_UNIT_IS = ("a unit is a module, a list or tuple of modules, or a container of the model's "
+                  "modules (a slice of an nn.Sequential, an nn.ModuleList)")
+
+
+def unit_modules(unit: Unit, model: nn.Module | None = None) -> list[nn.Module]:
+    """The modules a unit is made of: the one rule for what a unit is.
+
+    A unit is a module, a list or tuple of modules, or a container of the model's modules;
+    anything else is a TypeError. Without `model`, the modules as listed (`[unit]` for a
+    module). With `model`, the model's own modules that make the unit: a module the model holds
+    (one of `model.modules()`, a container such as `model.layer1` or the model itself included)
+    stays as it is; a module the model does not hold, with submodules and no parameters or
+    buffers of its own (a slice of an nn.Sequential, a new nn.ModuleList), stands for its
+    children, resolved in turn. A module that is neither is not part of the model: ValueError.
+    """
+    if model is None:
+        return _as_modules(unit)
+    return _model_modules(unit, {id(m) for m in model.modules()})
+
+
+def _model_modules(unit: Unit, held: Container[int], which: str | None = None) -> list[nn.Module]:
+    """`unit_modules(unit, model)` where `held` holds the ids of the model's modules (a dict
+    keyed by id, from named_modules, will do); `which` names the unit in the ValueError."""
+    resolved: list[nn.Module] = []
+
+    def resolve(module: nn.Module) -> None:
+        if id(module) in held:
+            resolved.append(module)
+            return
+        children = list(module.children())
+        if not children or _owns_state(module):
+            where = f"{which}: " if which else ""
+            own = " (it holds parameters or buffers of its own)" if children else ""
+            raise ValueError(f"{where}{type(module).__name__}({module.extra_repr()}) is not a submodule "
+                             f"of the model, nor a container of the model's modules{own}; {WHAT_A_UNIT_IS}")
+        for child in children:
+            resolve(child)
+
+    for module in _as_modules(unit, which):
+        resolve(module)
+    return resolved
+
+
+def _as_modules(unit, which: str | None = None) -> list[nn.Module]:
+    """The unit's modules as listed; TypeError, saying what a unit is, for anything else."""
+    if isinstance(unit, nn.Module):
+        return [unit]
+    where = f"{which}: " if which else ""
+    if isinstance(unit, Sequence) and not isinstance(unit, (str, bytes)):
+        for i, item in enumerate(unit):
+            if not isinstance(item, nn.Module):
+                raise TypeError(f"{where}{WHAT_A_UNIT_IS}; got a {type(unit).__name__} whose item {i} "
+                                f"is {type(item).__name__} {_short(item)}")
+        return list(unit)
+    raise TypeError(f"{where}{WHAT_A_UNIT_IS}; got {type(unit).__name__} {_short(unit)}")
+
+
+def _short(value, limit: int = 60) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def unit_parameters(unit: Unit) -> list[nn.Parameter]:
@@ -32,6 +95,7 @@ def param_groups(units: Iterable[Unit], **group_options) -> list[dict]:
     """
     groups, seen = [], set()
     for i, unit in enumerate(units):
+        _as_modules(unit, f"unit {i}")  # what is no unit: a TypeError that says what a unit is
         params = unit_parameters(unit)
         shared = [p for p in params if id(p) in seen]
         if shared:

@@ -134,6 +134,63 @@ def test_units_outside_the_model_are_refused():
     model = linear_chain()
     with pytest.raises(ValueError, match="submodule of the model"):
         unit_flops(model, [nn.Linear(2, 2)], (B, D))
+    other = linear_chain()
+    # A container of another model's modules, or one with a stranger among the model's own.
+    for bad in ([other[0:2]], [[model[0], nn.Linear(D, D)]], [nn.Sequential(model[0], nn.Linear(D, D))],
+                [nn.Sequential()]):
+        with pytest.raises(ValueError, match=r"unit 0: .*not a submodule of the model.*a unit is a module"):
+            estimate_speedup(model, bad, (B, D))
+
+
+def test_what_is_no_unit_at_all_is_refused_with_a_type_error():
+    model = linear_chain()
+    for bad in (["0"], [3], [[[model[0]]]], [None]):
+        with pytest.raises(TypeError, match="a unit is a module"):
+            estimate_speedup(model, bad, (B, D))
+
+
+def twelve_layer_sequential() -> nn.Module:
+    """Three conv+BN+ReLU stages and a classifier: 12 layers in one nn.Sequential."""
+    torch.manual_seed(0)
+    layers = []
+    for i in range(3):
+        layers += [nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+
+def test_slices_of_a_sequential_give_the_estimate_of_the_lists_of_their_modules():
+    # Slicing an nn.Sequential makes a new container the model does not hold, holding the
+    # model's own modules: the scheduler takes such units, and so must the estimate.
+    model = twelve_layer_sequential()
+    slices = [model[0:3], model[3:6], model[6:9], model[11]]
+    lists = [[model[0], model[1], model[2]], [model[3], model[4], model[5]],
+             [model[6], model[7], model[8]], model[11]]
+    module_list = [nn.ModuleList(model[0:3]), nn.ModuleList([model[3:5], model[5]]), model[6:9], model[11]]
+    x = torch.randn(1, 3, 8, 8)
+    before = snapshot(model)
+    speedup = estimate_speedup(model, slices, x, t_0=0.8, how_scale="cubic")
+    assert 0 < speedup < 0.5
+    assert speedup == estimate_speedup(model, lists, x, t_0=0.8, how_scale="cubic")
+    assert speedup == estimate_speedup(model, module_list, x, t_0=0.8, how_scale="cubic")
+    assert unit_flops(model, slices, x) == unit_flops(model, lists, x)
+    stepped = estimate_speedup(model, slices, x, t_0=0.5, how_scale="linear", total_steps=100)
+    assert stepped == estimate_speedup(model, lists, x, t_0=0.5, how_scale="linear", total_steps=100)
+    t_0 = t_0_for_speedup(model, slices, x, 0.1)
+    assert t_0 == t_0_for_speedup(model, lists, x, 0.1) and 0 < t_0 < 1
+    assert_same(before, snapshot(model))
+    assert all(p.requires_grad for p in model.parameters()) and model.training
+
+
+def test_slices_of_a_model_in_eval_mode_with_frozen_units_leave_it_as_it_was():
+    model = twelve_layer_sequential()
+    freeze(model[0:3])
+    model.eval()
+    before = snapshot(model)
+    speedup = estimate_speedup(model, [model[0:3], model[3:6], model[6:9], model[11]], (2, 3, 8, 8))
+    assert 0 < speedup < 0.5
+    assert_same(before, snapshot(model))
+    assert not any(p.requires_grad for p in model[0:3].parameters())
+    assert all(p.requires_grad for p in model[3:].parameters())
 
 
 # -- the estimate for any model, from the library ----------------------------------------

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from freezeout import FreezeOut, find_units, param_groups
+from freezeout import FreezeOut, find_units, param_groups, unit_modules
 
 
 class Gated(nn.Module):
@@ -54,6 +54,8 @@ def test_units_of_a_small_model_are_its_parameter_owners_in_running_order():
     assert units == [model.stem, model.body[0], model.body[1], model.body[2], model.gated, model.head]
     assert all(u is e for u, e in zip(units, [model.stem, model.body[0], model.body[1], model.body[2],
                                                model.gated, model.head], strict=True))
+    # What find_units returns are units by the one rule: modules of the model, as they are.
+    assert all(unit_modules(u, model) == [u] for u in units)
 
 
 def test_the_pass_leaves_no_trace():
@@ -101,6 +103,7 @@ def test_groups_are_contiguous_balanced_and_cover_every_parameter_once(n, resnet
     modules, groups = find_units(model, x), find_units(model, x, groups=n)
     assert len(groups) == n and all(groups)
     assert [m for group in groups for m in group] == modules  # contiguous, in running order
+    assert all(unit_modules(group, model) == group for group in groups)  # the model's own modules
     sizes = [sum(p.numel() for m in group for p in m.parameters()) for group in groups]
     biggest = max(sum(p.numel() for p in m.parameters()) for m in modules)
     total = sum(p.numel() for p in model.parameters())

@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import closed_form_frozen_at, closed_form_lrs, closed_form_t
 from densenet import DenseNet
-from freezeout import FreezeOut, param_groups, unit_lr, unit_times
+from freezeout import FreezeOut, freeze, param_groups, unit_lr, unit_modules, unit_times
 
 STRATEGIES = [("linear", 1), ("squared", 2), ("cubic", 3)]
 
@@ -314,6 +314,52 @@ def test_slices_of_a_sequential_out_of_order_are_caught():
     optimizer.step()
     with pytest.raises(ValueError, match="not in forward order: unit 2 ran before unit 1"):
         scheduler.step()
+
+
+def test_a_unit_resolves_to_the_models_own_modules():
+    model = sequential_model(shared_relu=False)
+    # A module of the model stays as it is, even a container (the model itself included).
+    assert unit_modules(model[4], model) == [model[4]]
+    assert unit_modules(model, model) == [model]
+    # A container the model does not hold (a slice, a new ModuleList) stands for its modules,
+    # down to the first ones the model holds.
+    assert unit_modules(model[0:3], model) == [model[0], model[1], model[2]]
+    nested = nn.ModuleList([model[0:2], nn.Sequential(model[2], model[3:5])])
+    assert unit_modules(nested, model) == [model[0], model[1], model[2], model[3], model[4]]
+    assert unit_modules([model[0:2], model[2]], model) == [model[0], model[1], model[2]]
+    # Without the model, a unit is its modules as listed.
+    assert unit_modules(model[0:3])[0] is not model[0] and unit_modules([model[0], model[1]]) == [model[0], model[1]]
+    for stranger in (nn.Linear(8, 5), sequential_model()[0:3], nn.Sequential(model[0], nn.ReLU()), nn.Sequential()):
+        with pytest.raises(ValueError, match="not a submodule of the model.*a unit is a module"):
+            unit_modules(stranger, model)
+
+
+@pytest.mark.parametrize("bad", ["conv", 3, None, [[nn.Linear(2, 2)]], [nn.Linear(2, 2), "fc"]])
+def test_what_is_no_unit_is_refused_by_the_scheduler_and_the_helpers_alike(bad):
+    model = Small()
+    units = [*model.units()[:-1], bad]
+    for use in (param_groups, lambda u: freeze(u[-1]), lambda u: unit_modules(u[-1], model),
+                lambda u: FreezeOut(torch.optim.SGD(model.parameters(), lr=0.1), u, 10)):
+        with pytest.raises(TypeError, match="a unit is a module, a list or tuple of modules"):
+            use(units)
+
+
+def test_a_frozen_slice_stays_frozen_through_train():
+    torch.manual_seed(0)
+    model = sequential_model(shared_relu=False)
+    units = [model[0:3], model[3:6], model[6:9], model[11]]
+    groups = param_groups(units)
+    assert [len(g["params"]) for g in groups] == [4, 4, 4, 2]
+    freeze(units[0])
+    model.train()
+    assert not any(m.training for m in model[0:3])
+    assert all(m.training for m in model[3:])
+    assert not any(p.requires_grad for p in model[0:3].parameters())
+    assert all(p.requires_grad for p in model[3:].parameters())
+    before = copy.deepcopy(model[0:3].state_dict())
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert all(p.grad is None for p in model[0:3].parameters())
+    assert all(torch.equal(before[k], v) for k, v in model[0:3].state_dict().items())  # BN statistics too
 
 
 def test_a_shared_relu_listed_only_in_a_later_unit_is_no_order_error():

@@ -88,13 +88,17 @@ def test_the_installed_package_gives_the_public_api(tmp_path, installed):
             "units = find_units(model, x)\n"
             "s = estimate_speedup(model, units, x, t_0=0.5)\n"
             "t = t_0_for_speedup(model, units, x, s)\n"
-            "print(len(units), round(s, 6), round(t, 6))\n"
+            "slices = [model[0:3], model[3:5], model[5]]  # new containers of the model's modules\n"
+            "same = (estimate_speedup(model, slices, x, t_0=0.5)\n"
+            "        == estimate_speedup(model, [list(model[0:3]), list(model[3:5]), model[5]], x, t_0=0.5))\n"
+            "print(len(units), round(s, 6), round(t, 6), same)\n"
             "print(sorted(freezeout.__all__))")
     p = in_elsewhere(tmp_path, installed, code)
     assert p.returncode == 0, p.stderr
     counts, api = p.stdout.splitlines()
-    n_units, speedup, t_0 = counts.split()
+    n_units, speedup, t_0, slices_as_lists = counts.split()
     assert n_units == "4" and 0 < float(speedup) < 1 and float(t_0) == 0.5
+    assert slices_as_lists == "True"  # a slice of an nn.Sequential is a unit to the estimate too
     for name in ("FreezeOut", "param_groups", "freeze", "find_units", "unit_times", "unit_lr",
                  "estimate_speedup", "t_0_for_speedup", "unit_flops", "schedule_speedup", "compile_model"):
         assert repr(name) in api, name
