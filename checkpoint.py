@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from metrics_logger import read_records, write_atomically
+from metrics_logger import file_system_cause, read_records, write_atomically
 from utils import RunError, setting
 
 CHECKPOINT_FORMAT = "freezeout-checkpoint-v1"
@@ -147,6 +147,10 @@ def prepare_run_dir(run_dir: Path, out_dir: str, resume: bool) -> tuple[dict | N
     record's settings) for a run to start again because it stopped before its first checkpoint."""
     ckpt_path = run_dir / "checkpoint.pt"
     if resume:
+        if run_dir.is_dir():
+            unwritable = cannot_write_in(run_dir)
+            if unwritable is not None:
+                raise RunError(unwritable)
         if ckpt_path.is_file():
             checkpoint = load_checkpoint(ckpt_path)
             return checkpoint, checkpoint["config"]
@@ -166,6 +170,25 @@ def prepare_run_dir(run_dir: Path, out_dir: str, resume: bool) -> tuple[dict | N
         raise RunError(f"{setting('out_dir')} {out_dir}: cannot create {run_dir} "
                        f"({existing} is not a writable directory)")
     return None, None
+
+
+def cannot_write_in(run_dir: Path, path: Path | None = None, error: OSError | None = None) -> str | None:
+    """The one line for a run directory a run cannot write in (a read-only file system, no
+    permission), naming `path` (the file that could not be written; the directory itself if
+    None) and the cause (`error`'s, else what the file system says); None for any other cause
+    (a full disk is reported by the write that runs out of room) or none."""
+    if error is not None:
+        code = error.errno
+    else:
+        cause = file_system_cause(run_dir)
+        code = next((c for c in (errno.EROFS, errno.EACCES) if cause == os.strerror(c)), None)
+    if code not in (errno.EROFS, errno.EACCES, errno.EPERM):  # a full disk: the writes report it
+        return None
+    cause = os.strerror(code)
+    where = "is on a read-only file system" if code == errno.EROFS else "is not writable"
+    return (f"cannot write {path or run_dir}: {cause} ({run_dir} {where}: a run writes its checkpoint and "
+            f"records there; nothing was changed): make it writable, or copy {run_dir} into a writable "
+            f"directory DIR and use {setting('out_dir')} DIR")
 
 
 def holds_records(metrics: Path) -> bool:
@@ -290,10 +313,14 @@ class RunLock:
     def acquire(self) -> None:
         """Lock the directory (made if need be), or raise RunBusy naming the owner."""
         self.made = [d for d in [self.run_dir, *self.run_dir.parents] if not d.exists()]
+        existed = self.run_dir.is_dir()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             f = open(self.path, "a+", encoding="utf-8")  # never truncates an owner's file
         except OSError as e:
+            if existed:  # a run to resume on a read-only file system, a directory not ours
+                raise RunError(cannot_write_in(self.run_dir, self.path, e)
+                               or f"cannot write {self.path} ({e.strerror or e})") from None
             raise RunError(f"cannot create {self.run_dir} ({e.strerror or e})") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -308,11 +335,13 @@ class RunLock:
                 raise
             warnings.warn(f"{self.run_dir}: this file system has no file locks, so nothing stops a second "
                           f"run from using the same directory", stacklevel=2)
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()} {socket.gethostname()}\n")
-        f.flush()
         self.file = f
+        try:  # straight to the file, unbuffered: a write that fails leaves nothing to flush at close
+            os.ftruncate(f.fileno(), 0)
+            os.write(f.fileno(), f"{os.getpid()} {socket.gethostname()}\n".encode())
+        except OSError as e:  # a full disk
+            self.release()
+            raise RunError(f"cannot write {self.path}: {e.strerror or e}") from None
 
     def release(self) -> None:
         """Give the directory up; one that holds nothing but the lock (a start that failed

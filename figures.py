@@ -1,5 +1,6 @@
 """What plot.py and reproduce.py draw: matplotlib without a display, number formats, the
-per-unit learning-rate curves read from the `FreezeOut` scheduler itself, and the paper's
+per-unit learning-rate curves read from the `FreezeOut` scheduler itself, `save_figure` (every
+figure is written atomically: a full disk is one line, WriteError), and the paper's
 figures from a grid's rows (Figure 1: the strategies' schedules; Figure 3: error against
 speedup; Figure 4: error against training time)."""
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from freezeout import FreezeOut, param_groups
-from metrics_logger import evaluation, read_records
+from metrics_logger import evaluation, read_records, write_atomically
 
 STRATEGIES = {  # the paper's four strategies: name -> (how_scale, scale_lr)
     "linear-scaled": ("linear", True), "linear-unscaled": ("linear", False),
@@ -24,6 +25,17 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(plt, fig, path: Path, dpi: int = 110) -> None:
+    """Write `fig` to `path` (its format from the suffix) atomically, then close it: a write
+    that fails (a full disk) raises metrics_logger.WriteError, one line, and leaves the old
+    file as it was and no temporary one."""
+    path = Path(path)
+    try:
+        write_atomically(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi))
+    finally:
+        plt.close(fig)
 
 
 def pct(x: Optional[float]) -> str:
@@ -74,8 +86,7 @@ def plot_lr_schedules(n_units: int, t_0: float, path: Path, base_lr: float = 0.1
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, n_units - 1))
     fig.colorbar(sm, ax=axes, label="unit (0 = first layer)")
     fig.suptitle(f"FreezeOut per-unit learning rates ({n_units} units)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def plot_error_vs_speedup(rows: list[dict], path: Path, metric: str = "val_err") -> None:
@@ -112,8 +123,7 @@ def plot_error_vs_speedup(rows: list[dict], path: Path, metric: str = "val_err")
     axes[0].legend(fontsize=8)
     fig.suptitle("Error against speedup (points labelled with t_0)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def plot_error_vs_time(rows: list[dict], path: Path) -> None:
@@ -145,8 +155,7 @@ def plot_error_vs_time(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 # ---------------------------------------------------------------------------------------

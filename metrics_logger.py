@@ -1,15 +1,19 @@
 """Append-only JSON-lines metrics (`MetricsLogger`, `read_records`, `write_records`) and
-`write_atomically`, the one way this project replaces a file (metrics and checkpoints).
+`write_atomically`, the one way this project replaces a file (metrics, checkpoints, figures).
 
 Every record is written with a single write of a whole line, flushed and fsynced, so an
 interrupted run leaves at worst one torn last line; `read_records` skips it and a new
-`MetricsLogger` on the same file cuts it off before appending.
+`MetricsLogger` on the same file cuts it off before appending. A write that fails for want of
+space or permission raises `WriteError`, one line naming the file and the cause, whatever
+raised it underneath (torch's zip writer raises RuntimeError, not OSError: `io_cause`).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
@@ -23,23 +27,86 @@ def _cause(error: OSError) -> str:
     return error.strerror or str(error) or type(error).__name__
 
 
+# What torch's zip writer (caffe2/serialize/inline_container.cc) raises when a write fails:
+# "[enforce fail at inline_container.cc:672] . unexpected pos 247680 vs 247576", "file write
+# failed", "PytorchStreamWriter failed writing file ...", as RuntimeError.
+TORCH_WRITER_FAILED = re.compile(r"inline_container|PytorchStreamWriter|unexpected pos|file write failed")
+# Less free space than this, where a write failed without saying why, is taken for a full disk.
+LOW_SPACE_BYTES = 1 << 20
+
+
+def io_cause(error: BaseException, directory: str | os.PathLike) -> str | None:
+    """Why a write into `directory` failed, in words ("No space left on device", "Read-only file
+    system", ...), or None when `error` is no I/O failure (a programming error: re-raise it).
+
+    An OSError says it. torch's zip writer raises RuntimeError instead, chained (as cause or
+    context) to the OSError of the file's write where there was one; where there was none the
+    file system is asked (read-only, nearly full, not writable), and failing that torch's own
+    message is the cause. Call it before removing what the failed write left: that space counts."""
+    if isinstance(error, OSError):
+        return _cause(error)
+    if not (isinstance(error, RuntimeError) and TORCH_WRITER_FAILED.search(str(error))):
+        return None
+    seen, chain = set(), [error]
+    while chain:
+        e = chain.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return _cause(e)
+        chain += [e.__cause__, e.__context__]
+    return file_system_cause(directory) or f"torch's writer failed ({' '.join(str(error).split())})"
+
+
+def file_system_cause(directory: str | os.PathLike) -> str | None:
+    """What keeps a write in `directory` from succeeding, as the file system tells it (read-only,
+    less than LOW_SPACE_BYTES free, not writable), or None."""
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return None
+    if stat.f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    # root may use the blocks reserved for it: its disk is full only when none is free
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if (stat.f_bfree if root else stat.f_bavail) * stat.f_frsize < LOW_SPACE_BYTES:
+        return os.strerror(errno.ENOSPC)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return os.strerror(errno.EACCES)
+    return None
+
+
 class MetricsLogger:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _drop_torn_tail(self.path)
-            self._file = open(self.path, "a", encoding="utf-8")
+            # Unbuffered: a write that fails leaves nothing behind for close() to try again.
+            self._file = open(self.path, "ab", buffering=0)
         except OSError as e:
             raise WriteError(f"cannot write {self.path}: {_cause(e)}") from None
 
     def log(self, event: str, **fields) -> dict:
+        """Append one record as a whole line; one that cannot be written whole (a full disk)
+        is cut off again, so the file ends with the records before it."""
         record = {"event": event, **fields}
+        data = (json.dumps(record) + "\n").encode("utf-8")
+        fd, start = self._file.fileno(), None
         try:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            start = os.fstat(fd).st_size
+            written = 0
+            while written < len(data):  # a raw write may write less than asked
+                n = self._file.write(data[written:])
+                if not n:
+                    raise OSError(errno.EIO, "the write wrote nothing")
+                written += n
+            os.fsync(fd)
         except OSError as e:
+            if start is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
             raise WriteError(f"cannot append the {event} record to {self.path}: {_cause(e)}; the records "
                              f"before it are kept") from None
         return record
@@ -106,7 +173,9 @@ def write_records(path: str | os.PathLike, records: Iterable[dict]) -> None:
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Write a file through `write(binary file)` so that a crash at any moment leaves either
     the old file or the new one, whole: a temporary file, fsync, rename, fsync the directory.
-    A write that fails (WriteError) removes its temporary file and leaves the old file as it was."""
+    A write that fails removes its temporary file and leaves the old file as it was: for want of
+    space or permission (an OSError, or torch's writer's RuntimeError: `io_cause`) it raises
+    WriteError, one line naming the file and the cause; any other error is raised as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -115,13 +184,21 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:
+        cause = io_cause(e, path.parent)  # before the temporary file's space is freed
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if cause is None:  # not an I/O failure: a bug, shown as it is
+            raise
         kept = f"{path} is kept as it was" if path.exists() else f"no {path.name} was written"
-        raise WriteError(f"cannot write {path}: {_cause(e)}; {kept}") from None
-    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        raise WriteError(f"cannot write {path}: {cause}; {kept}") from None
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a directory that cannot be synced
+            raise WriteError(f"cannot write {path}: {_cause(e)} (syncing its directory after the rename); "
+                             f"the new {path.name} is in place but may not survive a power cut") from None

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 from pathlib import Path
 from typing import Optional
 
-from figures import plot_lr_curves, pyplot, schedule_of
-from metrics_logger import evaluation, read_records
+from figures import plot_lr_curves, pyplot, save_figure, schedule_of
+from metrics_logger import WriteError, evaluation, read_records
 
+EXIT_FAILED = 1  # as train.py's (spec.EXIT_FAILED): a file could not be written
 MARKED_EPOCHS = 30  # up to this many epoch records, each is marked with a dot
 X_PAD = 0.03  # room past the last epoch (of the axis's length), so that its markers are not cut in half
 
@@ -107,8 +109,7 @@ def plot_lr(config: dict, epochs: list, path: Path) -> None:
                  f"(dots: logged at epoch ends)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def plot_curves(config: dict, epochs: list, path: Path, summary: Optional[dict] = None) -> None:
@@ -152,8 +153,7 @@ def plot_curves(config: dict, epochs: list, path: Path, summary: Optional[dict] 
     length = f"{n} epoch{'s' if n != 1 else ''}" if done else f"epoch {epochs[-1]['epoch']} of {n} (unfinished)"
     fig.suptitle(f"{config.get('name', '')}: {length}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,8 +185,12 @@ def main(argv=None) -> list[Path]:
     if not configs or not epochs:
         parser.error(f"{metrics} has no config or no epoch record yet: nothing to plot")
     paths = [run_dir / "lr.png", run_dir / "curves.png"]
-    plot_lr(configs[0], epochs, paths[0])
-    plot_curves(configs[0], epochs, paths[1], summaries[-1] if summaries else None)
+    try:
+        plot_lr(configs[0], epochs, paths[0])
+        plot_curves(configs[0], epochs, paths[1], summaries[-1] if summaries else None)
+    except WriteError as e:  # a full disk, a read-only run directory: one line, the command again
+        parser.exit(EXIT_FAILED, f"{parser.prog}: error: {e}; once that is fixed, run again: "
+                                 f"python plot.py {shlex.quote(str(run_dir))}\n")
     print(f"wrote {paths[0]} and {paths[1]}")
     return paths
 

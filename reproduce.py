@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import signal
 import statistics
 import sys
@@ -46,7 +47,7 @@ from launch import (
     start_argv,
     threads_per_run,
 )
-from metrics_logger import read_records
+from metrics_logger import WriteError, read_records, write_atomically
 from models import DEFAULTS, MODELS, applies, build_model, check_depth, model_name, resolve_size
 from spec import (
     BY_DEST,
@@ -71,7 +72,6 @@ from spec import (
     stop_status,
     to_argv,
 )
-from train import build_parser as train_parser
 
 PRESETS = {
     # The paper's Figure 3 (DenseNet-BC k=12 L=76 on CIFAR-10, 100 epochs): 37 runs of about
@@ -145,7 +145,7 @@ def make_grid(settings: dict, out: Path) -> list[Job]:
 
 def wanted_config(job: Job) -> dict:
     """The config train.py would give the job's run: what a run found in its directory must be."""
-    return resolve_config(job.spec, given(job.spec), job.argv, train_parser()[1])
+    return resolve_config(job.spec, given(job.spec), job.argv)
 
 
 def mismatched_runs(jobs: list[Job], out: Path) -> list[tuple[Job, list[str]]]:
@@ -299,10 +299,12 @@ COLUMNS = ["strategy", "t_0", "target_speedup", "seeds", "paper_speedup", "flop_
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    data = text.getvalue().encode("utf-8")
+    write_atomically(path, lambda f: f.write(data))
 
 
 def write_markdown(rows: list[dict], settings: dict, path: Path, missing: list = ()) -> None:
@@ -344,7 +346,8 @@ def write_markdown(rows: list[dict], settings: dict, path: Path, missing: list =
                   "the table:", ""]
         lines += [f"- {job.label} (`runs/{job.name}`): {state}" for job, state in missing]
     lines += ["", "Figures: `lr_schedules.png`, `error_vs_speedup.png`, `error_vs_time.png`.", ""]
-    path.write_text("\n".join(lines))
+    data = "\n".join(lines).encode("utf-8")
+    write_atomically(path, lambda f: f.write(data))
 
 
 def preset_default(key: str, more: str = "") -> str:
@@ -567,7 +570,12 @@ def main(argv=None) -> list[dict]:
             print(f"{parser.prog}: stopped{going_on}; run the same command again to continue where it stopped "
                   "(finished runs are kept, interrupted ones resume)", file=sys.stderr)
             raise SystemExit(code) from None
-    rows = report(jobs, settings, out)
+    try:
+        rows = report(jobs, settings, out)
+    except WriteError as e:  # a full disk: the runs are kept, the report is made again from them
+        print(f"{parser.prog}: error: {e}; once that is fixed, run the same command again with --report-only",
+              file=sys.stderr)
+        raise SystemExit(EXIT_FAILED) from None
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'} and 3 figures in {out}")
     if unfinished:
         for outcome in unfinished:

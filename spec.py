@@ -315,6 +315,7 @@ SETTINGS = (
             check=finite_at_least(0.0, strict=True), result=False),
 )
 BY_DEST = {s.dest: s for s in SETTINGS}
+SETTING_DEFAULTS = {s.dest: s.default for s in SETTINGS}  # every setting's default, by its name
 GROUPS = ("model", "data", "optimisation", "FreezeOut", "run")
 RESULT = frozenset(s.dest for s in SETTINGS if s.result)
 RUNTIME = frozenset(s.dest for s in SETTINGS if not s.result)
@@ -483,9 +484,9 @@ def default_run_name(args, dataset: str, defaults: dict) -> str:
     return "_".join([name, *default_name_labels(args, defaults)])
 
 
-def resolve_config(args, explicit: set, argv, defaults: dict) -> dict:
+def resolve_config(args, explicit: set, argv, defaults: dict = SETTING_DEFAULTS) -> dict:
     """Everything the run is defined by, checked before any work is done (`defaults`: every
-    flag's default, for the run's default name)."""
+    setting's default, for the run's default name)."""
     check_args(args, explicit)
     dataset, synthetic_classes = resolve_dataset(args)
     steps_per_epoch(split_sizes(args.eval_mode, args.subset)[0], args.batch_size)

@@ -42,6 +42,7 @@ from checkpoint import (
     restore,
     save_checkpoint,
     save_first_checkpoint,
+    started_config,
 )
 from compiled_step import CompiledStep, compiled_forward
 from distributed import Distributed, check_replicas_agree, init_distributed
@@ -365,9 +366,15 @@ def run(built: BuiltRun, run_dir: Path, checkpoint: dict | None) -> dict:
             if stop_or_diverged(torch.tensor(NO_STEP, device=training.device), stop, dist):
                 raise stopped_by(stop.signum, "during the final evaluation (continuing it evaluates the "
                                  "test set and writes the summary)", run_dir)
+        val_err = last_eval[1] if config["eval_mode"] == "val" else None
+        if val_err is None and config["eval_mode"] == "val" and dist.is_main:
+            # Resumed after its last epoch (its summary could not be written): that epoch's record has it.
+            recorded = read_records(run_dir / "metrics.jsonl", "epoch")
+            evaluated = evaluation(recorded[-1], config["eval_mode"]) if recorded else None
+            val_err = evaluated[2] if evaluated is not None else None
         summary = log.log(
             "summary", epochs=config["epochs"], steps=training.scheduler.total_steps,
-            train_time_s=train_time, val_err=last_eval[1] if config["eval_mode"] == "val" else None,
+            train_time_s=train_time, val_err=val_err,
             test_loss=test_loss, test_err=test_err, estimated_speedup=config["estimated_speedup"],
             paper_speedup=config["paper_speedup"], flop_speedup=config["flop_speedup"],
             frozen_at=training.scheduler.frozen_at, load_end=load_average())
@@ -423,7 +430,8 @@ def failure(error: BaseException, config: dict, resume_hint: str | None) -> str:
     if isinstance(error, Stopped):
         return f"{error}{hint}"
     if isinstance(error, WriteError):
-        resumable = resume_hint and (run_dir / "checkpoint.pt").exists()
+        # A run whose step-0 checkpoint could not be written is continued from its config record.
+        resumable = resume_hint and ((run_dir / "checkpoint.pt").exists() or started_config(run_dir) is not None)
         return f"{error}" + (f"; once that is fixed, continue with: {resume_hint}" if resumable else "")
     if isinstance(error, KeyboardInterrupt):
         if (run_dir / "checkpoint.pt").exists() or (run_dir / "metrics.jsonl").exists():
@@ -452,7 +460,7 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, args, explicit = parse_args(argv)
     try:
-        config = resolve_config(args, explicit, argv, build_parser()[1])
+        config = resolve_config(args, explicit, argv)
     except ValueError as e:  # a flag value no run can use
         parser.error(str(e))
     dist, device = init_distributed(torch.device(config["device"]), args.dist_timeout)

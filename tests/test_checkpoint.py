@@ -16,7 +16,7 @@ from checkpoint import (
 )
 from conftest import same_state, tiny_training
 from engine import EpochPosition
-from utils import RunError
+from utils import RunError, setting
 
 CPU = torch.device("cpu")
 
@@ -131,4 +131,72 @@ def test_a_truncated_checkpoint_is_refused_in_one_line_with_the_whole_cause_and_
                                                        f"checkpoint (PytorchStreamReader failed reading zip archive")
     assert "your checkpoint file is corrupted" in message  # torch's whole explanation, not its first 200 characters
     assert message.endswith("the run cannot be continued from it (its metrics.jsonl keeps the epochs recorded so "
-                            f"far): start it again under another --name, or remove {run_dir} to reuse its name")
+                            f"far): start it again under another {setting('name')}, or remove {run_dir} to reuse "
+                            "its name")  # --name once spec.py names the settings
+
+
+# -- a run directory that cannot be written (issue 27) ---------------------------------------------
+def test_a_lock_on_a_read_only_file_system_is_refused_in_one_line_naming_it(tmp_path, monkeypatch):
+    import builtins
+    import errno
+    import os
+    real_open = builtins.open
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+
+    def opens(code):
+        def fake(path, mode="r", *args, **kwargs):
+            if "a" in mode:
+                raise OSError(code, os.strerror(code), str(path))
+            return real_open(path, mode, *args, **kwargs)
+        return fake
+
+    monkeypatch.setattr(checkpoint, "open", opens(errno.EROFS), raising=False)
+    lock = checkpoint.RunLock(run_dir)
+    with pytest.raises(RunError) as refused:
+        lock.acquire()
+    assert str(refused.value) == (
+        f"cannot write {run_dir / '.lock'}: Read-only file system ({run_dir} is on a read-only file system: a run "
+        f"writes its checkpoint and records there; nothing was changed): make it writable, or copy {run_dir} into "
+        f"a writable directory DIR and use {setting('out_dir')} DIR")  # --out-dir once spec.py names it
+    monkeypatch.setattr(checkpoint, "open", opens(errno.EACCES), raising=False)
+    with pytest.raises(RunError, match=fr"^cannot write {run_dir / '.lock'}: Permission denied \({run_dir} is not "
+                                       r"writable: "):
+        lock.acquire()
+    assert not lock.held and list(run_dir.iterdir()) == []
+
+
+def test_a_lock_that_cannot_be_written_for_want_of_space_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    class FullDisk:  # os, but its writes fail
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def write(fd, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "os", FullDisk())
+    lock = checkpoint.RunLock(tmp_path / "out" / "run")
+    with pytest.raises(RunError, match=f"^cannot write {tmp_path}/out/run/.lock: No space left on device$"):
+        lock.acquire()
+    assert not lock.held and list(tmp_path.iterdir()) == []  # the directories it made are gone
+
+
+def test_resume_on_a_read_only_file_system_is_refused_before_reading_the_checkpoint(tmp_path, monkeypatch):
+    import os
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"never read")
+    real_statvfs = os.statvfs
+
+    def read_only(path):
+        s = real_statvfs(path)
+        return os.statvfs_result((*s[:8], s.f_flag | os.ST_RDONLY, s.f_namemax))
+
+    monkeypatch.setattr(os, "statvfs", read_only)
+    with pytest.raises(RunError, match=fr"^cannot write {run_dir}: Read-only file system \({run_dir} is on a "
+                                       r"read-only file system: "):
+        checkpoint.prepare_run_dir(run_dir, str(tmp_path), resume=True)
