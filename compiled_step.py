@@ -42,11 +42,14 @@ class CompiledStep(EagerStep):
         x = x.to(t.device, non_blocking=True, memory_format=t.memory_format)
         y = y.to(t.device, non_blocking=True)
         if t.scheduler.checking_order:  # the first step of a run: eagerly, so that it is checked
+            self.last_kind = "eager"
             return super().__call__(x, y)
         model = self._compiled_for(t.ddp.for_frozen(t.scheduler.num_frozen))
         if t.scheduler.num_frozen == self._level:
+            self.last_kind = "compiled"
             return train_step(model, x, y, t.optimizer, t.scaler, self.autocast)
         self._level = t.scheduler.num_frozen  # a new level: this step compiles
+        self.last_kind = "compile"
         started = time.perf_counter()
         loss = train_step(model, x, y, t.optimizer, t.scaler, self.autocast)
         if t.device.type == "cuda":

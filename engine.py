@@ -2,7 +2,8 @@
 optimizer, the training step, the epoch loop with its stop signals and divergence check, and
 evaluation.
 
-- `resolve_device`, `seed_everything`, `effective_amp`, `autocast_for`, `memory_format`.
+- `resolve_device`, `seed_everything`, `effective_amp`, `autocast_for`, `memory_format`,
+  `tune_convolutions`.
 - `make_optimizer`, `build_training` -> `Training` (model, units, optimizer, FreezeOut
   scheduler, GradScaler, the DDP view, device, precision): what the loop works on.
 - `train_step`, `EagerStep`, `train_one_epoch` (from any position inside an epoch), `evaluate`;
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from distributed import DDPModel, Distributed
 from freezeout import FreezeOut, param_groups
+from timing import TimeSplit
 from utils import RunError, setting
 
 PROGRESS_EVERY = 20  # steps between reads of the loss (each read waits for the device)
@@ -87,6 +89,15 @@ def autocast_for(amp: str, device: torch.device, cache: bool = True):
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp], cache_enabled=cache)
 
 
+def tune_convolutions(device: torch.device) -> None:
+    """Turn on cuDNN's autotuner on CUDA: a run's convolution shapes never change, so timing
+    the algorithms once per shape pays from the first epoch. Left off where deterministic
+    kernels were asked for (`torch.backends.cudnn.deterministic`): the autotuner chooses by
+    timing, so two processes may choose differently."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
+
+
 def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
@@ -107,10 +118,12 @@ def make_optimizer(units, lr: float, momentum: float, weight_decay: float, devic
 class TrainingStep(Protocol):
     """One optimizer step on a batch, returning its loss on the device without waiting for it:
     `EagerStep`, graphs.GraphedStep, compiled_step.CompiledStep. Each counts its captures (CUDA
-    graphs or compiles), their seconds, and the steps it ran eagerly."""
+    graphs or compiles), their seconds, and the steps it ran eagerly; `last_kind` says what
+    the last call ran (timing.STEP_KINDS, or "compile" for a step that compiled)."""
     captures: int
     capture_time_s: float
     eager_steps: int
+    last_kind: str
 
     def start_epoch(self, first_step: int, start_batch: int) -> None:
         """The epoch about to run starts at the run's step `first_step`, batch `start_batch`."""
@@ -236,6 +249,7 @@ class EagerStep:
         self.training = training
         self.autocast = autocast_for(training.amp, training.device)
         self.captures, self.capture_time_s, self.eager_steps = 0, 0.0, 0
+        self.last_kind = "eager"
 
     def start_epoch(self, first_step: int, start_batch: int) -> None:
         pass
@@ -250,16 +264,19 @@ class EagerStep:
 
 
 def train_one_epoch(training: Training, loader, position: EpochPosition, steps_per_epoch: int,
-                    stop: StopSignals, desc: str) -> bool:
+                    stop: StopSignals, desc: str, clock: TimeSplit | None = None) -> bool:
     """Train from `position` (updated in place) to the epoch's end or until a stop signal;
     returns whether it was stopped. A non-finite loss raises `Diverged` naming its first
     step: the check runs on the device and is read with the progress bar, never waiting per
-    step.
+    step: the host reads the device once a progress refresh (every PROGRESS_EVERY steps) and
+    once at the epoch's end, nowhere else. `clock` is charged the time of each batch's fetch
+    ("data") and of each step, by the kind of step that ran (captures and compiles apart).
 
     Under torchrun the ranks agree at those reads (one small all-reduce) on whether to stop
     and on the first bad step, so they all stop at the same step; the epoch's loss and image
     count are summed over the ranks at its end."""
-    device, dist, scheduler = training.device, training.dist, training.scheduler
+    device, dist, scheduler, step = training.device, training.dist, training.scheduler, training.step
+    clock = clock or TimeSplit()
     training.model.train()
     first_step = (position.epoch - 1) * steps_per_epoch + position.batch
     # The epoch's running sums continue from the position (on rank 0; the others add theirs at
@@ -272,46 +289,78 @@ def train_one_epoch(training: Training, loader, position: EpochPosition, steps_p
     stopped, seen_before = False, seen
     start = time.perf_counter()
     loader.set_epoch(position.epoch, position.batch)
-    training.step.start_epoch((position.epoch - 1) * steps_per_epoch, position.batch)
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
-               initial=position.batch, total=steps_per_epoch, disable=not dist.is_main)
-    for i, (x, y) in enumerate(bar, position.batch):
-        loss = training.step(x, y)
+    step.start_epoch((position.epoch - 1) * steps_per_epoch, position.batch)
+    bar = tqdm(desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, initial=position.batch,
+               total=steps_per_epoch, disable=not dist.is_main)
+    batches, i = iter(loader), position.batch
+    while True:
+        fetch = time.perf_counter()
+        batch = next(batches, None)
+        fetched = time.perf_counter()
+        clock.add("data", fetched - fetch)
+        if batch is None:
+            break
+        x, y = batch
+        captured = step.capture_time_s
+        loss = step(x, y)
         scheduler.step()
         loss_sum += loss.to(exact) * len(y)
         step_no += 1
         bad_step = torch.where(torch.isfinite(loss), bad_step, torch.minimum(bad_step, step_no))
         seen += len(y)
-        position.batch = i + 1
-        last = i + 1 == steps_per_epoch
-        if i % PROGRESS_EVERY == 0 or last or (stop.signum is not None and not dist.enabled):
-            stop_all = stop_or_diverged(bad_step, stop, dist)
-            bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.3f}", frozen=scheduler.num_frozen,
+        i = position.batch = i + 1
+        bar.update()
+        last = i == steps_per_epoch
+        if (i - 1) % PROGRESS_EVERY == 0 or last or (stop.signum is not None and not dist.enabled):
+            stop_all, (shown,) = agree_and_read(bad_step, stop, dist, loss_sum)
+            bar.set_postfix(loss=f"{shown / max(seen, 1):.3f}", frozen=scheduler.num_frozen,
                             img_s=f"{(seen - seen_before) * dist.world_size / (time.perf_counter() - start):.0f}")
             if stop_all and not last:
                 stopped = True
-                break
+        if stopped or last:
+            if device.type == "cuda":  # the queued steps' device time is theirs
+                torch.cuda.synchronize(device)
+        charge_step(clock, step, time.perf_counter() - fetched, step.capture_time_s - captured)
+        if stopped:
+            break
     bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
     totals = dist.all_reduce(torch.stack([loss_sum, torch.tensor(float(seen), dtype=exact, device=device)]))
     elapsed = dist.all_reduce(torch.tensor(time.perf_counter() - start, dtype=exact, device=device), "max")
-    position.loss_sum, position.seen = totals[0].item(), int(totals[1].item())
-    position.time_s += elapsed.item()
+    position.loss_sum, seen_total, took = torch.cat([totals, elapsed.view(1)]).tolist()
+    position.seen = int(seen_total)
+    position.time_s += took
     return stopped
 
 
-def stop_or_diverged(bad_step: torch.Tensor, stop: StopSignals, dist: Distributed) -> bool:
+def charge_step(clock: TimeSplit, step: TrainingStep, seconds: float, captured: float) -> None:
+    """Charge one step's seconds to the clock: a step that compiled is a compile, whole; a
+    graph's capture is apart from the replays that follow it."""
+    if step.last_kind == "compile":
+        clock.add("compile", seconds, steps=1)
+        return
+    clock.add("capture", captured)
+    clock.add(step.last_kind, seconds - captured, steps=1)
+
+
+def agree_and_read(bad_step: torch.Tensor, stop: StopSignals, dist: Distributed,
+                   *local: torch.Tensor) -> tuple[bool, list[float]]:
     """Read the divergence flag and the stop request, agreed over the ranks under torchrun
-    (one all-reduce, the only wait for the device): raise `Diverged` at a non-finite loss,
-    else return whether every rank should stop now."""
+    (one all-reduce), and this rank's `local` scalars, in one wait for the device: raise
+    `Diverged` at a non-finite loss, else return (whether every rank should stop now, the
+    local values)."""
     wide = torch.float32 if bad_step.device.type == "mps" else torch.float64
     stopping = torch.tensor(float(stop.signum is not None), dtype=wide, device=bad_step.device)
     flags = dist.all_reduce(torch.stack([stopping, -bad_step.to(wide)]), "max")
-    step = int(-flags[1].item())
+    values = torch.cat([flags, *(t.to(wide).view(1) for t in local)]).tolist()
+    step = int(-values[1])
     if step < NO_STEP:
         raise Diverged(step)
-    return bool(flags[0].item())
+    return bool(values[0]), values[2:]
+
+
+def stop_or_diverged(bad_step: torch.Tensor, stop: StopSignals, dist: Distributed) -> bool:
+    """`agree_and_read` without local values: whether every rank should stop now."""
+    return agree_and_read(bad_step, stop, dist)[0]
 
 
 @torch.inference_mode()

@@ -59,6 +59,7 @@ from engine import (
     seed_everything,
     stop_or_diverged,
     train_one_epoch,
+    tune_convolutions,
 )
 from graphs import GraphedStep, use_cuda_graphs
 from loaders import choose_loader, load_data, make_loaders
@@ -79,6 +80,7 @@ from spec import (
     resolve_config,
     stop_status,
 )
+from timing import TimeSplit, describe_split
 from utils import DataError, RunError, first_frozen_steps, steps_per_epoch
 
 # The config entries a resumed run takes from this invocation rather than its checkpoint: the
@@ -220,7 +222,7 @@ def build_run(settings: dict, dist: Distributed, device: torch.device, step: dic
         dist=dist, fused=True if kind == "graphed" else None)
     compile_options = {"backend": settings.get("compile_backend", "inductor")}
     if kind == "graphed" and settings.get("compile", False):
-        training.step = GraphedStep(training, settings["batch_size"], per_epoch, level_warmup=1,
+        training.step = GraphedStep(training, settings["batch_size"], per_epoch,
                                     forward=compiled_forward(training, **compile_options))
     elif kind == "graphed":
         training.step = GraphedStep(training, settings["batch_size"], per_epoch)
@@ -244,7 +246,7 @@ def build_run(settings: dict, dist: Distributed, device: torch.device, step: dic
     return BuiltRun({**settings, **plan}, training, splits)
 
 
-def start_run(config: dict, training: Training, run_dir: Path) -> None:
+def start_run(config: dict, training: Training, run_dir: Path, clock: TimeSplit) -> None:
     """Make the run directory, write the config record first, then the step-0 checkpoint: from
     then on the run can be continued with --resume whatever stops it."""
     dist = training.dist
@@ -258,7 +260,8 @@ def start_run(config: dict, training: Training, run_dir: Path) -> None:
         # keeps none of the records of its first start.
         write_records(run_dir / "metrics.jsonl",
                       [{"event": "config", **config, "host": host_info(training.device)}])
-    save_first_checkpoint(run_dir, training, config)  # every rank: it gathers their RNG states
+    with clock.part("checkpoint"):
+        save_first_checkpoint(run_dir, training, config)  # every rank: it gathers their RNG states
 
 
 def resume_run(checkpoint: dict, training: Training, run_dir: Path) -> RunProgress:
@@ -293,23 +296,28 @@ def stopped_by(signum: int, where: str, run_dir: Path) -> Stopped:
 
 
 def fit(config: dict, training: Training, loaders, run_dir: Path, progress: RunProgress,
-        log) -> tuple[float, tuple]:
+        log, clock: TimeSplit) -> tuple[float, tuple]:
     """The epoch loop: train, evaluate, log and checkpoint every epoch; a stop signal writes a
     checkpoint (inside the epoch if need be) and raises Stopped. Returns the training time and
-    the last evaluation (loss, error), (None, None) without one."""
+    the last evaluation (loss, error), (None, None) without one. `clock` is charged each part."""
     train_loader, eval_loader, _ = loaders
     dist, scheduler, per_epoch = training.dist, training.scheduler, config["steps_per_epoch"]
     checkpoint_path, last_eval = run_dir / "checkpoint.pt", (None, None)
+    cuda = training.device.type == "cuda"
+    clock.training_starts()
     with StopSignals() as stop:
         train_time, position = progress.train_time_s, progress.position
         for epoch in range(progress.epochs_done + 1, config["epochs"] + 1):
             step_fn = training.step
             before = (step_fn.captures, step_fn.capture_time_s, step_fn.eager_steps)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(training.device)
             stopped = train_one_epoch(training, train_loader, position, per_epoch, stop,
-                                      desc=f"epoch {epoch}/{config['epochs']}")
+                                      desc=f"epoch {epoch}/{config['epochs']}", clock=clock)
             step = (epoch - 1) * per_epoch + position.batch
             if stopped:
-                save_checkpoint(checkpoint_path, training, config, epoch - 1, step, train_time, position)
+                with clock.part("checkpoint"):
+                    save_checkpoint(checkpoint_path, training, config, epoch - 1, step, train_time, position)
                 raise stopped_by(stop.signum, f"in epoch {epoch} after step {step} of "
                                  f"{scheduler.total_steps}", run_dir)
             stats = position.stats()
@@ -318,11 +326,15 @@ def fit(config: dict, training: Training, loaders, run_dir: Path, progress: RunP
                       "captures": step_fn.captures - before[0],
                       "capture_time_s": step_fn.capture_time_s - before[1],
                       "eager_steps": step_fn.eager_steps - before[2]}
+            if cuda:  # the epoch's training peaks: what the frozen units no longer need is given back
+                record.update(cuda_max_allocated=torch.cuda.max_memory_allocated(training.device),
+                              cuda_max_reserved=torch.cuda.max_memory_reserved(training.device))
             if not check_replicas_agree(training.model, dist, training.device):
                 raise RunError("the processes' weights differ: the replicas fell out of step")
             if eval_loader is not None:
                 started = time.perf_counter()
-                last_eval = evaluate(training, eval_loader)
+                with clock.part("eval"):
+                    last_eval = evaluate(training, eval_loader)
                 split = "val" if config["eval_mode"] == "val" else "test"  # the records name what they hold
                 record.update({f"{split}_loss": last_eval[0], f"{split}_err": last_eval[1],
                                "eval_time_s": time.perf_counter() - started})
@@ -330,7 +342,8 @@ def fit(config: dict, training: Training, loaders, run_dir: Path, progress: RunP
                           active_units=len(training.units) - scheduler.num_frozen,
                           lr=[float(lr) for lr in scheduler.get_last_lr()])
             log.log("epoch", **record)
-            save_checkpoint(checkpoint_path, training, config, epoch, step, train_time, None)
+            with clock.part("checkpoint"):
+                save_checkpoint(checkpoint_path, training, config, epoch, step, train_time, None)
             if dist.is_main:
                 tqdm.write(epoch_line(record, config))
             position = EpochPosition(epoch + 1)
@@ -340,13 +353,13 @@ def fit(config: dict, training: Training, loaders, run_dir: Path, progress: RunP
     return train_time, last_eval
 
 
-def run(built: BuiltRun, run_dir: Path, checkpoint: dict | None) -> dict:
+def run(built: BuiltRun, run_dir: Path, checkpoint: dict | None, clock: TimeSplit) -> dict:
     """Start or resume the built run, train it to the end, evaluate on the test set, write the
-    summary record (returned)."""
+    summary record (returned) with where this process's time went (`clock`)."""
     config, training, splits = built.config, built.training, built.splits
     dist, device = training.dist, training.device
     if checkpoint is None:
-        start_run(config, training, run_dir)
+        start_run(config, training, run_dir, clock)
         progress = RunProgress()
     else:
         progress = resume_run(checkpoint, training, run_dir)
@@ -357,12 +370,13 @@ def run(built: BuiltRun, run_dir: Path, checkpoint: dict | None) -> dict:
     if dist.is_main:
         print(describe(config, splits), flush=True)
     with (MetricsLogger(run_dir / "metrics.jsonl") if dist.is_main else NoLog()) as log:
-        train_time, last_eval = fit(config, training, loaders, run_dir, progress, log)
+        train_time, last_eval = fit(config, training, loaders, run_dir, progress, log, clock)
         with StopSignals() as stop:  # a stop now: the last checkpoint is the run's end
             if config["eval_mode"] == "test" and last_eval[0] is not None:
                 test_loss, test_err = last_eval  # the last evaluation was this same test pass
             else:
-                test_loss, test_err = evaluate(training, loaders[2])
+                with clock.part("eval"):
+                    test_loss, test_err = evaluate(training, loaders[2])
             if stop_or_diverged(torch.tensor(NO_STEP, device=training.device), stop, dist):
                 raise stopped_by(stop.signum, "during the final evaluation (continuing it evaluates the "
                                  "test set and writes the summary)", run_dir)
@@ -377,8 +391,9 @@ def run(built: BuiltRun, run_dir: Path, checkpoint: dict | None) -> dict:
             train_time_s=train_time, val_err=val_err,
             test_loss=test_loss, test_err=test_err, estimated_speedup=config["estimated_speedup"],
             paper_speedup=config["paper_speedup"], flop_speedup=config["flop_speedup"],
-            frozen_at=training.scheduler.frozen_at, load_end=load_average())
+            frozen_at=training.scheduler.frozen_at, load_end=load_average(), time_split=clock.record())
     if dist.is_main:
+        print(describe_split(summary["time_split"]))
         print(f"done: test error {test_err:.2f}%, training time {train_time:.1f} s; results in {run_dir}")
     return summary
 
@@ -457,6 +472,7 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
     early raises SystemExit after one line on stderr ending, where it can be continued, with
     the command that continues it (a caller that continues runs its own way, as reproduce.py,
     passes resume_hint=False)."""
+    clock = TimeSplit()  # where this process's time goes, from here to the summary
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, args, explicit = parse_args(argv)
     try:
@@ -464,6 +480,7 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
     except ValueError as e:  # a flag value no run can use
         parser.error(str(e))
     dist, device = init_distributed(torch.device(config["device"]), args.dist_timeout)
+    tune_convolutions(device)
     note = ignored_flags_note(args.model, {dest: getattr(args, dest) for dest in explicit})
     if note and dist.is_main:
         print(f"{parser.prog}: {note}", file=sys.stderr)
@@ -486,7 +503,7 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
             print(prepared.notice, flush=True)
         built = build_run(config, dist, device, step, resumed=prepared.checkpoint is not None)
         config = built.config
-        return run(built, Path(config["run_dir"]), prepared.checkpoint)
+        return run(built, Path(config["run_dir"]), prepared.checkpoint, clock)
     except (RunError, DataError, WriteError, Stopped, KeyboardInterrupt) as e:
         if dist.is_main:  # a stop by signal is not an error: the run did what it was asked
             prefix = "" if isinstance(e, Stopped) else "error: "

@@ -1,16 +1,29 @@
 """engine.py: device and precision choices with their fallbacks, seeding, the eager training
-step (the dtype autocast really computes in, the memory format the model really gets) and
-evaluation."""
+step (the dtype autocast really computes in, the memory format the model really gets),
+evaluation, and the epoch loop's reads of the device."""
 import random
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from conftest import spy_on_step, tiny_training
-from engine import EagerStep, autocast_for, effective_amp, evaluate, resolve_device, seed_everything
+from engine import (
+    PROGRESS_EVERY,
+    EagerStep,
+    EpochPosition,
+    StopSignals,
+    autocast_for,
+    effective_amp,
+    evaluate,
+    resolve_device,
+    seed_everything,
+    train_one_epoch,
+)
 from loaders import TensorLoader
+from timing import TimeSplit
 from utils import ImageSet
 
 CPU = torch.device("cpu")
@@ -123,3 +136,32 @@ def test_evaluate_is_the_mean_loss_and_the_share_of_wrong_answers():
     wrong = int((logits.argmax(1) != data.labels).sum())
     assert err == pytest.approx(100 * wrong / 37, abs=1e-12)
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, data.labels).item(), rel=1e-5)
+
+
+# -- the epoch loop never waits for the device per step ------------------------------------
+class HostReads(TorchFunctionMode):
+    """Counts what makes the host wait for a tensor's value (on a GPU, for the device)."""
+
+    READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_epoch_loop_reads_the_device_once_a_progress_refresh_and_once_at_the_end():
+    steps = 2 * PROGRESS_EVERY + 5                  # refreshes after steps 1, 21, 41 and 45 (the last)
+    training = tiny_training(total=steps)
+    data = ImageSet(torch.randint(0, 256, (4 * steps, 3, 32, 32), dtype=torch.uint8), torch.arange(4 * steps) % 10)
+    loader = TensorLoader(data, (0.5,) * 3, (0.25,) * 3, 4, train=True)
+    position, clock = EpochPosition(1), TimeSplit()
+    with StopSignals() as stop, HostReads() as counted:
+        train_one_epoch(training, loader, position, steps, stop, desc="test", clock=clock)
+    assert position.batch == steps and clock.steps["eager"] == steps
+    assert len(counted.reads) == 4 + 1, counted.reads  # never per step

@@ -1,0 +1,82 @@
+"""timing.py: every second of a run charged to one part, nested parts apart, and train.py's
+summary split adding up to the run's wall time."""
+import time
+
+import pytest
+
+from conftest import TINY_STEPS_PER_EPOCH, run_train
+from metrics_logger import read_records
+from timing import PARTS, TimeSplit, describe_split
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+    def tick(self, seconds):
+        self.now += seconds
+
+
+def test_nested_parts_are_charged_apart_and_add_up_to_the_wall_time():
+    clock = FakeClock()
+    split = TimeSplit(clock)
+    clock.tick(2)                                # start-up
+    with split.part("checkpoint"):
+        clock.tick(0.5)                          # a checkpoint written during start-up
+    split.training_starts()
+    clock.tick(1)                                # rest
+    with split.part("eval"):
+        clock.tick(3)
+        with split.part("checkpoint"):           # nested: charged to the inner part only
+            clock.tick(0.25)
+        split.add("data", 0.75)                  # measured by the caller, inside eval's time
+        clock.tick(0.75)
+    split.add("graphed", 4, steps=10)
+    clock.tick(4)
+    record = split.record()
+    assert record["wall_s"] == 11.5
+    assert record["parts"] == {**dict.fromkeys(PARTS, 0.0), "startup": 2, "checkpoint": 0.75, "rest": 1,
+                               "eval": 3, "data": 0.75, "graphed": 4}
+    assert record["steps"]["graphed"] == 10
+    assert sum(record["parts"].values()) == record["wall_s"]
+
+
+def test_a_split_taken_inside_open_parts_counts_them_up_to_now():
+    clock = FakeClock()
+    split = TimeSplit(clock)
+    with split.part("eval"):
+        clock.tick(1)
+        with split.part("checkpoint"):
+            clock.tick(2)
+            record = split.record()
+    assert record["parts"]["eval"] == 1 and record["parts"]["checkpoint"] == 2 and record["wall_s"] == 3
+    assert sum(record["parts"].values()) == 3
+
+
+def test_the_line_names_each_part_that_took_time_with_its_steps():
+    line = describe_split({"wall_s": 10.0, "parts": {"startup": 1.0, "graphed": 6.0, "eager": 0.5, "capture": 0.25,
+                                                     "compile": 0.0, "rest": 0.001},
+                           "steps": {"graphed": 600, "eager": 1}})
+    assert line == ("time 10.0 s: start-up 1.00 s (10%), eager steps 0.50 s (5%) [1 step, 500.0 ms each], "
+                    "graphed steps 6.00 s (60%) [600 steps, 10.0 ms each], captures 0.25 s (2%)")
+
+
+def test_a_runs_summary_splits_its_wall_time_into_parts_that_add_up(tmp_path, capsys):
+    started = time.perf_counter()
+    summary = run_train(tmp_path, "--epochs", "2")
+    took = time.perf_counter() - started
+    split = summary["time_split"]
+    parts, wall = split["parts"], split["wall_s"]
+    assert summary == read_records(tmp_path / "run" / "metrics.jsonl", "summary")[0]
+    assert sum(parts.values()) == pytest.approx(wall, rel=0.02)
+    # The split covers the whole of main, but for writing the summary that holds it (an fsync).
+    assert took - max(0.02 * took, 0.1) <= wall <= took
+    assert split["steps"]["eager"] == 2 * TINY_STEPS_PER_EPOCH and split["steps"]["graphed"] == 0
+    assert all(parts[p] > 0 for p in ("startup", "eager", "data", "eval", "checkpoint"))
+    assert parts["rest"] < 0.1 * wall  # what no part names stays small
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == describe_split(split) and out[-2].startswith("time ")
+
