@@ -31,11 +31,11 @@ import torch
 
 import spec
 from checkpoint import first_line
-from compiled_step import CompiledStep
-from engine import Training, build_training, effective_amp, memory_format, resolve_device
+from compiled_step import CompiledStep, compiled_forward
+from engine import Training, build_training, effective_amp, memory_format, resolve_device, tune_convolutions
 from figures import mib, pct
 from freezeout import SCALE_POWERS, freeze, unit_times
-from graphs import CudaGraphs, GraphedStep, use_cuda_graphs
+from graphs import GRAPH_WARMUP_STEPS, CudaGraphs, GraphedStep, use_cuda_graphs
 from models import build_model, check_depth, model_name, paper_speedup, resolve_size
 from spec import (
     EXIT_FAILED,
@@ -104,10 +104,12 @@ PAPER_RUN_STEPS = 100 * (45_000 // 50)
 class Bench:
     """One model configuration, its batches, and the runs measured on them. `graphs` makes the
     graphed step's capturer (engine.CudaGraphs on a GPU; engine.EagerGraphs lets the CPU test
-    the same code)."""
+    the same code). `compile_graphed`: the compiled step is the graphed one with the model's
+    forward compiled (what train.py --compile runs where graphs run), else the eager step with
+    the model compiled."""
 
-    def __init__(self, args, device: torch.device, graphs=CudaGraphs):
-        self.args, self.device, self.graphs = args, device, graphs
+    def __init__(self, args, device: torch.device, graphs=CudaGraphs, compile_graphed: bool = False):
+        self.args, self.device, self.graphs, self.compile_graphed = args, device, graphs, compile_graphed
         self.amp = effective_amp(args.amp, device)
         self.memory_format = memory_format(args.channels_last)
         g = torch.Generator().manual_seed(args.seed)
@@ -117,11 +119,12 @@ class Bench:
                          torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device))
                         for _ in range(n)]
 
-    def graphed_step(self, training: Training, steps: int) -> GraphedStep:
+    def graphed_step(self, training: Training, steps: int, forward=None) -> GraphedStep:
         """The graphed step for `steps` steps from where the training's schedule stands: every
         freeze level captured (however short: a real run's levels are long, and capture time
-        is reported apart), after two eager warm-up steps."""
-        step = GraphedStep(training, self.args.batch_size, steps, graphs=self.graphs(), warmup=2, min_steps=1)
+        is reported apart), after train.py's eager warm-up (GRAPH_WARMUP_STEPS)."""
+        step = GraphedStep(training, self.args.batch_size, steps, graphs=self.graphs(), warmup=GRAPH_WARMUP_STEPS,
+                           min_steps=1, forward=forward)
         step.start_epoch(training.scheduler.last_epoch, 0)
         return step
 
@@ -135,7 +138,7 @@ class Bench:
         however short: a real run's levels are long, and capture time is reported apart) or
         "compiled" (torch.compile, one compile per level, timed apart too). `fused`: the fused
         SGD without the graphed step (default: with it)."""
-        graphed = kind == "graphed"
+        graphed = kind == "graphed" or (kind == "compiled" and self.compile_graphed)
         steps = total_steps or self.args.steps
         torch.manual_seed(self.args.seed)
         training = build_training(
@@ -143,8 +146,11 @@ class Bench:
             t_0=t_0, how_scale=self.args.how_scale, scale_lr=self.args.scale_lr, amp=self.amp,
             channels_last=self.args.channels_last, fused=True if graphed or fused else None)
         training.model.train()
-        if graphed:
+        if kind == "graphed":
             training.step = self.graphed_step(training, steps)
+        elif kind == "compiled" and self.compile_graphed:  # as train.py --compile runs on a GPU
+            forward = compiled_forward(training, backend=self.args.compile_backend)
+            training.step = self.graphed_step(training, steps, forward=forward)
         elif kind == "compiled":
             training.step = CompiledStep(training, backend=self.args.compile_backend)
         try:
@@ -158,25 +164,39 @@ class Bench:
 
     def timed_run(self, t_0: float, kind: str = "eager") -> dict:
         """Wall time of `steps` training steps (captures and compiles excluded, reported
-        apart), the scheduler's share, CUDA peak of the last quarter."""
+        apart), the steps of each kind (`last_kind`) and the eager ones' seconds (each timed
+        to its end on the device: they come first, the process's warm-up), the scheduler's
+        share, CUDA's peaks (allocated, reserved) over the last quarter."""
         with self.training(t_0, kind) as training:
             steps, quarter = self.args.steps, (3 * self.args.steps) // 4
-            sched = 0.0
+            sched = eager_s = 0.0
+            kinds = {}
             sync(self.device)
             start = time.perf_counter()
             for k in range(steps):
                 if k == quarter and self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
+                began = time.perf_counter()
                 training.step(*self.batches[k % len(self.batches)])
+                ran = training.step.last_kind
+                kinds[ran] = kinds.get(ran, 0) + 1
+                if ran == "eager" and kind != "eager":
+                    sync(self.device)
+                    eager_s += time.perf_counter() - began
                 t = time.perf_counter()
                 training.scheduler.step()
                 sched += time.perf_counter() - t
             sync(self.device)
+            # What capture_time_s holds: the captures, and the graphed step's compiles.
             captures, captured = training.step.captures, training.step.capture_time_s
+            if isinstance(training.step, GraphedStep):
+                captures += kinds.get("compile", 0)
             elapsed = time.perf_counter() - start - captured
-            peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return {"time_s": elapsed, "scheduler_s": sched, "cuda_peak_bytes": peak,
-                "captures": captures, "capture_s": captured}
+            cuda = self.device.type == "cuda"
+            peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
+            reserved = torch.cuda.max_memory_reserved(self.device) if cuda else None
+        return {"time_s": elapsed, "scheduler_s": sched, "cuda_peak_bytes": peak, "cuda_reserved_bytes": reserved,
+                "captures": captures, "capture_s": captured, "step_kinds": kinds, "eager_s": eager_s}
 
     def saved_tensor_peak(self, t_0: float) -> int:
         """Largest per-step total of tensors autograd saves for backward (parameters aside),
@@ -207,12 +227,13 @@ class Bench:
         """Median time of one training step with the first n units frozen, for each n of
         `levels` (ascending), on one model whose units are frozen level after level: after a
         warm-up step at each level (compiled: the level's compile and one step more) and,
-        graphed, two eager steps and the level's capture (a new graphed step per level). Each
+        graphed, the eager warm-up and the level's capture (a new graphed step per level). Each
         step is followed by the scheduler's, as in training (its first one ends the forward-order
         check and its process-wide hook); its schedule (t_0 = 1) spans exactly these steps, so
         nothing else freezes."""
-        graphed = kind == "graphed"
-        warmup = {"eager": 1, "compiled": 2, "graphed": 3}[kind]
+        graphed = kind == "graphed" or (kind == "compiled" and self.compile_graphed)
+        # graphed and compiled: a run's first step is eager, then each level compiles, then captures
+        warmup = {"eager": 1, "compiled": 3 if graphed else 2, "graphed": GRAPH_WARMUP_STEPS + 1}[kind]
         per_level = self.args.level_steps + warmup
         times = {}
         with self.training(1.0, "eager" if graphed else kind, total_steps=len(levels) * per_level,
@@ -220,7 +241,8 @@ class Bench:
             for n in levels:
                 for unit in training.units[:n]:
                     freeze(unit)
-                step = self.graphed_step(training, per_level) if graphed else training.step
+                forward = compiled_forward(training, backend=self.args.compile_backend) if kind == "compiled" else None
+                step = self.graphed_step(training, per_level, forward) if graphed else training.step
                 taken = []
                 for k in range(per_level):
                     sync(self.device)
@@ -273,6 +295,10 @@ def compare(bench: Bench, args, t_i, kind: str = "eager") -> dict:
         "measured_speedup": 1 - statistics.median(ratios), "ideal_speedup": ideal,
         "level_step_s": {str(n): t for n, t in level_times.items()},
         "baseline_images_per_s": images / b_time, "freezeout_images_per_s": images / f_time,
+        # Beside the eager warm-up (a graphed or compiled run's first steps): what train.py's
+        # steps of this kind should run at (tools/train_speed.py --benchmark compares them).
+        "steady_images_per_s": {"baseline": statistics.median(map(steady_rate, baseline)) * args.batch_size,
+                                "freezeout": statistics.median(map(steady_rate, freezeout)) * args.batch_size},
         "overhead_frac": statistics.median(r["scheduler_s"] / r["time_s"] for r in freezeout),
         "peak_mem_baseline": baseline[-1]["cuda_peak_bytes"],
         "peak_mem_freezeout": freezeout[-1]["cuda_peak_bytes"],
@@ -286,15 +312,53 @@ def compare(bench: Bench, args, t_i, kind: str = "eager") -> dict:
         paid = first[1] / first[0] if kind == "compiled" else per_capture
         result.update(captures=captures, capture_s_per_capture=per_capture,
                       warmup_captures=first[0], warmup_capture_s=first[1],
-                      paper_run_capture_share=capture_share(len(t_i), paid, f_time / args.steps))
+                      paper_run_capture_share=capture_share(len(t_i), paid, f_time / args.steps),
+                      step_kinds={"baseline": baseline[-1]["step_kinds"], "freezeout": freezeout[-1]["step_kinds"]},
+                      compile_graphed=kind == "compiled" and getattr(bench, "compile_graphed", False),
+                      reserved_baseline=baseline[-1]["cuda_reserved_bytes"],
+                      reserved_freezeout=freezeout[-1]["cuda_reserved_bytes"],
+                      projected_speedup=statistics.median(
+                          projected_speedup(b, f, args.steps, len(t_i), paid)
+                          for b, f in zip(baseline, freezeout, strict=True)))
     return result
+
+
+def replayed_steps(run: dict) -> int:
+    """A graphed or compiled run's steps past the eager warm-up and the level compiles (whose
+    seconds its time leaves out, with the captures')."""
+    return sum(n for kind, n in run["step_kinds"].items() if kind not in ("eager", "compile"))
+
+
+def steady_rate(run: dict) -> float:
+    """Steps a second of a timed run, its eager steps aside (none aside for an eager run)."""
+    replayed = replayed_steps(run)
+    if not replayed:
+        return run["step_kinds"].get("eager", 0) / run["time_s"]
+    return replayed / (run["time_s"] - run["eager_s"])
+
+
+def projected_speedup(baseline: dict, freezeout: dict, steps: int, n_units: int, per_capture: float,
+                      real_steps: int = PAPER_RUN_STEPS) -> float:
+    """The measured speedup of a graphed (or compiled) pair of runs, projected to a run of
+    `real_steps` steps with the same schedule: the eager warm-up steps, which a short run
+    counts many times over, are paid once as measured; the other steps at the rate they were
+    measured at, where the steps FreezeOut did not replay (its warm-up, in its first level:
+    the baseline's own step) count at the baseline's rate; and a capture (or compile) per
+    freeze level, against the baseline's one."""
+    warm_b, warm_f = baseline["step_kinds"].get("eager", 0), freezeout["step_kinds"].get("eager", 0)
+    rate_b = (baseline["time_s"] - baseline["eager_s"]) / replayed_steps(baseline)
+    replayed_f = replayed_steps(freezeout)
+    # FreezeOut's mean step over its whole schedule
+    rate_f = (freezeout["time_s"] - freezeout["eager_s"] + (steps - replayed_f) * rate_b) / steps
+    base = baseline["eager_s"] + (real_steps - warm_b) * rate_b + per_capture
+    ours = freezeout["eager_s"] + (real_steps - warm_f) * rate_f + n_units * per_capture
+    return 1 - ours / base
 
 
 def measure(args, report=lambda result: None) -> dict:
     """What main measures on the device --device names: `measure_on`, eager then graphed."""
     device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    tune_convolutions(device)  # as train.py does
     graphed, _ = use_cuda_graphs(args.cuda_graphs, device, effective_amp(args.amp, device), False)
     return measure_on(args, device, graphed, report=report)
 
@@ -306,7 +370,7 @@ def measure_on(args, device: torch.device, graphed: bool, graphs=CudaGraphs,
     "graphed" and "compiled"). `report(result)` gets the eager results before the others are
     measured, so that a failure there loses nothing; such a failure (a RuntimeError) is kept
     as result["graphed_error"] or result["compiled_error"] (one line)."""
-    bench = Bench(args, device, graphs)
+    bench = Bench(args, device, graphs, compile_graphed=graphed)
     model = build(args)
     units = model.freeze_units()
     t_i = unit_times(len(units), args.t_0, args.how_scale)
@@ -380,6 +444,9 @@ def step_table(r: dict, kind: str) -> str:
     """The figures of the graphed or the compiled step (empty when not measured)."""
     g, lines = r.get(kind), []
     title, what, events = STEP_TITLES[kind]
+    if kind == "compiled" and g is not None and g.get("compile_graphed"):
+        title, what, events = ("torch.compile in CUDA graphs", "a compile and a capture per freeze level; "
+                               "their time", "compiles and captures")
     if f"{kind}_error" in r:
         lines.append(f"  {title}: failed: {r[f'{kind}_error']}")
     if g is not None:
@@ -391,16 +458,25 @@ def step_table(r: dict, kind: str) -> str:
             f"    FreezeOut runs  {', '.join(f'{t:.3f}' for t in g['freezeout_runs_s'])} s"
             f"   median {g['freezeout_s']:.3f} s  ({g['freezeout_images_per_s']:.0f} img/s, "
             f"{g['freezeout_images_per_s'] / r['freezeout_images_per_s']:.2f}x eager)",
-            f"    speedup: measured {pct(g['measured_speedup'])} | FLOPs {pct(r['flop_speedup'])}"
+            f"    speedup: measured {pct(g['measured_speedup'])} | projected to a {PAPER_RUN_STEPS:,}-step run "
+            f"{pct(g['projected_speedup'])} | FLOPs {pct(r['flop_speedup'])}"
             f" | ideal ({kind} step time per freeze level) {pct(g['ideal_speedup'])}",
+            f"    steps per run: baseline {step_counts(g['step_kinds']['baseline'])}; "
+            f"FreezeOut {step_counts(g['step_kinds']['freezeout'])}",
             f"    {g['captures']} {events}, {1000 * g['capture_s_per_capture']:.1f} ms each; the warm-up runs' "
             f"{g['warmup_captures']} (the process's first): {g['warmup_capture_s']:.2f} s in all; "
             f"{100 * g['paper_run_capture_share']:.3f}% of a 100-epoch paper run's training time",
         ]
         if g["peak_mem_baseline"] is not None:
             lines.append(f"    CUDA max allocated, last quarter: baseline {mib(g['peak_mem_baseline'])}, "
-                         f"FreezeOut {mib(g['peak_mem_freezeout'])}")
+                         f"FreezeOut {mib(g['peak_mem_freezeout'])}; max reserved (the graphs' pools "
+                         f"included): baseline {mib(g['reserved_baseline'])}, FreezeOut {mib(g['reserved_freezeout'])}")
     return "\n".join(lines)
+
+
+def step_counts(kinds: dict) -> str:
+    """"1 eager, 39 graphed, ...": the steps of a run by the kind that ran."""
+    return ", ".join(f"{n} {kind}" for kind, n in kinds.items())
 
 
 def check(args, parser) -> None:

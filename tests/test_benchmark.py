@@ -33,9 +33,12 @@ class GivenTimes:
         return {n: self.levels[n] for n in levels}
 
 
-def run(time_s, scheduler_s=0.0, captures=0, capture_s=0.0):
-    return {"time_s": time_s, "scheduler_s": scheduler_s, "cuda_peak_bytes": None,
-            "captures": captures, "capture_s": capture_s}
+def run(time_s, scheduler_s=0.0, captures=0, capture_s=0.0, eager=1, eager_s=0.0, steps=8):
+    """A timed run's results: `eager` of its `steps` steps eager (taking `eager_s`), the others
+    replayed."""
+    return {"time_s": time_s, "scheduler_s": scheduler_s, "cuda_peak_bytes": None, "cuda_reserved_bytes": None,
+            "captures": captures, "capture_s": capture_s, "eager_s": eager_s,
+            "step_kinds": {"eager": eager, "graphed": steps - eager}}
 
 
 ARGS = argparse.Namespace(repeats=3, steps=8, batch_size=4, t_0=0.5, level_steps=2)
@@ -71,8 +74,25 @@ def test_speedups_and_overhead_are_computed_from_the_times_measured(kind):
         # in every run (0.1 s), a compile paid once per process, at the warm-up's 8 s / 5.
         paid = 0.1 if kind == "graphed" else 8.0 / 5
         assert r["paper_run_capture_share"] == pytest.approx(4 * paid / (90_000 * 1.5 / 8))
+        assert r["step_kinds"] == {"baseline": {"eager": 1, "graphed": 7}, "freezeout": {"eager": 1, "graphed": 7}}
+        pairs = zip([run(2.0), run(2.2), run(1.8)], [run(1.6), run(1.5), run(1.2)], strict=True)
+        assert r["projected_speedup"] == pytest.approx(sorted(
+            benchmark.projected_speedup(b, f, 8, 4, paid) for b, f in pairs)[1])
     else:
         assert "captures" not in r
+
+
+def test_the_graphed_speedup_is_projected_to_a_real_runs_length():
+    # 8 steps of 4 units, the first eager in both runs (0.5 s: a short run counts it against
+    # 7 replays, a real run against 89,999): baseline replays at 0.1 s, FreezeOut's 7 at 0.07 s;
+    # FreezeOut's missing first replay (level 0, the baseline's step) counts at 0.1 s.
+    baseline, freezeout = run(1.2, eager=1, eager_s=0.5), run(0.99, eager=1, eager_s=0.5)
+    mean = (0.49 + 0.1) / 8
+    base, ours = 0.5 + 89_999 * 0.1 + 0.01, 0.5 + 89_999 * mean + 4 * 0.01
+    assert benchmark.projected_speedup(baseline, freezeout, 8, 4, 0.01) == pytest.approx(1 - ours / base)
+    assert 1 - 0.99 / 1.2 < 0.18 < 0.26 < 1 - ours / base  # the raw figure understates it
+    # With no warm-up and no capture cost, the projection is the ratio of the mean steps.
+    assert benchmark.projected_speedup(run(0.8, eager=0), run(0.6, eager=0), 8, 4, 0.0) == pytest.approx(0.25)
 
 
 def test_a_slower_freezeout_is_reported_as_a_negative_speedup():

@@ -158,13 +158,50 @@ class Allocating:
 
 def test_the_stand_in_refuses_a_capture_into_a_pool_whose_graphs_were_all_released():
     graphs, step = EagerGraphs(), Allocating()
-    graph, _, _ = graphs.capture(step)
+    pool = graphs.new_pool()
+    graph, _, _ = graphs.capture(step, pool=pool)
     graph.replay()
-    following, _, _ = graphs.capture(step)  # the pool holds a live graph: allowed
+    following, _, _ = graphs.capture(step, pool=pool)  # the pool holds a live graph: allowed
     following.replay()
     del graph, following                    # every graph released, the gradient still alive
     with pytest.raises(CaptureError, match=r"graphs were all released \(1 tensors allocated in it still alive\)"):
-        graphs.capture(step)
+        graphs.capture(step, pool=pool)
+    graphs.capture(step)                    # a new pool: allowed
+    step.w.grad = None                      # nothing of the pool alive: given back, made anew
+    graphs.capture(step, pool=pool)
+
+
+def pools_held(t_0: float) -> tuple[list[int], list[int], int]:
+    """A graphed run of T steps, every level captured, on the stand-in: after each step, the
+    bytes the graphs' pools hold and how many pools are held; and the captures."""
+    training = make_training(t_0=t_0, dropout=0.0)
+    pools = EagerGraphs()
+    step = GraphedStep(training, BATCH, PER_EPOCH, graphs=pools, warmup=1, min_steps=1)
+    held, count = [], []
+    training.model.train()
+    for k, (x, y) in enumerate(batches(T)):
+        if k % PER_EPOCH == 0:
+            step.start_epoch(k, 0)
+        step(x, y)
+        training.scheduler.step()
+        held.append(pools.reserved_bytes())
+        count.append(sum(not pool.freed for pool in pools.pools))
+    return held, count, step.captures
+
+
+def test_a_freeze_levels_graph_memory_goes_back_once_units_freeze():
+    # What the caching allocator holds for the graphs, as the stand-in accounts for it: each
+    # level's graph in a pool of its own, given back when units freeze, so the graphs' memory
+    # falls with freezing; one pool shared by every level would hold the first level's (the
+    # largest, the baseline's) to the end.
+    baseline, _, captures = pools_held(1.0)
+    assert captures == 1 and baseline[0] == 0 and len(set(baseline[1:])) == 1
+    held, count, captures = pools_held(0.5)
+    assert captures == 7 and max(count) == 1            # one pool held at a time
+    assert held[1] == baseline[1]                      # level 0 is the baseline's step
+    assert all(b <= a for a, b in pairwise(held[1:]))  # never grows
+    assert held[-1] < 0.6 * baseline[-1]               # falls as units freeze
+    assert max(held[3 * T // 4:]) <= baseline[-1]
 
 
 def test_the_stand_in_refuses_host_reads_and_replaced_buffers_inside_a_captured_step():
@@ -282,6 +319,30 @@ def test_benchmark_measures_the_graphed_step_beside_the_eager_one():
     eager_only = benchmark.measure_on(args, CPU, graphed=False)
     assert eager_only["graphed"] is None and "CUDA graphs" not in benchmark.table(eager_only)
     assert eager_only["compiled"] is None and "torch.compile" not in benchmark.table(eager_only)
+
+
+@pytest.mark.slow  # a compile per freeze level
+def test_benchmark_measures_the_compiled_step_in_graphs_as_train_py_runs_it(monkeypatch):
+    # --compile where graphs run: the graphed step with the compiled forward, each level compiled
+    # in an uncaptured step, then captured; the compiles and captures are timed apart.
+    import torch._dynamo
+
+    import benchmark
+    for name in ("recompile_limit", "accumulated_recompile_limit"):  # FreezeOut raises them process-wide
+        monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
+    torch._dynamo.reset()
+    parser = benchmark.build_parser()
+    args = parser.parse_args(["-L", "10", "-k", "4", "--batch-size", "4", "--steps", "24", "--repeats", "1",
+                              "--level-steps", "0", "--device", "cpu", "--num-classes", "10", "--compile",
+                              "--compile-backend", "aot_eager"])
+    benchmark.check(args, parser)
+    c = benchmark.measure_on(args, CPU, graphed=True, graphs=EagerGraphs)["compiled"]
+    # The first step eager (the order check), then a compile per level visited and a capture of
+    # each level that has a step left: 7 of each in FreezeOut's run, one of each in the baseline's.
+    assert c["compile_graphed"] and c["step_kinds"] == {"baseline": {"eager": 1, "compile": 1, "graphed": 22},
+                                                        "freezeout": {"eager": 1, "compile": 7, "graphed": 16}}
+    assert c["captures"] == 7 + 6 and math.isfinite(c["projected_speedup"])  # the stand-in's times mean nothing
+    torch._dynamo.reset()
 
 
 def test_capture_share_of_a_paper_run():
