@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metrics_logger import read_records  # noqa: E402
 from timing import STEP_KINDS, describe_split  # noqa: E402
 
+PAPER_STEPS = 100 * (45_000 // 50)  # the paper's run: 100 epochs of 45,000 images in batches of 50
 # The settings a benchmark.py result must share with a run to be its figure.
 SAME = ("model", "depth", "growth_rate", "batch_size", "how_scale", "scale_lr", "channels_last")
 
@@ -79,7 +80,16 @@ def line(r: dict, first: dict) -> str:
 
 def split_line(r: dict) -> str:
     return (f"  {describe_split(r['split'])}; {r['steady_kind']} steps at {r['steady_images_per_s']:.0f} "
-            f"images/s, {r['end_to_end_images_per_s']:.0f} images/s end to end")
+            f"images/s, {r['end_to_end_images_per_s']:.0f} images/s end to end; the paper's {PAPER_STEPS:,} "
+            f"steps at this run's pace: {predicted_s(r) / 60:.1f} min")
+
+
+def predicted_s(r: dict, steps: int = PAPER_STEPS) -> float:
+    """A run of `steps` steps of these settings, from this one's time split: its start-up once,
+    and the rest of its time (training, evaluation, checkpoints) per step it trained."""
+    split = r["split"]
+    startup = split["parts"]["startup"]
+    return startup + (split["wall_s"] - startup) * steps / sum(split["steps"].values())
 
 
 def read_benchmarks(path: Path) -> list[dict]:
