@@ -22,9 +22,11 @@ import os
 import pickle
 import platform
 import random
+import re
 import socket
 import subprocess
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 from metrics_logger import file_system_cause, read_records, write_atomically
-from utils import RunError, setting
+from utils import RunError, plural, setting
 
 CHECKPOINT_FORMAT = "freezeout-checkpoint-v1"
 
@@ -97,21 +99,93 @@ def describe_checkpoint(run_dir: Path) -> str:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint of this project, read without running any pickled code."""
+    """A checkpoint of this project, read without running any pickled code. A file that cannot
+    be loaded is refused with one line that says what it is (cut short, damaged, not a
+    checkpoint at all, or unsafe: it holds pickled code) and what to do."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        why = ("it holds pickled objects other than tensors and plain containers, possibly code; "
-               "nothing of it was run" if "Weights only load failed" in str(e) else
-               one_line(e) if str(e).strip() else "unreadable pickle")
-        raise RunError(f"{path} is not a loadable FreezeOut checkpoint ({why})") from None
-    except Exception as e:
-        raise RunError(f"{path} is not a loadable FreezeOut checkpoint ({one_line(e)}); the run cannot be "
-                       f"continued from it (its metrics.jsonl keeps the epochs recorded so far): start it "
-                       f"again under another {setting('name')}, or remove {path.parent} to reuse its name") from None
+    except Exception as e:  # whatever torch raises, the file is described
+        raise RunError(f"{path} is not a loadable FreezeOut checkpoint: {unloadable(path, e)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a FreezeOut checkpoint of this project")
     return state
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6: a zip archive
+PICKLE_PROTOCOLS = range(2, 6)  # a pickle of protocol 2 or later (the older torch.save format) starts 0x80 <n>
+
+
+def unloadable(path: Path, error: Exception) -> str:
+    """What a file torch.load(weights_only=True) refused is, and what to do, for a message."""
+    again = (f"the run cannot be continued from it: move {path.parent} aside (or delete it) and start it "
+             f"again, or start it under another {setting('name')}")
+    recopy = f"copy it again from where it came from if it is whole there; otherwise {again}"
+    put_back = f"put the run's own {path.name} back if you have a copy; otherwise {again}"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        size = path.stat().st_size
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    called = unsafe_global(error)
+    if called is not None:
+        return (f"it is unsafe: it holds pickled code (it calls {called}), which a weights-only load refuses; "
+                f"none of it was run; it was not written by this project: {put_back}")
+    if head.startswith(ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):  # the central directory, at the end, is missing
+            return (f"it is cut short: {size:,} bytes of a zip archive (what torch.save writes) whose end is "
+                    f"missing (a copy or download that did not finish?); {recopy}")
+        if not torch_archive(path):
+            return f"it is a zip archive, but not one torch.save wrote; something wrote over it: {put_back}"
+        return (f"it is damaged: its zip archive is whole, but what it holds cannot be read (torch.load: "
+                f"{one_line(error)}); {recopy}")
+    if len(head) >= 2 and head[0] == 0x80 and head[1] in PICKLE_PROTOCOLS:
+        if isinstance(error, EOFError) or "EOF" in str(error) or "truncated" in str(error):
+            return (f"it is cut short: {size:,} bytes of a pickle (what torch.save wrote before torch 1.6) "
+                    f"whose end is missing (a copy or download that did not finish?); {recopy}")
+        return f"it is damaged: a pickle that cannot be read (torch.load: {one_line(error)}); {recopy}"
+    if size == 0:
+        return f"it is empty (0 bytes), not a checkpoint at all; something wrote over it: {put_back}"
+    text = as_text(head)
+    if text is not None:
+        return (f"it is not a checkpoint at all but text, beginning {text!r}; something wrote over it: "
+                f"{put_back}")
+    return (f"it is not a checkpoint at all (neither a zip archive, what torch.save writes, nor a pickle): "
+            f"its first bytes are {head[:8].hex(' ')}; something wrote over it: {put_back}")
+
+
+def unsafe_global(error: Exception) -> str | None:
+    """The function or class a pickle asked for that torch's weights-only load refused
+    ("posix.system"), or None: the refusal of pickled code, not of a damaged file (whose bytes
+    torch also reads as a "global", but one that names nothing)."""
+    if not isinstance(error, pickle.UnpicklingError):
+        return None
+    found = re.search(r"GLOBAL ([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)+) (?:was not|whose)", str(error))
+    return found.group(1) if found else None
+
+
+def torch_archive(path: Path) -> bool:
+    """Whether a whole zip archive is one torch.save wrote (a folder holding data.pkl)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def as_text(head: bytes, limit: int = 40) -> str | None:
+    """The first line of a file's beginning where it is text (UTF-8, printable), else None."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        try:  # a multi-byte character cut by the 64 bytes read
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if not all(c.isprintable() or c in "\t\n\r" for c in text):
+        return None
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def first_line(error: BaseException) -> str:
@@ -155,10 +229,17 @@ def prepare_run_dir(run_dir: Path, out_dir: str, resume: bool) -> tuple[dict | N
             checkpoint = load_checkpoint(ckpt_path)
             return checkpoint, checkpoint["config"]
         saved = started_config(run_dir)
-        if saved is None:
-            raise RunError(f"{setting('resume')}: no checkpoint in {run_dir} and no run started there; "
-                           f"start it without {setting('resume')}")
-        return None, saved
+        if saved is not None:
+            return None, saved
+        orphaned = records_without_checkpoint(run_dir)
+        if orphaned is not None:
+            raise RunError(f"{setting('resume')}: {orphaned}")
+        raise RunError(f"{setting('resume')}: no checkpoint in {run_dir} and no run started there; "
+                       f"start it without {setting('resume')}")
+    if not ckpt_path.exists() and started_config(run_dir) is None:
+        orphaned = records_without_checkpoint(run_dir)
+        if orphaned is not None:  # neither --resume nor a new run can use it: one way out
+            raise RunError(orphaned)
     if ckpt_path.exists() or holds_records(run_dir / "metrics.jsonl"):
         raise RunError(f"{run_dir} already holds a run: continue it with {setting('resume')}, "
                        f"or start a new one with {setting('name')} NAME")
@@ -200,6 +281,27 @@ def holds_records(metrics: Path) -> bool:
         return bool(read_records(metrics))
     except (ValueError, UnicodeDecodeError):
         return True
+
+
+def records_without_checkpoint(run_dir: Path) -> str | None:
+    """What is wrong with a run directory that holds records of work done (epochs, a summary,
+    or a metrics file that cannot be read) but no checkpoint.pt, with the one way out: the run
+    cannot be continued, and a new run there would mix its records with them. None for any
+    other directory (a checkpoint, nothing, or only the config record of a run that stopped
+    before its first checkpoint: `--resume` starts that one again)."""
+    metrics = run_dir / "metrics.jsonl"
+    if (run_dir / "checkpoint.pt").exists() or not holds_records(metrics) or started_config(run_dir) is not None:
+        return None
+    try:
+        records = read_records(metrics)
+    except (ValueError, UnicodeDecodeError):
+        held = f"a {metrics.name} that cannot be read"
+    else:
+        epochs = plural(sum(r.get("event") == "epoch" for r in records), "epoch")
+        finished = any(r.get("event") == "summary" for r in records)
+        held = f"the records of a finished run ({epochs})" if finished else f"records of {epochs}"
+    return (f"{run_dir} holds {held} but no checkpoint.pt (removed?): the run cannot be continued; move "
+            f"{run_dir} aside (or delete it) and start it again, or start it under another {setting('name')}")
 
 
 # Fields of the config record that are not settings: the run recomputes them when it starts.
@@ -249,7 +351,7 @@ def run_progress(run_dir: Path, epochs: int) -> str:
     if not records and not (run_dir / "checkpoint.pt").exists():
         return "not started"
     done = sum(r["event"] == "epoch" for r in records)
-    return f"interrupted ({done} of {epochs} epochs done)"
+    return f"interrupted ({done} of {plural(epochs, 'epoch')} done)"
 
 
 def load_average() -> float | None:

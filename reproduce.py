@@ -72,6 +72,7 @@ from spec import (
     stop_status,
     to_argv,
 )
+from utils import plural
 
 PRESETS = {
     # The paper's Figure 3 (DenseNet-BC k=12 L=76 on CIFAR-10, 100 epochs): 37 runs of about
@@ -175,7 +176,7 @@ def run_grid(jobs: list[Job], out: Path, launch: dict) -> list[Outcome]:
     in this process, N at once as processes, or as submitit jobs. Returns the runs' outcomes;
     raises GridStopped on a stop signal."""
     todo = [job.grid_run(out) for job in jobs if run_state(out / "runs" / job.name) != "finished"]
-    print(f"{len(jobs)} runs in the grid, {len(jobs) - len(todo)} already finished", flush=True)
+    print(f"{plural(len(jobs), 'run')} in the grid, {len(jobs) - len(todo)} already finished", flush=True)
     if not todo:
         return []
     if launch["launcher"] in ("slurm", "submitit-local"):
@@ -309,8 +310,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def write_markdown(rows: list[dict], settings: dict, path: Path, missing: list = ()) -> None:
     """The table, then what it leaves out: `missing` lists (job, state) of unfinished runs."""
-    def err(mean, std):
-        return "n/a" if mean is None else f"{mean:.2f} ± {std:.2f}"
+    def err(row, key):
+        # One seed has no spread to show: say so rather than print a std of 0.
+        mean, std = row[key], row[key + "_std"]
+        return "n/a" if mean is None else f"{mean:.2f} (n = 1)" if row["seeds"] == 1 else f"{mean:.2f} ± {std:.2f}"
 
     def delta(x):
         return "n/a" if x is None else f"{x:+.2f}"
@@ -320,10 +323,11 @@ def write_markdown(rows: list[dict], settings: dict, path: Path, missing: list =
         "# FreezeOut: reproduced results", "",
         f"{arch} on {settings['dataset']}"
         + (f" (first {settings['subset']} images of each split)" if settings["subset"] else "")
-        + f", {settings['epochs']} epochs, batch {settings['batch_size']}, seeds {settings['seeds']}, "
+        + f", {plural(settings['epochs'], 'epoch')}, batch {settings['batch_size']}, seeds {settings['seeds']}, "
         f"device {rows[0]['device'] if rows and rows[0].get('device') else settings['device']}.", "",
         "Speedups are fractions of the baseline's training time (evaluation excluded); errors in %, "
-        "mean ± std over seeds; Δ against the baseline.", "",
+        "mean ± std over seeds" + ("; (n = 1): a single seed, so no std" if any(r["seeds"] == 1 for r in rows)
+                                     else "") + "; Δ against the baseline.", "",
         "| strategy | t_0 | paper est. | FLOP est. | measured | train time (s) | val err | Δ val | test err | Δ test "
         "| host load |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -332,8 +336,8 @@ def write_markdown(rows: list[dict], settings: dict, path: Path, missing: list =
         t0 = f"{r['t_0']:.3g}" + (f" (target {r['target_speedup']:g})" if r["target_speedup"] is not None else "")
         lines.append(
             f"| {r['strategy']} | {t0} | {pct(r['paper_speedup'])} | {pct(r['flop_speedup'])} | "
-            f"{pct(r['measured_speedup'])} | {r['train_time_s']:.1f} | {err(r['val_err'], r['val_err_std'])} | "
-            f"{delta(r['delta_val_err'])} | {err(r['test_err'], r['test_err_std'])} | {delta(r['delta_test_err'])} | "
+            f"{pct(r['measured_speedup'])} | {r['train_time_s']:.1f} | {err(r, 'val_err')} | "
+            f"{delta(r['delta_val_err'])} | {err(r, 'test_err')} | {delta(r['delta_test_err'])} | "
             f"{'n/a' if r.get('host_load') is None else format(r['host_load'], '.1f')}"
             f"{' ⚠ busy host' if r.get('busy_host') else ''} |")
     if any(r.get("busy_host") for r in rows):
@@ -522,7 +526,7 @@ def report(jobs: list[Job], settings: dict, out: Path) -> list[dict]:
     write_markdown(rows, settings, out / "results.md", missing)
     if missing:
         started = sum(state != "not started" for _, state in missing)
-        print(f"{len(jobs) - len(missing)} of {len(jobs)} runs finished; the table leaves out "
+        print(f"{len(jobs) - len(missing)} of {plural(len(jobs), 'run')} finished; the table leaves out "
               f"{len(missing) - started} not started and {started} interrupted (listed in "
               f"{out / 'results.md'})")
     model = build_model(settings["model"], settings["depth"], settings["growth_rate"], num_classes=10)

@@ -81,7 +81,7 @@ from spec import (
     stop_status,
 )
 from timing import TimeSplit, describe_split
-from utils import DataError, RunError, first_frozen_steps, steps_per_epoch
+from utils import DataError, RunError, first_frozen_steps, plural, steps_per_epoch
 
 # The config entries a resumed run takes from this invocation rather than its checkpoint: the
 # runtime settings --resume may change, and where the run directory now is.
@@ -133,8 +133,9 @@ def describe(config: dict, splits) -> str:
     return "\n".join([
         f"{arch} on {config['dataset']} ({config['num_classes']} classes; {sizes}; "
         f"{len(splits.test):,} test at the end)",
-        f"  {config['params']:,} parameters in {config['n_units']} FreezeOut units; "
-        f"{config['steps_per_epoch']} steps/epoch x {config['epochs']} epochs = {config['total_steps']:,} steps",
+        f"  {config['params']:,} parameters in {plural(config['n_units'], 'FreezeOut unit')}; "
+        f"{plural(config['steps_per_epoch'], 'step')}/epoch x {plural(config['epochs'], 'epoch')} = "
+        f"{plural(config['total_steps'], 'step')}",
         f"  {config['how_scale']}, {'scaled' if config['scale_lr'] else 'unscaled'}, t_0 = {config['t_0']:g}: "
         + ("baseline: no unit freezes" if config["t_0"] >= 1 else
            f"first unit freezes at {config['t_i'][0]:.1%} of the run" + too_short(config)),
@@ -156,7 +157,7 @@ def too_short(config: dict) -> str:
     first = first_frozen_steps(config["t_i"][:1], config["total_steps"])[0]
     if first < config["total_steps"]:
         return ""
-    return (f"; WARNING: in {config['total_steps']} steps no unit freezes (the first would at step "
+    return (f"; WARNING: in {plural(config['total_steps'], 'step')} no unit freezes (the first would at step "
             f"{math.ceil(config['t_i'][0] * config['total_steps'])}): this run is the baseline, whatever "
             f"the estimates below say; train for more steps (--epochs, --subset, --batch_size)")
 

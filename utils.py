@@ -63,6 +63,11 @@ def name_settings(namer) -> None:
     _setting_name = namer
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """`n` and the word in its number, for messages: "1 epoch", "2 epochs", "0 epochs"."""
+    return f"{n:,} {word if n == 1 else words or word + 's'}"
+
+
 # ---------------------------------------------------------------------------------------
 # The paper's speedup estimate
 # ---------------------------------------------------------------------------------------
@@ -81,23 +86,31 @@ def calc_speedup(growth_rate: int, n_dense_blocks: int, t_0: float, how_scale: s
     >>> round(calc_speedup(12, 12, 0.8, "cubic"), 6)
     0.177813
 
-    A second argument that looks like a depth L of DenseNet-BC (76, say) is refused: see
+    An argument that is not a number at all (the string "12", None; how_scale not a string) is
+    a TypeError naming it; a number out of range (0 layers, 12.5, t_0 = 1.5) a ValueError naming
+    it. A second argument that looks like a depth L of DenseNet-BC (76, say) is refused: see
     `_check_not_a_depth`; `densenet_bc_speedup` takes the layers per block without that check.
     """
-    _check_count("n_dense_blocks", n_dense_blocks,
-                 "the number of layers in each dense block, (L - 4) / 6: 12 for L=76")
+    _check_count("growth_rate", growth_rate, GROWTH_RATE)
+    _check_count("n_dense_blocks", n_dense_blocks, LAYERS_PER_BLOCK)
     _check_not_a_depth(n_dense_blocks)
     return densenet_bc_speedup(growth_rate, n_dense_blocks, t_0, how_scale)
+
+
+GROWTH_RATE = "the DenseNet growth rate k, 12 in the paper"
+LAYERS_PER_BLOCK = "the number of layers in each dense block, (L - 4) / 6: 12 for L=76"
 
 
 def densenet_bc_speedup(growth_rate: int, layers_per_block: int, t_0: float,
                         how_scale: str = "cubic") -> float:
     """`calc_speedup` for a DenseNet-BC whose layers per block were computed from its depth
     (by models.py), so that they cannot be the depth passed by mistake: any number of layers."""
+    _check_count("growth_rate", growth_rate, GROWTH_RATE)
+    _check_count("n_dense_blocks", layers_per_block, LAYERS_PER_BLOCK)
+    if not isinstance(how_scale, str):  # a str that is no strategy: check_how_scale's ValueError
+        raise TypeError(f"calc_speedup: how_scale must be a string, one of {', '.join(SCALE_POWERS)}; "
+                        f"got {type(how_scale).__name__} {how_scale!r}")
     t_0, power = check_t_0(t_0), SCALE_POWERS[check_how_scale(how_scale)]
-    _check_count("growth_rate", growth_rate, "the DenseNet growth rate k, 12 in the paper")
-    _check_count("n_dense_blocks", layers_per_block,
-                 "the number of layers in each dense block, (L - 4) / 6: 12 for L=76")
     n_dense_blocks, k = layers_per_block, growth_rate
     costs = [3 * 2 * k * 32 * 32 * 9]  # stem: 3 -> 2k channels, 3x3, at 32x32
     n = 2  # input channels of the next layer, in units of k
@@ -114,9 +127,13 @@ def densenet_bc_speedup(growth_rate: int, layers_per_block: int, t_0: float,
 
 
 def _check_count(name: str, value, meaning: str) -> None:
-    """A count of channels or layers: a positive integer (a bool or 12.0 is a mistake, not a
-    count); with 0 or a negative value the formula would return a number for no network."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+    """A count of channels or layers: a positive integer. What is not a number at all (a
+    string "12", None, a bool) is a TypeError; a number that is no count (12.0, 0, -3: with
+    these the formula would return a number for no network) a ValueError. Both name it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"calc_speedup: {name} must be a number, a positive integer ({meaning}); "
+                        f"got {type(value).__name__} {value!r}")
+    if not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"calc_speedup: {name} is {meaning}; it must be a positive integer, got {value!r}")
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .schedule import unit_times
-from .units import Unit, _model_modules
+from .units import Unit, _model_modules, cannot_run, example_arguments
 
 # The scripts count FLOPs on a (2, 3, 32, 32) batch: FLOP ratios do not depend on the batch size.
 ESTIMATE_INPUT = (2, 3, 32, 32)
@@ -34,7 +34,8 @@ def estimate_speedup(model: nn.Module, units: Sequence[Unit], example_input, t_0
     `units`: what FreezeOut takes (`unit_modules`): modules of the model, lists of them, or
     containers of them such as slices of an nn.Sequential (a slice gives the same figure as the
     list of its modules). `example_input`: what the model is called with, a tensor or a tuple
-    of positional arguments (a batch of one will do), or a shape. With `total_steps` the run's real steps
+    of positional arguments (a batch of one will do), or a shape as a tuple or torch.Size (not a
+    list: a TypeError, as for anything else that is no example input). With `total_steps` the run's real steps
     are counted, without it the schedule's continuous limit (smooth in t_0). The model is left
     exactly as it was: weights, buffers, train/eval mode, hooks, random number generators.
     """
@@ -119,7 +120,9 @@ def unit_flops(model: nn.Module, units: Sequence[Unit], example_input) -> list[d
     `forward`, `backward` (weight and input gradients) and `backward_no_input_grad` (weight
     gradients only, what the first active unit after a frozen prefix computes).
 
-    `example_input` is a shape, a tensor, or a tuple of positional arguments. Counted on a copy
+    `example_input` is a shape (a tuple or torch.Size; a list is refused), a tensor, or a tuple
+    of positional arguments; anything else is a TypeError, and one the model cannot run on a
+    ValueError, each one line that says what example_input must be. Counted on a copy
     of the model on the meta device, in training mode: one forward pass records each unit's
     inputs, then every module of every unit is run on its own. A batch of one is counted as a
     batch of two, halved: batch norm refuses to train on a single value per channel, and the
@@ -136,7 +139,11 @@ def unit_flops(model: nn.Module, units: Sequence[Unit], example_input) -> list[d
     args, per_example = _meta_arguments(example_input)
     meta = _meta_copy(model)
     modules = dict(meta.named_modules())
-    inputs = _unit_inputs(meta, modules, {n for names in unit_names for n in names}, args)
+    try:
+        inputs = _unit_inputs(meta, modules, {n for names in unit_names for n in names}, args)
+    except Exception as e:  # whatever the model raises on an input it cannot take
+        given = example_arguments(example_input)[0] or (torch.empty(tuple(example_input), device="meta"),)
+        raise cannot_run(given, e, " (counting FLOPs on a meta copy of it)") from None
 
     def count(name: str, input_grad: bool) -> tuple[int, int]:
         args, kwargs = inputs[name]
@@ -165,17 +172,11 @@ def unit_flops(model: nn.Module, units: Sequence[Unit], example_input) -> list[d
 
 def _meta_arguments(example_input) -> tuple[tuple, int]:
     """(the model's positional arguments on the meta device, the factor the batch was grown by).
-    A batch of one becomes a batch of two, so that batch norm may train on it."""
-    if isinstance(example_input, torch.Tensor):
-        args = (example_input,)
-    elif isinstance(example_input, tuple) and any(torch.is_tensor(a) for a in example_input):
-        args = example_input
-    elif (isinstance(example_input, (tuple, list, torch.Size)) and example_input
-          and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in example_input)):
-        args = (torch.empty(tuple(example_input), device="meta"),)
-    else:
-        raise ValueError("example_input must be a tensor, a tuple of the model's positional "
-                         f"arguments or a shape of positive integers, got {example_input!r}")
+    A batch of one becomes a batch of two, so that batch norm may train on it. What an example
+    input may be: `units.example_arguments` (a list is none: TypeError)."""
+    args, shape = example_arguments(example_input)
+    if args is None:
+        args = (torch.empty(shape, device="meta"),)
     tensors = [a for a in args if torch.is_tensor(a)]
     grow = 2 if all(a.dim() > 0 and a.shape[0] == 1 for a in tensors) else 1
     return tuple(torch.empty((a.shape[0] * grow, *a.shape[1:]), dtype=a.dtype, device="meta")

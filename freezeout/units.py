@@ -84,6 +84,52 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+WHAT_AN_EXAMPLE_IS = ("example_input must be a tensor, a tuple of the model's positional arguments, or a "
+                      "shape as a tuple or torch.Size, such as (1, 3, 32, 32)")
+
+
+def example_arguments(example_input) -> tuple[tuple | None, tuple[int, ...] | None]:
+    """(the model's positional arguments, None) or (None, the shape of its one input): what an
+    example input is, one rule for `find_units` and the estimate. A tensor; a tuple holding a
+    tensor (positional arguments); a tuple of positive integers or a torch.Size (a shape). A
+    list is none of these (a list of numbers may be data as well as a shape): TypeError, as for
+    anything that is no example input at all; a tuple that is no shape is a ValueError."""
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,), None
+    if isinstance(example_input, tuple) and any(torch.is_tensor(a) for a in example_input):
+        return example_input, None
+    if isinstance(example_input, (tuple, torch.Size)):
+        if example_input and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in example_input):
+            return None, tuple(example_input)
+        raise ValueError(f"{WHAT_AN_EXAMPLE_IS}; got {example_input!r}, which is neither (a shape is made of "
+                         f"positive integers)")
+    hint = ""
+    if isinstance(example_input, list):
+        if example_input and all(isinstance(d, int) and not isinstance(d, bool) for d in example_input):
+            hint = f" (a list is not taken as a shape: write {tuple(example_input)!r})"
+        elif any(torch.is_tensor(a) for a in example_input):
+            hint = " (a list is not taken as positional arguments: write them as a tuple)"
+    elif isinstance(example_input, int) and not isinstance(example_input, bool):
+        hint = f" (groups={example_input}? the example input comes first: find_units(model, example_input, groups=n))"
+    raise TypeError(f"{WHAT_AN_EXAMPLE_IS}; got {type(example_input).__name__} {_short(example_input)}{hint}")
+
+
+def describe_arguments(args: tuple) -> str:
+    """A model's example arguments in words: "a tensor of shape (4, 16)"."""
+    def one(a) -> str:
+        return f"a tensor of shape {tuple(a.shape)}" if torch.is_tensor(a) else f"{type(a).__name__} {_short(a)}"
+    return one(args[0]) if len(args) == 1 else f"{len(args)} arguments: " + ", ".join(map(one, args))
+
+
+def cannot_run(args: tuple, error: Exception, where: str = "") -> ValueError:
+    """The one-line error for a model that fails on its example input."""
+    text = " ".join(str(error).split())
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return ValueError(f"example_input: the model cannot run on {describe_arguments(args)}{where}: "
+                      f"{type(error).__name__}: {text}; example_input must be what the model is called with: "
+                      f"a tensor, a tuple of its positional arguments, or the shape of its one input")
+
+
 def unit_parameters(unit: Unit) -> list[nn.Parameter]:
     return [p for m in unit_modules(unit) for p in m.parameters()]
 
@@ -147,12 +193,29 @@ def freeze(unit: Unit) -> None:
             module.training = False
 
 
-def find_units(model: nn.Module, example_input, groups: int | None = None) -> list[Unit]:
-    """The units of any model, found by running it once on `example_input` (a tensor, or a tuple
-    of positional arguments): the modules that own parameters themselves, in the order they
-    first run. With groups=n they are cut into n contiguous lists of modules of about equal
-    parameter count (the largest as small as can be). A module that owns parameters and holds
-    submodules that own some too is one unit with all of them, since a unit is a whole module.
+class _Required:
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+_REQUIRED = _Required()
+
+
+def find_units(model: nn.Module, example_input=_REQUIRED, groups: int | None = None) -> list[Unit]:
+    """The units of any model, found by running it once on `example_input` (required: what the
+    model is called with, a tensor, a tuple of positional arguments, or a shape such as
+    (2, 3, 32, 32) for a random input), in the order they first run:
+
+    - a model made of blocks, an nn.Sequential of which two children or more are blocks of the
+      same make (`nn.Sequential(*blocks, head)`, blocks that hold several layers each): its
+      children that hold parameters, each block whole (a Sequential that wraps a single such
+      model is looked into);
+    - any other model: the modules that own parameters themselves (a ResNet's every conv, batch
+      norm and fc). A module that owns parameters and holds submodules that own some too is one
+      unit with all of them, since a unit is a whole module.
+
+    With groups=n they are cut into n contiguous lists of modules of about equal parameter count
+    (the largest as small as can be).
 
         units = find_units(model, torch.randn(2, 3, 32, 32), groups=8)
         optimizer = torch.optim.SGD(param_groups(units), lr=0.1, momentum=0.9)
@@ -169,10 +232,26 @@ def find_units(model: nn.Module, example_input, groups: int | None = None) -> li
     The pass runs without gradients, in the model's current mode, and leaves nothing behind:
     the buffers (batch-norm statistics) and the random number generators are restored.
     """
+    if example_input is _REQUIRED:
+        raise TypeError("find_units(model, example_input, groups=None) needs an example input: it runs the model "
+                        "once on it to see the order its modules run in; give what the model is called with, "
+                        "a tensor such as torch.randn(2, 3, 32, 32), a "
+                        "tuple of its positional arguments, or a shape such as (2, 3, 32, 32)")
+    args, shape = example_arguments(example_input)
     unit_of = _owner_units(model)
-    calls = _calls_in_one_pass(model, example_input, _owners(model))
+    calls = _calls_in_one_pass(model, args, shape, _owners(model))
     names = {id(m): name for name, m in model.named_modules()}
-    units = _units_in_order([unit_of[id(m)] for m in calls], names)
+    units = None
+    block_of = _block_units(model)
+    if block_of is not None:
+        try:
+            units = _units_in_order([block_of[id(m)] for m in calls], names)
+        except ValueError:  # blocks that do not run one after another: their modules, as for any model
+            unit_of = _owner_units(model)
+        else:
+            unit_of = block_of
+    if units is None:
+        units = _units_in_order([unit_of[id(m)] for m in calls], names)
     ran = {id(u) for u in units}
     never_ran = [(names[id(m)], m) for m in _owners(model) if id(unit_of[id(m)]) not in ran]
     if any(_owns_trainable(m) for _, m in never_ran):
@@ -209,19 +288,62 @@ def _owner_units(model: nn.Module) -> dict[int, nn.Module]:
     return unit_of
 
 
-def _calls_in_one_pass(model: nn.Module, example_input, watched: list[nn.Module]) -> list[nn.Module]:
-    """Every call of a `watched` module during one forward pass, in order. Without gradients;
-    the buffers and the random number generators are put back, so finding the units changes
+def _block_units(model: nn.Module) -> dict[int, nn.Module] | None:
+    """For a model made of blocks: id of every module that owns parameters -> the child of the
+    model that holds it; None for any other model. Made of blocks: an nn.Sequential (or one
+    that wraps a single such) of which two children or more are blocks of the same make (the
+    same classes of modules, nested alike, whatever their sizes), a block being a child in which
+    several modules own parameters. `nn.Sequential(*blocks, head)` is; `nn.Sequential(backbone,
+    head)` is not (its backbone would be one unit), nor is a flat `nn.Sequential` of layers."""
+    module = model
+    while isinstance(module, nn.Sequential) and not _owns_parameters(module):
+        holders = [c for c in module.children() if next(c.parameters(), None) is not None]
+        if len(holders) != 1:
+            break
+        module = holders[0]
+    if not isinstance(module, nn.Sequential) or _owns_parameters(module):
+        return None
+    holders = [c for c in module.children() if next(c.parameters(), None) is not None]
+    blocks = Counter(_make(c) for c in holders if sum(map(_owns_parameters, c.modules())) > 1)
+    if not any(n > 1 for n in blocks.values()):
+        return None
+    return {id(inner): child for child in holders for inner in child.modules() if _owns_parameters(inner)}
+
+
+def _make(module: nn.Module) -> tuple:
+    """What a module is made of, sizes aside: its class and its children's makes, in order."""
+    return type(module), tuple(_make(c) for c in module.children())
+
+
+def _calls_in_one_pass(model: nn.Module, args: tuple | None, shape: tuple | None,
+                       watched: list[nn.Module]) -> list[nn.Module]:
+    """Every call of a `watched` module during one forward pass on `args` (or on a random
+    tensor of `shape`, on the model's device), in order; a batch of one that the model refuses
+    (batch norm in training mode) is run again as a batch of two. Without gradients; the
+    buffers and the random number generators are put back, so finding the units changes
     nothing in the run that follows (dropout and batch statistics still work as in training)."""
     calls: list[nn.Module] = []
     handles = [m.register_forward_pre_hook(lambda module, args: calls.append(module))
                for m in watched]
     saved = [(b, b.detach().clone()) for b in model.buffers()]
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
     cuda = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-            model(*args)
+            if args is None:
+                p = next((p for p in model.parameters() if p.is_floating_point()), None)
+                args = (torch.randn(shape, device=p.device if p is not None else None,
+                                    dtype=p.dtype if p is not None else None),)
+            try:
+                model(*args)
+            except Exception as e:  # whatever the model raises on an input it cannot take
+                if not _batch_of_one(args):
+                    raise cannot_run(args, e) from None
+                # Batch norm does not train on one value per channel: the batch of one, twice.
+                calls.clear()
+                try:
+                    model(*[torch.cat([a, a]) if torch.is_tensor(a) else a for a in args])
+                except Exception:
+                    raise cannot_run(args, e) from None
     finally:
         for handle in handles:
             handle.remove()
@@ -229,6 +351,11 @@ def _calls_in_one_pass(model: nn.Module, example_input, watched: list[nn.Module]
             for buffer, value in saved:
                 buffer.copy_(value)
     return calls
+
+
+def _batch_of_one(args: tuple) -> bool:
+    tensors = [a for a in args if torch.is_tensor(a)]
+    return bool(tensors) and all(a.dim() > 0 and a.shape[0] == 1 for a in tensors)
 
 
 def _units_in_order(called_units: list[nn.Module], names: dict[int, str]) -> list[nn.Module]:

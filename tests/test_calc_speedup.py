@@ -6,7 +6,7 @@ from utils import calc_speedup
 
 
 @pytest.mark.parametrize("growth_rate,layers", [(12, 0), (12, -3), (0, 12), (-12, 12), (12, 12.0),
-                                                (12.5, 12), (True, 12), (12, None)])
+                                                (12.5, 12), (12, float("nan"))])
 def test_values_that_describe_no_densenet_are_refused(growth_rate, layers):
     with pytest.raises(ValueError) as refused:
         calc_speedup(growth_rate, layers, 0.8)
@@ -66,3 +66,30 @@ def test_the_scripts_estimate_a_deep_densenet_whose_layers_per_block_look_like_a
 
     assert models.paper_speedup("densenet", 244, 12, 0.8, "cubic") == pytest.approx(
         models.paper_speedup("densenet", 250, 12, 0.8, "cubic"), abs=0.01)
+
+
+# -- one rule (issue 29, item 6): a non-number is a TypeError naming the argument, a number out of
+# range a ValueError.
+@pytest.mark.parametrize("args,name", [
+    (("12", 12, 0.8, "cubic"), "growth_rate"), ((None, 12, 0.8), "growth_rate"), ((True, 12, 0.8), "growth_rate"),
+    ((12, "12", 0.8), "n_dense_blocks"), ((12, None, 0.8), "n_dense_blocks"), ((12, [12], 0.8), "n_dense_blocks"),
+    ((12, 12, "0.8"), "t_0"), ((12, 12, None), "t_0"),
+    ((12, 12, 0.8, 3), "how_scale"), ((12, 12, 0.8, None), "how_scale"),
+])
+def test_an_argument_that_is_not_a_number_is_a_type_error_naming_it(args, name):
+    with pytest.raises(TypeError) as refused:
+        calc_speedup(*args)
+    message = str(refused.value)
+    assert "\n" not in message and not isinstance(refused.value, ValueError)
+    assert f"{name} must be" in message
+
+
+@pytest.mark.parametrize("args,name", [
+    ((0, 12, 0.8), "growth_rate"), ((12.5, 12, 0.8), "growth_rate"), ((12, -1, 0.8), "n_dense_blocks"),
+    ((12, 76, 0.8), "n_dense_blocks"), ((12, 12, 1.5), "t_0"), ((12, 12, 0.0), "t_0"),
+    ((12, 12, 0.8, "quadratic"), "how_scale"),
+])
+def test_a_number_out_of_range_is_a_value_error_naming_it(args, name):
+    with pytest.raises(ValueError) as refused:
+        calc_speedup(*args)
+    assert name in str(refused.value) and not isinstance(refused.value, TypeError)

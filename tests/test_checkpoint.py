@@ -1,5 +1,7 @@
 """checkpoint.py: what a checkpoint holds and gives back (model, optimizer, scheduler, scaler,
 every RNG), and atomic saving when a save is cut short."""
+import os
+import pickle
 import random
 
 import numpy as np
@@ -118,21 +120,96 @@ def test_a_checkpoint_of_another_kind_is_refused(tmp_path):
     assert checkpoint.CHECKPOINT_FORMAT == "freezeout-checkpoint-v1"
 
 
-def test_a_truncated_checkpoint_is_refused_in_one_line_with_the_whole_cause_and_what_to_do(tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    torch.save({"format": "freezeout-checkpoint-v1", "model": {"w": torch.zeros(1000)}}, run_dir / "checkpoint.pt")
-    whole = (run_dir / "checkpoint.pt").read_bytes()
-    (run_dir / "checkpoint.pt").write_bytes(whole[:len(whole) // 2])  # a copy cut short
+# -- what an unloadable checkpoint is, and what to do (issue 29, item 3) -------------------------
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def refusal(path) -> str:
     with pytest.raises(RunError) as refused:
-        load_checkpoint(run_dir / "checkpoint.pt")
+        load_checkpoint(path)
     message = str(refused.value)
-    assert "\n" not in message and message.startswith(f"{run_dir / 'checkpoint.pt'} is not a loadable FreezeOut "
-                                                       f"checkpoint (PytorchStreamReader failed reading zip archive")
-    assert "your checkpoint file is corrupted" in message  # torch's whole explanation, not its first 200 characters
-    assert message.endswith("the run cannot be continued from it (its metrics.jsonl keeps the epochs recorded so "
-                            f"far): start it again under another {setting('name')}, or remove {run_dir} to reuse "
-                            "its name")  # --name once spec.py names the settings
+    assert "\n" not in message and message.startswith(f"{path} is not a loadable FreezeOut checkpoint: ")
+    return message
+
+
+def start_again(run_dir) -> str:
+    return (f"the run cannot be continued from it: move {run_dir} aside (or delete it) and start it again, "
+            f"or start it under another {setting('name')}")
+
+
+def a_checkpoint(run_dir):
+    run_dir.mkdir()
+    torch.save({"format": "freezeout-checkpoint-v1", "model": {"w": torch.zeros(100_000)}}, run_dir / "checkpoint.pt")
+    return (run_dir / "checkpoint.pt").read_bytes()
+
+
+@pytest.mark.parametrize("keep", [10, 100, 5_000, 200_000, -10])
+def test_a_checkpoint_cut_short_is_called_so_with_what_to_do(tmp_path, keep):
+    # Cut at 5,000 bytes torch says "[Errno 22] Invalid argument", elsewhere "failed finding central directory".
+    run_dir = tmp_path / "run"
+    whole = a_checkpoint(run_dir)
+    (run_dir / "checkpoint.pt").write_bytes(whole[:keep])
+    message = refusal(run_dir / "checkpoint.pt")
+    size = len(whole[:keep])
+    assert f"it is cut short: {size:,} bytes of a zip archive (what torch.save writes) whose end is missing" in message
+    assert "Errno" not in message and "miniz" not in message and "pickled" not in message
+    assert message.endswith(f"copy it again from where it came from if it is whole there; "
+                            f"otherwise {start_again(run_dir)}")
+
+
+@pytest.mark.parametrize("content,what", [
+    (b"", "it is empty (0 bytes), not a checkpoint at all"),
+    (b"checkpoint moved to /data/run7\n",
+     "it is not a checkpoint at all but text, beginning 'checkpoint moved to /data/run7'"),
+    (b'{"epoch": 3}', "it is not a checkpoint at all but text, beginning '{\"epoch\": 3}'"),
+    (b"hello this is text\n", "it is not a checkpoint at all but text, beginning 'hello this is text'"),
+    (bytes(range(7, 107)), "it is not a checkpoint at all (neither a zip archive, what torch.save writes, nor a "
+                           "pickle): its first bytes are 07 08 09 0a 0b 0c 0d 0e"),
+])
+def test_a_file_that_is_no_checkpoint_at_all_is_called_so(tmp_path, content, what):
+    run_dir = tmp_path / "run"
+    a_checkpoint(run_dir)
+    (run_dir / "checkpoint.pt").write_bytes(content)  # overwritten by something else
+    message = refusal(run_dir / "checkpoint.pt")
+    assert what in message
+    assert "pickled objects" not in message and "code" not in message
+    assert message.endswith(f"something wrote over it: put the run's own checkpoint.pt back if you have a copy; "
+                            f"otherwise {start_again(run_dir)}")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_a_checkpoint_that_holds_pickled_code_is_called_unsafe_and_nothing_runs(tmp_path, how):
+    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
+    run_dir.mkdir()
+    state = {"format": "freezeout-checkpoint-v1", "x": RunsCode(marker)}
+    if how == "torch.save":
+        torch.save(state, run_dir / "checkpoint.pt")
+    else:
+        (run_dir / "checkpoint.pt").write_bytes(pickle.dumps(state, protocol=2))
+    message = refusal(run_dir / "checkpoint.pt")
+    assert "it is unsafe: it holds pickled code (it calls posix.system" in message
+    assert "none of it was run" in message and not marker.exists()
+    assert message.endswith(f"it was not written by this project: put the run's own checkpoint.pt back if you have a "
+                            f"copy; otherwise {start_again(run_dir)}")
+
+
+def test_a_checkpoint_damaged_inside_keeps_torchs_explanation(tmp_path):
+    run_dir = tmp_path / "run"
+    whole = bytearray(a_checkpoint(run_dir))
+    at = whole.find(b"data.pkl") + 60
+    whole[at:at + 20] = bytes(20)  # bytes of the pickle inside the archive overwritten
+    (run_dir / "checkpoint.pt").write_bytes(bytes(whole))
+    message = refusal(run_dir / "checkpoint.pt")
+    assert "it is damaged: its zip archive is whole, but what it holds cannot be read (torch.load: " in message
+    assert "unsafe" not in message
+    assert message.endswith(f"copy it again from where it came from if it is whole there; "
+                            f"otherwise {start_again(run_dir)}")
 
 
 # -- a run directory that cannot be written (issue 27) ---------------------------------------------

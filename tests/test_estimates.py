@@ -270,10 +270,48 @@ def test_the_estimate_for_a_torchvision_resnet18_at_batch_1():
 def test_the_estimate_refuses_inputs_that_are_no_example():
     model = small_bn_net()
     units = [list(model[0:3]), list(model[3:7]), list(model[9:11]), model[11]]
-    for bad in ("x", (2, 0, 8), [2.5, 3], None):
+    for bad in ("x", [2.5, 3], None):  # not an example input at all: a TypeError (issue 29, item 6)
+        with pytest.raises(TypeError, match="example_input must be a tensor"):
+            estimate_speedup(model, units, bad)
+    for bad in ((2, 0, 8), (2.5, 3)):  # a shape that is no shape
         with pytest.raises(ValueError, match="example_input must be a tensor"):
             estimate_speedup(model, units, bad)
     with pytest.raises(ValueError, match="no t_0 in"):
         t_0_for_speedup(model, units, (2, 3, 8, 8), 0.99)
     with pytest.raises(TypeError, match="target speedup must be a number"):
         t_0_for_speedup(model, units, (2, 3, 8, 8), "0.2")
+
+
+# -- what example_input may be (issue 29, item 6) ---------------------------------------------------
+def test_a_list_is_no_example_input_and_the_error_says_what_is():
+    model = small_bn_net()
+    units = [list(model[0:3]), list(model[3:7]), list(model[9:11]), model[11]]
+    for bad in ([1, 2, 3], [2, 3, 8, 8], {"x": torch.randn(2, 3, 8, 8)}):
+        with pytest.raises(TypeError) as refused:
+            estimate_speedup(model, units, bad)
+        message = str(refused.value)
+        assert "\n" not in message
+        assert message.startswith("example_input must be a tensor, a tuple of the model's positional arguments, "
+                                  "or a shape as a tuple or torch.Size, such as (1, 3, 32, 32)")
+        assert f"got {type(bad).__name__} " in message
+    with pytest.raises(TypeError, match=r"a list is not taken as a shape: write \(2, 3, 8, 8\)"):
+        estimate_speedup(model, units, [2, 3, 8, 8])
+    # What it meant, as a shape: a tuple or a torch.Size; the same figure as a tensor of that shape.
+    expected = estimate_speedup(model, units, torch.randn(2, 3, 8, 8))
+    assert estimate_speedup(model, units, (2, 3, 8, 8)) == expected
+    assert estimate_speedup(model, units, torch.Size([2, 3, 8, 8])) == expected
+
+
+@pytest.mark.parametrize("example", [(1, 2, 3), torch.randn(1, 5, 8, 8), (torch.randn(2, 3, 8, 8), torch.randn(2))])
+def test_an_input_the_model_cannot_run_on_is_one_line_naming_it(example):
+    model = small_bn_net()
+    units = [list(model[0:3]), list(model[3:7]), list(model[9:11]), model[11]]
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError) as refused:
+        estimate_speedup(model, units, example)
+    message = str(refused.value)
+    assert "\n" not in message and refused.value.__cause__ is None and refused.value.__suppress_context__
+    assert message.startswith("example_input: the model cannot run on ")
+    assert ("a tensor of shape (1, 2, 3)" in message if isinstance(example, tuple) and len(example) == 3 else True)
+    assert "example_input must be what the model is called with" in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -219,3 +219,89 @@ def test_freezeout_on_resnet50_grouped_into_8_units():
         for module, state in zip(unit, before, strict=True):
             assert all(torch.equal(state[key], module.state_dict()[key]) for key in state)
     assert all(not p.requires_grad for unit in units[:6] for m in unit for p in m.parameters())
+
+
+# -- a model made of blocks; what the example input is (issue 29, item 5) ----------------------------
+def block(width: int = 16) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU())
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_a_sequential_of_blocks_gives_its_blocks_whole(head):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[block() for _ in range(6 - head)], *([nn.Linear(16, 10)] if head else []))
+    units = find_units(model, torch.randn(4, 16))
+    assert len(units) == 6 and all(u is m for u, m in zip(units, model, strict=True))  # 6 units, not 11 or 12
+    assert all(unit_modules(u, model) == [u] for u in units)
+    grouped = find_units(model, torch.randn(4, 16), groups=3)
+    assert [[id(m) for m in g] for g in grouped] == [[id(m) for m in model[i:i + 2]] for i in (0, 2, 4)]
+    optimizer = torch.optim.SGD(param_groups(units), lr=0.1)
+    scheduler = FreezeOut(optimizer, units, total_steps=6, t_0=0.1, how_scale="linear")
+    for _ in range(6):
+        loss = model(torch.randn(4, 16)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.num_frozen == 5  # whole blocks froze: every Linear and BatchNorm of the first five
+    assert all(not p.requires_grad for m in model[:5] for p in m.parameters())
+
+
+def test_blocks_inside_a_sequential_that_wraps_them_are_found_and_flat_sequentials_keep_their_layers():
+    torch.manual_seed(0)
+    blocks = [block() for _ in range(3)]
+    wrapped = nn.Sequential(nn.Sequential(*blocks, nn.Linear(16, 2)))
+    assert find_units(wrapped, torch.randn(4, 16)) == [*blocks, wrapped[0][3]]
+    flat = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    assert find_units(flat, torch.randn(4, 16)) == [flat[0], flat[1], flat[3]]  # its layers, as before
+    # A backbone and a head are no blocks (of two makes): their layers, not two units.
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    two = nn.Sequential(backbone, head)
+    assert find_units(two, torch.randn(2, 3, 8, 8)) == [*backbone[0:2], *backbone[3:5], *head[1:4]]
+    # Blocks of one make, whatever their widths, with a stem and a head of other makes.
+    torch.manual_seed(0)
+    stem, head = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8)), nn.Linear(16, 2)
+    mixed = nn.Sequential(stem, nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU()), nn.Dropout(0.1),
+                          block(16), block(16), head)
+    assert find_units(mixed, torch.randn(4, 3)) == [stem, mixed[1], mixed[3], mixed[4], head]
+
+
+def test_find_units_without_an_example_input_says_what_it_needs():
+    model = nn.Sequential(block(), nn.Linear(16, 2))
+    with pytest.raises(TypeError) as refused:
+        find_units(model)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith("find_units(model, example_input, groups=None) needs an example input: it runs "
+                              "the model once on it to see the order its modules run in")
+    assert "a tensor such as torch.randn(2, 3, 32, 32)" in message
+    with pytest.raises(TypeError, match=r"got int 8 \(groups=8\? the example input comes first"):
+        find_units(model, 8)
+
+
+def test_what_find_units_takes_as_an_example_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(block(), nn.Linear(16, 2))
+    rng = torch.get_rng_state()
+    layers = [model[0][0], model[0][1], model[1]]  # one block is no model made of blocks
+    assert find_units(model, (4, 16)) == find_units(model, torch.Size([4, 16])) == layers  # shapes
+    assert torch.equal(torch.get_rng_state(), rng)  # the random input drew from no one's stream
+    with pytest.raises(TypeError, match=r"^example_input must be a tensor, .*\(a list is not taken as a shape: "
+                                        r"write \(4, 16\)\)$"):
+        find_units(model, [4, 16])
+    with pytest.raises(ValueError) as refused:
+        find_units(model, torch.randn(4, 7))
+    message = str(refused.value)
+    assert "\n" not in message and refused.value.__suppress_context__
+    assert message.startswith("example_input: the model cannot run on a tensor of shape (4, 7): RuntimeError: ")
+
+
+def test_a_batch_of_one_will_do_as_for_the_estimate(resnet18):
+    # In training mode layer4's batch norms see one value per channel of a batch of one (at 32x32).
+    model = resnet18
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    assert find_units(model, torch.randn(1, 3, 32, 32)) == find_units(model, torch.randn(2, 3, 32, 32))
+    assert len(find_units(model, (1, 3, 32, 32))) == 41
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

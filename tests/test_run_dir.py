@@ -16,7 +16,8 @@ import conftest
 import engine
 import train
 from conftest import ROOT, final_state, same_state
-from metrics_logger import read_records
+from metrics_logger import MetricsLogger, read_records
+from utils import setting
 
 # 6 steps per epoch, 3 epochs, dropout: the RNG stream matters to the result.
 TINY = [*conftest.TINY, "--epochs", "3", "--dropout", "0.1", "--t_0", "0.5"]
@@ -325,3 +326,51 @@ def test_a_stop_during_the_final_evaluation_says_so_and_the_run_can_be_completed
     summary = train.main(shlex.split(line.split("continue with: ")[1])[2:])
     assert events(tmp_path / "late") == ["config", "epoch", "epoch", "epoch", "summary"]
     assert summary["test_err"] >= 0 and torch.load(tmp_path / "late" / "checkpoint.pt", weights_only=True)["epoch"] == 3
+
+
+# -- records without a checkpoint (issue 29, item 2) --------------------------------------------
+def records_but_no_checkpoint(out: Path, name: str, epochs: int, finished: bool = False) -> Path:
+    """A run directory whose checkpoint.pt was removed after `epochs` epochs were recorded."""
+    run_dir = out / name
+    with MetricsLogger(run_dir / "metrics.jsonl") as log:
+        log.log("config", epochs=3)
+        for e in range(1, epochs + 1):
+            log.log("epoch", epoch=e)
+        if finished:
+            log.log("summary", test_err=10.0)
+    return run_dir
+
+
+@pytest.mark.parametrize("epochs,finished,held", [(2, False, "records of 2 epochs"), (1, False, "records of 1 epoch"),
+                                                  (3, True, "the records of a finished run (3 epochs)")])
+def test_records_without_a_checkpoint_give_one_way_out_with_and_without_resume(tmp_path, epochs, finished, held):
+    run_dir = records_but_no_checkpoint(tmp_path, "gone", epochs, finished)
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    messages = []
+    for resume in (True, False):
+        with pytest.raises(checkpoint.RunError) as refused:
+            checkpoint.prepare_run_dir(run_dir, str(tmp_path), resume)
+        messages.append(str(refused.value))
+    with_resume, without = messages
+    way_out = (f"{run_dir} holds {held} but no checkpoint.pt (removed?): the run cannot be continued; move "
+               f"{run_dir} aside (or delete it) and start it again, or start it under another")
+    assert with_resume.startswith(f"{setting('resume')}: ")
+    assert way_out in with_resume and way_out in without  # the same way out, whichever was tried
+    for message in messages:  # neither sends the user to the other
+        assert "start it without" not in message and "continue it with" not in message
+        assert "\n" not in message
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
+def test_records_without_a_checkpoint_through_train_py(tmp_path, capsys):
+    run_dir = records_but_no_checkpoint(tmp_path, "gone", 2)
+    lines = []
+    for extra in (["--resume"], []):
+        with pytest.raises(SystemExit) as refused:
+            train.main([*TINY, "--out-dir", str(tmp_path), "--name", "gone", *extra])
+        assert refused.value.code == 1
+        lines.append(last_err_line(capsys))
+    for line in lines:
+        assert f"{run_dir} holds records of 2 epochs but no checkpoint.pt (removed?)" in line
+        assert line.endswith("or start it under another --name")
+    assert ": error: --resume: " in lines[0] and ": error: --resume" not in lines[1]

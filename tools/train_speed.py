@@ -71,8 +71,9 @@ def loss_difference(run: dict, reference: dict) -> float:
 
 def line(r: dict, first: dict) -> str:
     done = "" if r["finished"] else f" [UNFINISHED: {r['epochs_done']} of {r['epochs']} epochs]"
-    return (f"{r['run']}: {r['training_step']} step, {r['epochs_done']} epochs, {r['images_per_s']:.0f} "
-            f"training images/s ({r['train_time_s']:.1f} s), {r['captures']} captures in "
+    return (f"{r['run']}: {r['training_step']} step, {r['epochs_done']} epoch{'s' * (r['epochs_done'] != 1)}, "
+            f"{r['images_per_s']:.0f} "
+            f"training images/s ({r['train_time_s']:.1f} s), {r['captures']} capture{'s' * (r['captures'] != 1)} in "
             f"{r['capture_time_s']:.2f} s, {r['images_per_s'] / first['images_per_s']:.2f}x {first['run']}, "
             f"losses {', '.join(f'{x:.4f}' for x in r['train_loss'])} "
             f"(largest difference from {first['run']}: {100 * loss_difference(r, first):.2f}%){done}")
