@@ -238,7 +238,7 @@ def prepare_run_dir(run_dir: Path, out_dir: str, resume: bool) -> tuple[dict | N
                        f"start it without {setting('resume')}")
     if not ckpt_path.exists() and started_config(run_dir) is None:
         orphaned = records_without_checkpoint(run_dir)
-        if orphaned is not None:  # neither --resume nor a new run can use it: one way out
+        if orphaned is not None:  # neither a resume nor a new run can use it: one way out
             raise RunError(orphaned)
     if ckpt_path.exists() or holds_records(run_dir / "metrics.jsonl"):
         raise RunError(f"{run_dir} already holds a run: continue it with {setting('resume')}, "
@@ -288,7 +288,7 @@ def records_without_checkpoint(run_dir: Path) -> str | None:
     or a metrics file that cannot be read) but no checkpoint.pt, with the one way out: the run
     cannot be continued, and a new run there would mix its records with them. None for any
     other directory (a checkpoint, nothing, or only the config record of a run that stopped
-    before its first checkpoint: `--resume` starts that one again)."""
+    before its first checkpoint: resuming starts that one again)."""
     metrics = run_dir / "metrics.jsonl"
     if (run_dir / "checkpoint.pt").exists() or not holds_records(metrics) or started_config(run_dir) is not None:
         return None

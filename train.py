@@ -515,7 +515,9 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
     except RuntimeError as e:
         if not (dist.enabled and re.search(r"time[sd]? ?out", str(e), re.IGNORECASE)):
             raise
-        silent = dist.unanswered()  # who stopped answering, as far as this rank can tell
+        # Who stopped answering, as far as this rank can tell: a rank silent for the whole timeout
+        # that does not reach a barrier in as long again (10 s at most) is not coming back.
+        silent = dist.unanswered(seconds=min(10.0, 60 * args.dist_timeout))
         if dist.is_main or silent == [0]:
             command = continue_command(args, config, dist.world_size) if resume_hint else None
             print(f"{parser.prog}: error: {no_answer(dist.rank, silent, args.dist_timeout, config, command)}",

@@ -13,9 +13,10 @@ from conftest import ROOT, closed_form_frozen_at, closed_form_lrs
 from metrics_logger import read_records
 
 pytestmark = pytest.mark.slow  # torchrun
-# Global batch 32 (16 per process), 128 images: 4 steps per epoch, 32 in all (enough epochs
-# for a signal sent after the first to land before the end).
-EPOCHS = 8
+# Global batch 32 (16 per process), 128 images: 4 steps per epoch, 16 in all (every unit but
+# the last frozen before the end; the signal and the stuck rank land in epoch 2, at a step the
+# run waits at: tests/train_paused.py, tests/train_stuck.py).
+EPOCHS = 4
 ARGS = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "128", "-L", "10", "-k", "4",
         "--epochs", str(EPOCHS), "--batch_size", "32", "--device", "cpu", "--t_0", "0.5", "--dropout", "0.1"]
 

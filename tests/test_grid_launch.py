@@ -5,6 +5,7 @@ directory owned by another process is left alone; the Slurm path runs through su
 local executor; flags that cannot work together are refused in one line."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,32 +19,40 @@ import reproduce
 from checkpoint import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
-# Three runs (the baseline, cubic-scaled at t_0 0.5 and 0.8) of a DenseNet L=10 on 512 synthetic
-# images, 3 epochs each: a few seconds a run. One CPU thread per run, so that --jobs 1 and
-# --jobs 2 compute alike (a thread count changes how CPU kernels sum).
-GRID = ["-L", "10", "-k", "4", "--dataset", "synthetic", "--which_dataset", "10", "--subset", "512",
+# Three runs (the baseline, cubic-scaled at t_0 0.5 and 0.8) of a DenseNet L=10 on 128 synthetic
+# images, 3 epochs of 4 steps each (units freeze in both FreezeOut runs): most of a run's few
+# seconds is its process starting. One CPU thread per run, so that --jobs 1 and --jobs 2 compute
+# alike (a thread count changes how CPU kernels sum).
+GRID = ["-L", "10", "-k", "4", "--dataset", "synthetic", "--which_dataset", "10", "--subset", "128",
         "--batch_size", "32", "--epochs", "3", "--t0s", "0.5", "0.8", "--strategies", "cubic-scaled",
         "--seeds", "0", "--device", "cpu", "--threads-per-run", "1"]
 RUNS = ["baseline_s0", "cubic-scaled_t0-0.5_s0", "cubic-scaled_t0-0.8_s0"]
+LABELS = ["baseline, seed 0", "cubic-scaled t_0 0.5, seed 0", "cubic-scaled t_0 0.8, seed 0"]
 
 
-def reproduce_py(out: Path, *flags, **popen) -> subprocess.Popen:
+def reproduce_py(out: Path, *flags, hold_at: int = 0, **popen) -> subprocess.Popen:
+    """reproduce.py on GRID; with hold_at, each of its runs waits before that training step
+    until a stop signal has reached it, after writing a file in out/held (tests/hold)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if hold_at:
+        (out / "held").mkdir(parents=True)
+        env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests" / "hold"), env.get("PYTHONPATH")])),
+                   FREEZEOUT_TEST_HOLD_AT=str(hold_at), FREEZEOUT_TEST_HOLD_DIR=str(out / "held"))
     return subprocess.Popen([sys.executable, str(ROOT / "reproduce.py"), *GRID, "--out", str(out), *flags],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
     out, err = process.communicate(timeout=timeout)
     return process.returncode, out, err
 
 
-def results(out: Path) -> dict:
+def results(out: Path, names=RUNS) -> dict:
     """Every run's records but the config (which holds the host, the load and the argv): losses,
     errors, learning rates, frozen units, the summary's test error, exactly as written."""
     keep = ("train_loss", "val_loss", "val_err", "lr", "frozen_units", "test_loss", "test_err", "frozen_at")
     found = {}
-    for name in RUNS:
+    for name in names:
         records = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         found[name] = [{k: r[k] for k in keep if k in r} for r in records if r["event"] != "config"]
     return found
@@ -59,48 +68,59 @@ def one_at_a_time(tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-def test_two_jobs_give_the_runs_of_one_bit_for_bit(tmp_path, one_at_a_time):
+def test_two_jobs_report_a_failed_run_finish_the_others_and_then_give_the_runs_of_one_bit_for_bit(
+        tmp_path, one_at_a_time):
+    """--jobs 2 with one run that cannot start: it is reported with its log, the others finish;
+    the same command, once the cause is gone, runs only that one; the three runs are then
+    those of one process running them one after another, bit for bit."""
+    blocker = tmp_path / "runs" / RUNS[1]
+    blocker.parent.mkdir()
+    blocker.write_text("not a directory")  # train.py cannot make the run there
     code, out, err = finish(reproduce_py(tmp_path, "--jobs", "2"))
-    assert code == 0, err
-    assert results(tmp_path) == one_at_a_time
-    lines = out.splitlines()
-    assert sum(line.startswith("starting: ") for line in lines) == 3
-    ended = [line for line in lines if line.startswith("done: ")]
-    assert len(ended) == 3 and ended[-1].endswith("[3/3 ended]") and "[1/3 ended, about" in ended[0]
-    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted(f"{n}.log" for n in RUNS)
-
-
-@pytest.mark.slow
-def test_a_failed_run_is_reported_with_its_log_and_the_others_finish(tmp_path):
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / RUNS[1]).write_text("not a directory")  # train.py cannot make the run there
-    code, _, err = finish(reproduce_py(tmp_path, "--jobs", "2"))
     assert code == 1
     lines = err.strip().splitlines()
     failed = next(i for i, line in enumerate(lines) if "error: FAILED: cubic-scaled t_0 0.5, seed 0" in line)
     assert f"exit 1; the last lines of {tmp_path / 'logs' / (RUNS[1] + '.log')}" in lines[failed]
-    assert lines[failed + 1].strip() == f"train.py: error: cannot create {tmp_path / 'runs' / RUNS[1]} (File exists)"
+    assert lines[failed + 1].strip() == f"train.py: error: cannot create {blocker} (File exists)"
     assert lines[-1].endswith("1 run(s) did not finish (above); the table leaves them out. Fix the cause and "
                               "run the same command again: it runs only what is missing")
     for name in (RUNS[0], RUNS[2]):
         assert '"event": "summary"' in (tmp_path / "runs" / name / "metrics.jsonl").read_text()
     assert (tmp_path / "results.md").exists()
+    assert sum(line.startswith("starting: ") for line in out.splitlines()) == 3
+    assert sum(line.startswith("done: ") for line in out.splitlines()) == 2
+    # Every ended run's line (finished on stdout, failed on stderr) counts the runs ended, with
+    # the time left while some are.
+    counts = dict(re.findall(r"\[(\d)/3 ended(, about [^\]]+ left)?\]", out + err))
+    assert sorted(counts) == ["1", "2", "3"] and counts["1"] and not counts["3"]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted(f"{n}.log" for n in RUNS)
+
+    blocker.unlink()
+    code, out, err = finish(reproduce_py(tmp_path, "--jobs", "2"))
+    assert code == 0, err
+    assert "3 runs in the grid, 2 already finished" in out
+    started = [line for line in out.splitlines() if line.startswith("starting: ")]
+    assert len(started) == 1 and started[0].startswith(f"starting: {LABELS[1]};"), out
+    assert results(tmp_path) == one_at_a_time
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_run_with_a_checkpoint_and_the_same_command_completes(tmp_path, one_at_a_time):
-    process = reproduce_py(tmp_path, "--jobs", "2")
-    checkpoints = [tmp_path / "runs" / name / "checkpoint.pt" for name in RUNS[:2]]
-    deadline = time.monotonic() + 120
-    while not all(p.exists() for p in checkpoints) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # Both runs wait before their 6th step (epoch 2) until the signal has reached them: it lands
+    # there however fast or loaded the machine is.
+    process = reproduce_py(tmp_path, "--jobs", "2", hold_at=6)
+    deadline = time.monotonic() + 600
+    while len(list((tmp_path / "held").iterdir())) < 2:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the runs never reached their 6th step: {process.communicate()}")
+        time.sleep(0.02)
     process.send_signal(signal.SIGINT)  # as a terminal's Ctrl-C reaches the grid's process
     code, out, err = finish(process)
     assert code == 128 + signal.SIGINT, err
-    # Both runs were started; each either stopped with a checkpoint or (a fast one) had finished.
+    # Both runs were started, and each stopped with a checkpoint.
     stopped = [line for line in out.splitlines() if line.startswith("STOPPED: ")]
-    finished = [line for line in out.splitlines() if line.startswith("done: ")]
-    assert stopped and len(stopped) + len(finished) == 2, out
+    assert len(stopped) == 2 and not [line for line in out.splitlines() if line.startswith("done: ")], out
     assert all("stopped with a checkpoint (exit 130)" in line for line in stopped)
     assert err.strip().splitlines()[-1].endswith(": stopped; run the same command again to continue where it "
                                                  "stopped (finished runs are kept, interrupted ones resume)")
@@ -113,35 +133,42 @@ def test_ctrl_c_stops_every_run_with_a_checkpoint_and_the_same_command_completes
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("jobs,started", [("1", True), ("2", False), ("2", True)])
-def test_a_run_owned_by_another_process_is_left_alone(tmp_path, jobs, started):
-    """Found by the grid before the run starts (its owner has written a file), or by train.py's
-    own lock when the run's process starts."""
-    lock = RunLock(tmp_path / "runs" / RUNS[0])
-    lock.acquire()
-    if started:
-        (tmp_path / "runs" / RUNS[0] / "metrics.jsonl").write_text("")
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_run_owned_by_another_process_is_left_alone(tmp_path, jobs):
+    """Found by the grid before the run starts (its owner has written a file: started), or by
+    train.py's own lock when the run's process starts (the owner holds the lock alone): --jobs 2
+    meets one run of each kind, --jobs 1 (the runs in the grid's process) a started one."""
+    owned, flags = ({0: False, 1: True}, []) if jobs == "2" else ({0: True}, ["--t0s", "0.8"])
+    locks = [RunLock(tmp_path / "runs" / RUNS[i]) for i in owned]
+    for lock, started in zip(locks, owned.values(), strict=True):
+        lock.acquire()
+        if started:
+            (lock.run_dir / "metrics.jsonl").write_text("")
     try:
-        code, _, err = finish(reproduce_py(tmp_path, "--jobs", jobs, "--t0s", "0.8"))
-        # untouched (read while the lock is held: releasing it removes a directory left empty)
-        left = sorted(p.name for p in (tmp_path / "runs" / RUNS[0]).iterdir())
+        code, _, err = finish(reproduce_py(tmp_path, "--jobs", jobs, *flags))
+        # untouched (read while the locks are held: releasing one removes a directory left empty)
+        left = {i: sorted(p.name for p in (tmp_path / "runs" / RUNS[i]).iterdir()) for i in owned}
     finally:
-        lock.release()
+        for lock in locks:
+            lock.release()
     assert code == 1
-    busy = next(line for line in err.splitlines() if "error: BUSY: baseline, seed 0" in line)
-    assert f"in use by another run (pid {os.getpid()}" in busy
-    assert left == ([".lock", "metrics.jsonl"] if started else [".lock"])
+    for i, started in owned.items():
+        busy = next(line for line in err.splitlines() if f"error: BUSY: {LABELS[i]}" in line)
+        assert f"in use by another run (pid {os.getpid()}" in busy
+        assert left[i] == ([".lock", "metrics.jsonl"] if started else [".lock"])
     assert '"event": "summary"' in (tmp_path / "runs" / RUNS[2] / "metrics.jsonl").read_text()
 
 
 @pytest.mark.slow
 def test_the_slurm_path_through_submitits_local_executor(tmp_path, one_at_a_time):
     pytest.importorskip("submitit")
+    # Two of the grid's runs: the baseline and t_0 0.8.
     code, out, err = finish(reproduce_py(tmp_path, "--launcher", "submitit-local", "--slurm-cpus", "1",
-                                         "--slurm-gpus", "0"))
+                                         "--slurm-gpus", "0", "--t0s", "0.8"))
     assert code == 0, err
-    assert sum(line.startswith("submitted: ") for line in out.splitlines()) == 3
-    assert results(tmp_path) == one_at_a_time
+    assert sum(line.startswith("submitted: ") for line in out.splitlines()) == 2
+    names = [RUNS[0], RUNS[2]]
+    assert results(tmp_path, names) == {name: one_at_a_time[name] for name in names}
 
 
 def test_without_submitit_the_slurm_launcher_says_what_to_install(tmp_path, capsys, monkeypatch):

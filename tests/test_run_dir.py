@@ -185,14 +185,19 @@ def test_describe_checkpoint_when_there_is_none(tmp_path):
 
 # -- a real kill -9 in the first moments; a real divergence at the first step ------------------
 def kill_after_config_record(out: Path, name: str) -> None:
-    p = subprocess.Popen([sys.executable, "train.py", *TINY, "--out-dir", str(out), "--name", name],
+    """SIGKILL a train.py process as soon as its config record is written: before or after its
+    step-0 checkpoint, however the machine's load delays this process's look; the run waits
+    before its first training step until killed (tests/train_paused.py), so it cannot have
+    got further."""
+    p = subprocess.Popen([sys.executable, "tests/train_paused.py", "1", str(out / f"{name}.paused"), *TINY,
+                          "--out-dir", str(out), "--name", name],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics, deadline = out / name / "metrics.jsonl", time.time() + 120
+    metrics, deadline = out / name / "metrics.jsonl", time.time() + 600
     while not (metrics.exists() and metrics.read_text().startswith('{"event": "config"')):
         assert p.poll() is None and time.time() < deadline, "the run ended before its config record"
         time.sleep(0.005)
     p.send_signal(signal.SIGKILL)
-    p.communicate(timeout=60)
+    p.communicate(timeout=600)
     assert p.returncode == -signal.SIGKILL
 
 
@@ -291,11 +296,20 @@ def test_a_run_directory_in_use_is_refused_at_once_in_one_line_and_left_as_it_is
 
 @pytest.mark.slow  # two train.py processes
 def test_two_runs_started_together_in_one_directory_one_runs_the_other_exits_2(tmp_path):
-    command = [sys.executable, str(ROOT / "train.py"), *TINY, "--epochs", "4", "--out-dir", str(tmp_path),
-               "--name", "same"]
+    # The one that gets the directory waits before its first training step until the other has
+    # ended (however late the machine's load starts that one, the directory is still in use).
+    go = tmp_path / "go"
+    command = [sys.executable, "tests/train_paused.py", "1", str(tmp_path / "paused"), *TINY, "--epochs", "4",
+               "--out-dir", str(tmp_path), "--name", "same"]
     runs = [subprocess.Popen([*command, "--t_0", t_0], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for t_0 in ("0.5", "1")]
-    results = [(p.wait(timeout=300), p.communicate()[1]) for p in runs]
+                             text=True, env={**os.environ, "TRAIN_PAUSED_UNTIL": str(go)}) for t_0 in ("0.5", "1")]
+    deadline = time.time() + 600
+    while all(p.poll() is None for p in runs):
+        assert time.time() < deadline, "neither run ended"
+        time.sleep(0.02)
+    go.write_text("")
+    errs = [p.communicate(timeout=600)[1] for p in runs]
+    results = [(p.returncode, err) for p, err in zip(runs, errs, strict=True)]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
     refused = next(err for code, err in results if code == 2).strip().splitlines()

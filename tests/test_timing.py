@@ -76,7 +76,9 @@ def test_a_runs_summary_splits_its_wall_time_into_parts_that_add_up(tmp_path, ca
     assert took - max(0.02 * took, 0.1) <= wall <= took
     assert split["steps"]["eager"] == 2 * TINY_STEPS_PER_EPOCH and split["steps"]["graphed"] == 0
     assert all(parts[p] > 0 for p in ("startup", "eager", "data", "eval", "checkpoint"))
-    assert parts["rest"] < 0.1 * wall  # what no part names stays small
+    # What no part names stays small: a tenth of this short run, give or take the 0.2 s a
+    # loaded machine may take the process away at any point.
+    assert parts["rest"] < 0.1 * wall + 0.2
     out = capsys.readouterr().out.splitlines()
     assert out[-2] == describe_split(split) and out[-2].startswith("time ")
 
