@@ -72,3 +72,30 @@ def test_every_relative_link_of_the_readme_and_the_docs_leads_to_a_file():
                 assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
     linked = set(re.findall(r"\]\(docs/([^)#]+\.md)", README))
     assert linked == {p.name for p in (ROOT / "docs").glob("*.md")}  # every page reachable from the README
+
+
+def test_the_quick_start_is_the_run_the_readme_describes(tmp_path, monkeypatch):
+    """The quick start's command, as written, resolves to the run its paragraph describes (the
+    model, its units and its steps), up to the epoch loop; what it learns is measured by hand."""
+    import shlex
+
+    import train
+    section = README[README.index("## Quick start"):]
+    command = re.search(r"```sh\n(python train\.py [^\n]*)\n```", section).group(1)
+    paragraph = section[section.index("```\n\n") + 5:].split("\n\n")[0]
+    resolved = {}
+
+    class ReachedTheEpochLoop(Exception):
+        pass
+
+    def epoch_loop(config, *args):
+        resolved.update(config)
+        raise ReachedTheEpochLoop
+
+    monkeypatch.setattr(train, "fit", epoch_loop)
+    with pytest.raises(ReachedTheEpochLoop):
+        train.main([*shlex.split(command)[2:], "--out-dir", str(tmp_path)])
+    depth, units, epochs, steps = resolved["depth"], resolved["n_units"], resolved["epochs"], resolved["total_steps"]
+    assert f"DenseNet-BC (L={depth}, {units} units)" in paragraph
+    assert f"for {['two', 'three', 'four', 'five'][epochs - 2]} epochs ({steps} steps)" in paragraph
+    assert resolved["dataset"] == "synthetic" and resolved["num_classes"] == 10 and "10 classes" in paragraph
