@@ -246,10 +246,9 @@ def find_units(model: nn.Module, example_input=_REQUIRED, groups: int | None = N
     if block_of is not None:
         try:
             units = _units_in_order([block_of[id(m)] for m in calls], names)
-        except ValueError:  # blocks that do not run one after another: their modules, as for any model
-            unit_of = _owner_units(model)
-        else:
             unit_of = block_of
+        except ValueError:  # blocks that do not run one after another: their modules, as for any model
+            pass
     if units is None:
         units = _units_in_order([unit_of[id(m)] for m in calls], names)
     ran = {id(u) for u in units}
