@@ -34,7 +34,16 @@ from checkpoint import first_line
 from compiled_step import CompiledStep, compiled_forward
 from engine import Training, build_training, effective_amp, memory_format, resolve_device, tune_convolutions
 from figures import mib, pct
-from freezeout import SCALE_POWERS, freeze, unit_times
+from freezeout import (
+    ESTIMATE_INPUT,
+    SCALE_POWERS,
+    first_frozen_steps,
+    freeze,
+    schedule_speedup,
+    training_flops_by_level,
+    unit_flops,
+    unit_times,
+)
 from graphs import GRAPH_WARMUP_STEPS, CudaGraphs, GraphedStep, use_cuda_graphs
 from models import build_model, check_depth, model_name, paper_speedup, resolve_size
 from spec import (
@@ -46,8 +55,8 @@ from spec import (
     examples,
     flag_spellings,
     ignored_flags_note,
+    name_settings_by_flags,
 )
-from utils import ESTIMATE_INPUT, first_frozen_steps, schedule_speedup, training_flops_by_level, unit_flops
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -507,6 +516,7 @@ def check(args, parser) -> None:
 
 
 def main(argv=None) -> dict:
+    name_settings_by_flags()
     parser = build_parser()
     args = parser.parse_args(argv)
     check(args, parser)

@@ -34,8 +34,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from messages import RunError, plural, setting
 from metrics_logger import file_system_cause, read_records, write_atomically
-from utils import RunError, plural, setting
 
 CHECKPOINT_FORMAT = "freezeout-checkpoint-v1"
 
@@ -384,7 +384,7 @@ def host_info(device: torch.device) -> dict:
 @dataclass
 class OpenedRun:
     """What rank 0 found in the run directory, sent to every rank."""
-    config: dict
+    saved: dict | None = None      # the config record of the run to continue (or to start again)
     checkpoint: dict | None = None
     finished: dict | None = None   # the summary of a run that has already finished
     error: str | None = None
@@ -459,31 +459,26 @@ class RunLock:
         self.file = None
 
 
-def open_run(config: dict, dist, resume: bool, check_flags: Callable[[dict], None],
-             runtime: tuple, lock: RunLock | None = None) -> OpenedRun:
-    """On rank 0: check the run directory; when resuming load the checkpoint, check the settings
-    against its config (`check_flags(saved config)` raises ValueError) and make that config,
-    with this invocation's `runtime` entries (where and how fast it runs), the run's. `lock`,
-    taken first, makes this process the run directory's one owner. Every rank gets the outcome
-    (`dist`: a distributed.Distributed); each keeps its own device."""
+def open_run(run_dir: Path, out_dir: str, dist, resume: bool, check_flags: Callable[[dict], None],
+             lock: RunLock | None = None) -> OpenedRun:
+    """On rank 0: check the run directory; when resuming load the checkpoint and check the
+    settings against its config record (`check_flags(saved record)` raises ValueError): the
+    record the run continues from. A run that stopped before its first checkpoint has only its
+    config record: it starts again from step 0. `lock`, taken first, makes this process the run
+    directory's one owner. Every rank gets the outcome (`dist`: a distributed.Distributed)."""
     if not dist.is_main:
-        opened = dist.broadcast(None)
-        if opened.error is None:
-            opened.config = {**opened.config, "device": config["device"]}
-        return opened
-    run_dir = Path(config["run_dir"])
+        return dist.broadcast(None)
     try:
         # Who owns the directory comes first, then what it holds; a directory not there yet is
         # made and locked once the checks pass (of two runs started at once, one gets it).
         if lock is not None and run_dir.exists():
             lock.acquire()
-        checkpoint, saved = prepare_run_dir(run_dir, config["out_dir"], resume)
+        checkpoint, saved = prepare_run_dir(run_dir, out_dir, resume)
         if lock is not None and not lock.held:
             lock.acquire()
-        opened = OpenedRun(config, checkpoint)
+        opened = OpenedRun(saved, checkpoint)
         if saved is not None:
             check_flags(saved)
-            opened.config = {**saved, **{k: config[k] for k in runtime if k in config}}
         if checkpoint is not None:
             saved_world = saved.get("world_size", 1)
             if saved_world != dist.world_size:
@@ -495,9 +490,9 @@ def open_run(config: dict, dist, resume: bool, check_flags: Callable[[dict], Non
             opened.notice = (f"no checkpoint in {run_dir}: the run stopped before its first one; "
                              f"starting it again from step 0")
     except ValueError as e:  # a flag that contradicts the saved run
-        opened = OpenedRun(config, error=str(e), error_kind="setting")
+        opened = OpenedRun(error=str(e), error_kind="setting")
     except RunBusy as e:
-        opened = OpenedRun(config, error=str(e), error_kind="busy")
+        opened = OpenedRun(error=str(e), error_kind="busy")
     except RunError as e:
-        opened = OpenedRun(config, error=str(e), error_kind="run")
+        opened = OpenedRun(error=str(e), error_kind="run")
     return dist.broadcast(opened)

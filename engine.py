@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from distributed import DDPModel, Distributed
 from freezeout import FreezeOut, param_groups
+from messages import RunError, setting
 from timing import TimeSplit
-from utils import RunError, setting
 
 PROGRESS_EVERY = 20  # steps between reads of the loss (each read waits for the device)
 NO_STEP = 2 ** 62  # "no non-finite loss yet": larger than any step

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from engine import Training, autocast_for
-from utils import setting
+from messages import setting
 
 # Eager steps before a process's first capture: one, the fewest that work. It makes what a
 # capture cannot (SGD's momentum buffers, decided on the host: `momentum_ready` checks them;

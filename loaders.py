@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from utils import DataError, ImageSet, Splits, load_splits
+from data_sets import ImageSet, Splits, load_splits
+from messages import DataError
 
 
 def stream_seed(*parts: int) -> int:

@@ -15,15 +15,9 @@ from typing import Callable, Optional
 from torch import nn
 
 from densenet import DenseNet, layers_per_block
-from freezeout import unit_times
-from utils import (
-    ESTIMATE_INPUT,
-    densenet_bc_speedup,
-    schedule_speedup,
-    setting,
-    training_flops_by_level,
-    unit_flops,
-)
+from freezeout import ESTIMATE_INPUT, schedule_speedup, training_flops_by_level, unit_flops, unit_times
+from messages import setting
+from utils import densenet_bc_speedup
 from vgg import VGG, config_for_depth
 from wrn import WideResNet, blocks_per_group
 

@@ -47,6 +47,7 @@ from launch import (
     start_argv,
     threads_per_run,
 )
+from messages import plural
 from metrics_logger import WriteError, read_records, write_atomically
 from models import DEFAULTS, MODELS, applies, build_model, check_depth, model_name, resolve_size
 from spec import (
@@ -56,7 +57,7 @@ from spec import (
     EXIT_USAGE,
     SETTINGS,
     HelpFormatter,
-    RunSpec,
+    RunSettings,
     add_settings,
     check_positive,
     check_seed,
@@ -67,12 +68,14 @@ from spec import (
     given,
     ignored_flags_note,
     is_stop_status,
-    resolve_config,
+    name_settings_by_flags,
+    resolve,
     setting_differences,
+    settings_from,
+    settings_record,
     stop_status,
     to_argv,
 )
-from utils import plural
 
 PRESETS = {
     # The paper's Figure 3 (DenseNet-BC k=12 L=76 on CIFAR-10, 100 epochs): 37 runs of about
@@ -93,7 +96,7 @@ class Job:
     setting: Optional[float]  # t_0, or the target speedup when target is True
     seed: int
     target: bool = False
-    spec: Optional[RunSpec] = None  # the run's train.py settings
+    spec: Optional[RunSettings] = None  # the run's train.py settings
 
     @property
     def argv(self) -> list[str]:
@@ -123,10 +126,9 @@ class Job:
 # ---------------------------------------------------------------------------------------
 def make_grid(settings: dict, out: Path) -> list[Job]:
     """The grid's runs, each with the spec train.py runs it by."""
-    common = {**{s.dest: s.default for s in SETTINGS},
-              **{k: settings[k] for k in ("model", "dataset", "which_dataset", "subset", "epochs", "batch_size",
-                                          "device", "amp", "data_root", "cuda_graphs")},
-              "out_dir": str(out / "runs")}
+    # The grid's choices of train.py's settings (those its flags share with train.py); the
+    # others at their defaults.
+    common = {**{s.dest: settings[s.dest] for s in SETTINGS if s.dest in settings}, "out_dir": str(out / "runs")}
     common["depth"], common["growth_rate"] = resolve_size(settings["model"], settings["depth"],
                                                           settings["growth_rate"])
     targets = settings["targets"]
@@ -139,14 +141,15 @@ def make_grid(settings: dict, out: Path) -> list[Job]:
     for job in jobs:
         how, scaled = STRATEGIES[job.strategy] if job.strategy else ("cubic", True)
         fo = {"target_speedup": job.setting} if job.target else {"t_0": job.setting}
-        job.spec = RunSpec(**{**common, "seed": job.seed, "how_scale": how, "scale_lr": scaled, **fo,
-                              "name": job.name})
+        job.spec = settings_from({**common, "seed": job.seed, "how_scale": how, "scale_lr": scaled, **fo,
+                                  "name": job.name})
     return jobs
 
 
 def wanted_config(job: Job) -> dict:
-    """The config train.py would give the job's run: what a run found in its directory must be."""
-    return resolve_config(job.spec, given(job.spec), job.argv)
+    """The settings' half of the config record train.py would give the job's run: what a run
+    found in its directory must agree with."""
+    return settings_record(job.spec, resolve(job.spec, given(job.spec)), job.argv)
 
 
 def mismatched_runs(jobs: list[Job], out: Path) -> list[tuple[Job, list[str]]]:
@@ -538,6 +541,7 @@ def report(jobs: list[Job], settings: dict, out: Path) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
+    name_settings_by_flags()
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = resolve_settings(args)

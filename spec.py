@@ -3,13 +3,16 @@ changes what the run computes (a result setting) or only how it executes (a runt
 and its label in the default run name. train.py's command line is built from this table, and
 benchmark.py and reproduce.py take their shared flags from it; the checks, the messages that
 name a flag, the default run name, --resume's checks and a grid's reuse of a run all read it.
-`resolve_config` turns a parsed spec into the run's settings (data set and classes, t_0 from a
-target speedup, epochs under --const_time, the device, the run name): the `config` record's
-first half, to which train.py's build_run adds the plan.
+`RunSettings` holds every setting as parsed (a frozen dataclass made from the table);
+`resolve` turns it into what the run is defined by at every start (`Resolved`: data set and
+classes, t_0 from a target speedup, epochs under --const_time, the run's name and directory);
+`settings_record` is the `config` record's first half, beside which train.py records the plan
+(what one process decides: device, precision, step, loader, steps, estimates).
 
     parser, defaults = argparse.ArgumentParser(), {}
     add_settings(parser, SETTINGS, defaults)    # train.py's flags, in groups
-    spec = RunSpec(**settings)                  # immutable once parsed
+    settings = RunSettings(**values)            # immutable once parsed
+    resolved = resolve(settings, given(settings))
     flag("growth_rate")                         # "-k/--growth-rate": how messages name it
 """
 from __future__ import annotations
@@ -24,11 +27,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import freezeout
-from engine import effective_amp, resolve_device
-from freezeout import SCALE_POWERS
-from graphs import use_cuda_graphs
+from data_sets import DATASETS, split_sizes, steps_per_epoch
+from freezeout import SCALE_POWERS, solve_t_0
+from messages import name_settings
 from models import MODELS, REGISTRY, applies, check_depth, paper_speedup, speedup_estimator
-from utils import DATASETS, name_settings, solve_t_0, split_sizes, steps_per_epoch
 
 # ---------------------------------------------------------------------------------------
 # What the scripts' command lines share: choice lists, both spellings of every flag, the help
@@ -201,6 +203,11 @@ class Setting:
     # A runtime setting --resume still may not change: the loader's position in an epoch is
     # its own (the tensor loader's and torchvision's batches differ).
     fixed_on_resume: bool = False
+    # How the config record holds it: as its value; `planned`: as what the process decided from
+    # it (the device that ran, the number of workers), in the plan's half; not `recorded`: not
+    # at all (it concerns one invocation, not the run), only in the record's copy of the settings.
+    planned: bool = False
+    recorded: bool = True
 
     @property
     def resumable(self) -> bool:
@@ -259,7 +266,7 @@ SETTINGS = (
             "fits in a quarter of the free device memory", flags=("--loader",), choices=LOADERS, result=False,
             fixed_on_resume=True),
     Setting("workers", "data", None, "worker processes of the torchvision loader (default: 0 on CPU, 4 on a "
-            "GPU)", flags=("--workers",), type=int, check=at_least_zero, result=False),
+            "GPU)", flags=("--workers",), type=int, check=at_least_zero, result=False, planned=True),
     # optimisation
     Setting("epochs", "optimisation", 100, "training epochs", flags=("--epochs",), type=int, check=positive,
             length=True),
@@ -292,9 +299,9 @@ SETTINGS = (
             "(default: derived from the settings)", flags=("--name", "--save-weights"), result=False),
     Setting("resume", "run", False, switches=(
         ("--resume", True, "continue the run in OUT_DIR/NAME from its checkpoint (default: start a new run)"),),
-        result=False),
+        result=False, recorded=False),
     Setting("device", "run", "auto", "auto = cuda, then mps, then cpu", flags=("--device",), choices=DEVICES,
-            result=False),
+            result=False, planned=True),
     Setting("amp", "run", "off", "mixed precision: bf16 or fp16 autocast (fp16 with a GradScaler) on any "
             "device whose autocast has the type (CPUs have both in recent torch); off where it has not (the "
             "header's amp says which precision ran)", flags=("--amp",), choices=AMP_MODES, label="{}"),
@@ -312,7 +319,7 @@ SETTINGS = (
             "graphs without code generation)", flags=("--compile-backend",), result=False),
     Setting("dist_timeout", "run", 10.0, "minutes a torchrun process waits for the others at a collective "
             "before it ends the job, naming the process it waited for", flags=("--dist-timeout",), type=float,
-            check=finite_at_least(0.0, strict=True), result=False),
+            check=finite_at_least(0.0, strict=True), result=False, recorded=False),
 )
 BY_DEST = {s.dest: s for s in SETTINGS}
 SETTING_DEFAULTS = {s.dest: s.default for s in SETTINGS}  # every setting's default, by its name
@@ -322,9 +329,16 @@ RUNTIME = frozenset(s.dest for s in SETTINGS if not s.result)
 RESUMABLE = frozenset(s.dest for s in SETTINGS if s.resumable)
 LENGTH = frozenset(s.dest for s in SETTINGS if s.length)
 
-RunSpec = dataclasses.make_dataclass(
-    "RunSpec", [(s.dest, Any) for s in SETTINGS], frozen=True,
+RunSettings = dataclasses.make_dataclass(
+    "RunSettings", [(s.dest, Any) for s in SETTINGS], frozen=True,
     namespace={"__doc__": "train.py's settings as parsed, every default filled in: immutable."})
+
+
+def settings_from(values: dict) -> RunSettings:
+    """RunSettings from a dict of settings (a record's copy of them, a grid's choices): what it
+    lacks takes its default (a run recorded before a setting existed ran as its default does),
+    what is no setting (one since removed) is left out."""
+    return RunSettings(**{s.dest: values.get(s.dest, s.default) for s in SETTINGS})
 
 
 def flag(dest: str) -> str:
@@ -337,9 +351,10 @@ def message_name(name: str) -> str:
     return flag(name) if name in BY_DEST else name
 
 
-# The machinery's messages name settings; with the command line built from this table, they
-# name them by their flags.
-name_settings(message_name)
+def name_settings_by_flags() -> None:
+    """Make the machinery's messages name settings by the flags of this table: what a script
+    whose command line is built from it calls first."""
+    name_settings(message_name)
 
 
 def add_settings(parser: argparse.ArgumentParser, settings=SETTINGS, defaults: Optional[dict] = None,
@@ -384,12 +399,12 @@ def given(values) -> set:
 
 
 def to_argv(values) -> list[str]:
-    """train.py's flags for a spec: every setting that differs from its default (parsing them
-    gives the spec back)."""
-    argv = []
+    """train.py's flags for settings: every setting that differs from its default (parsing them
+    gives the settings back)."""
+    argv, changed = [], given(values)
     for s in SETTINGS:
         value = getattr(values, s.dest)
-        if s.dest not in given(values):
+        if s.dest not in changed:
             continue
         if s.switches:
             argv.append(next(spelling for spelling, const, _ in s.switches if const == value))
@@ -411,6 +426,22 @@ def setting_differences(saved: dict, wanted: dict) -> list[str]:
     """One phrase per result setting on which two config records differ."""
     return [f"{key} = {saved.get(key)!r}, not {wanted.get(key)!r}" for key in RESULT_CONFIG_KEYS
             if saved.get(key) != wanted.get(key)]
+
+
+def continue_argv(settings, name: str) -> list[str]:
+    """The flags that continue a run named `name`: its name, every setting --resume may change
+    where `settings` (this invocation's) give it another value than its default, --resume last."""
+    resumable = {s.dest: getattr(settings, s.dest) for s in SETTINGS if s.resumable}
+    return to_argv(settings_from({**resumable, "name": name, "resume": False})) + [BY_DEST["resume"].switches[0][0]]
+
+
+def resumed_settings(saved_args: dict, now) -> RunSettings:
+    """The settings a resumed run goes on with: the saved run's, with this invocation's value
+    of every setting --resume may change (where it runs, how fast) but --resume itself, which
+    says how this invocation starts, not how the run goes on (a run started again from step 0
+    records the settings it started with)."""
+    now_values = {s.dest: getattr(now, s.dest) for s in SETTINGS if s.resumable and s.dest != "resume"}
+    return settings_from({**saved_args, **now_values})
 
 
 def check_resume_flags(saved_args: dict, spec, explicit: set) -> None:
@@ -484,9 +515,25 @@ def default_run_name(args, dataset: str, defaults: dict) -> str:
     return "_".join([name, *default_name_labels(args, defaults)])
 
 
-def resolve_config(args, explicit: set, argv, defaults: dict = SETTING_DEFAULTS) -> dict:
-    """Everything the run is defined by, checked before any work is done (`defaults`: every
-    setting's default, for the run's default name)."""
+@dataclass(frozen=True)
+class Resolved:
+    """What a run's settings resolve to, the same at every start of it: the data set and its
+    classes, t_0 (from --target-speedup), the epochs (more under --const_time), the run's name
+    (derived when not given) and directory, the paper's estimate where it applies."""
+    dataset: str
+    synthetic_classes: Optional[int]
+    num_classes: int
+    epochs: int
+    t_0: float
+    name: str
+    run_dir: str
+    paper_speedup: Optional[float]
+
+
+def resolve(args, explicit: set, defaults: dict = SETTING_DEFAULTS) -> Resolved:
+    """Everything the run is defined by, checked before any work is done (`explicit`: the
+    settings given; `defaults`: every setting's default, for the run's default name).
+    ValueError, naming the flag, for settings no run can use."""
     check_args(args, explicit)
     dataset, synthetic_classes = resolve_dataset(args)
     steps_per_epoch(split_sizes(args.eval_mode, args.subset)[0], args.batch_size)
@@ -501,34 +548,40 @@ def resolve_config(args, explicit: set, argv, defaults: dict = SETTING_DEFAULTS)
                 raise ValueError(f"{flag('target_speedup')}: {e}") from None
         if args.const_time:  # as many epochs as fit in the baseline's time, by the estimate
             epochs = math.ceil(args.epochs / (1 - estimate(t_0)))
-    device = resolve_device(args.device)
-    amp = effective_amp(args.amp, device)
-    use_cuda_graphs(args.cuda_graphs, device, amp, int(os.environ.get("WORLD_SIZE", "1")) > 1)
     name = args.name or default_run_name(args, dataset, defaults)
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise ValueError(f"{flag('name')} {name!r}: a run name must be a plain file name")
-    return {
-        "model": args.model, "depth": args.depth, "growth_rate": args.growth_rate,
-        "bottleneck": args.bottleneck, "reduction": args.reduction, "dropout": args.dropout,
-        "dataset": dataset, "synthetic_classes": synthetic_classes,
-        "num_classes": num_classes_of(dataset, synthetic_classes), "data_root": args.data_root,
-        "subset": args.subset, "augment": args.augment, "eval_mode": args.eval_mode,
-        "loader": args.loader,
-        "epochs": epochs, "requested_epochs": args.epochs, "batch_size": args.batch_size,
-        "optimizer": "SGD", "nesterov": True, "lr": args.lr, "momentum": args.momentum,
-        "weight_decay": args.weight_decay, "seed": args.seed,
-        "t_0": t_0, "how_scale": args.how_scale, "scale_lr": args.scale_lr,
-        "const_time": args.const_time, "target_speedup": args.target_speedup,
-        "device": str(device), "amp": args.amp,
-        "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs, "compile": args.compile,
-        "compile_backend": args.compile_backend,
-        "workers": args.workers,
-        "out_dir": args.out_dir, "name": name, "run_dir": str(Path(args.out_dir) / name),
-        "paper_speedup": args_paper_speedup(args, t_0),
-        "argv": list(argv), "args": dict(vars(args)),
-    }
+    return Resolved(dataset, synthetic_classes, num_classes_of(dataset, synthetic_classes), epochs, t_0, name,
+                    str(Path(args.out_dir) / name), args_paper_speedup(args, t_0))
 
 
-__all__ = ["Setting", "SETTINGS", "RunSpec", "RESULT", "RUNTIME", "flag", "add_settings", "check_settings", "given",
-           "to_argv", "resolve_config", "default_run_name",
-           "setting_differences", "check_resume_flags", "default_name_labels"]
+# What a setting becomes in the config record where that is not its own value: its resolved
+# value, or entries of its own (the optimizer, fixed, is recorded beside its learning rate).
+RECORD_ENTRIES = {
+    "dataset": lambda s, r: {"dataset": r.dataset},
+    "which_dataset": lambda s, r: {"synthetic_classes": r.synthetic_classes, "num_classes": r.num_classes},
+    "epochs": lambda s, r: {"epochs": r.epochs, "requested_epochs": s.epochs},
+    "lr": lambda s, r: {"optimizer": "SGD", "nesterov": True, "lr": s.lr},
+    "t_0": lambda s, r: {"t_0": r.t_0},
+    "name": lambda s, r: {"name": r.name, "run_dir": r.run_dir},
+}
+
+
+def settings_record(settings, resolved: Resolved, argv) -> dict:
+    """The config record's first half: every recorded setting (in the table's order) as the run
+    resolved it, the paper's estimate, the command line that started the run (`argv`) and the
+    settings as parsed (what --resume compares a later command line with). The plan's half
+    holds the planned settings."""
+    record = {}
+    for s in SETTINGS:
+        if s.recorded and not s.planned:
+            entries = RECORD_ENTRIES.get(s.dest)
+            record.update(entries(settings, resolved) if entries else {s.dest: getattr(settings, s.dest)})
+    return {**record, "paper_speedup": resolved.paper_speedup, "argv": list(argv),
+            "args": dataclasses.asdict(settings)}
+
+
+__all__ = ["Setting", "SETTINGS", "RunSettings", "Resolved", "RESULT", "RUNTIME", "flag", "add_settings",
+           "check_settings", "given", "to_argv", "settings_from", "resolve", "settings_record", "continue_argv",
+           "resumed_settings", "default_run_name", "setting_differences", "check_resume_flags",
+           "default_name_labels", "name_settings_by_flags"]

@@ -9,6 +9,7 @@ import math
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -25,6 +26,18 @@ def pytest_collection_finish(session):
     long as the session; left out of garbage collection, each full collection stops walking them
     (pytest's own five at the end took over a second)."""
     gc.freeze()
+
+
+@pytest.fixture
+def named_by_flags():
+    """The machinery's messages naming settings by their flags, as in the scripts (each script's
+    main installs them), then as before."""
+    import messages
+    import spec
+    before = messages._setting_name
+    spec.name_settings_by_flags()
+    yield
+    messages.name_settings(before)
 
 
 # -- the schedule, from the paper's formulas -------------------------------------------------
@@ -106,8 +119,16 @@ def graphed_run_stopped_then_resumed(monkeypatch, argv: list, stop_at_call: int)
 # -- the tiny train.py run ---------------------------------------------------------------------
 # DenseNet-BC L=10, k=4 on 10 synthetic classes: one layer per block, 7 units, 2,666
 # parameters (counted in tests/test_models.py). 96 images in batches of 16: 6 steps an epoch.
-TINY = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "96", "-L", "10", "-k", "4",
-        "--batch_size", "16", "--device", "cpu"]
+def tiny_argv(*extra: str, subset: int = 96, depth: int = 10, k: int = 4, batch_size: int = 16,
+              device: str = "cpu") -> list[str]:
+    """The tiny run's flags, then `extra`: train.py's, and reproduce.py's that it shares (a
+    grid's runs are tiny runs). Its size as keywords: `subset` images a split, DenseNet-BC
+    L=`depth` with growth rate `k`, `batch_size`, on `device`."""
+    return ["--dataset", "synthetic", "--which_dataset", "10", "--subset", str(subset), "-L", str(depth),
+            "-k", str(k), "--batch_size", str(batch_size), "--device", device, *extra]
+
+
+TINY = tiny_argv()
 TINY_UNITS, TINY_STEPS_PER_EPOCH, TINY_PARAMS = 7, 6, 2_666
 
 

@@ -18,7 +18,7 @@ from checkpoint import (
 )
 from conftest import same_state, tiny_training
 from engine import EpochPosition
-from utils import RunError, setting
+from messages import RunError, setting
 
 CPU = torch.device("cpu")
 

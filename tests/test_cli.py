@@ -14,11 +14,11 @@ import torchvision.datasets.utils as tv_utils
 import benchmark
 import reproduce
 import train
+from conftest import tiny_argv
 from metrics_logger import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "32", "-L", "10", "-k", "4",
-        "--batch_size", "16", "--device", "cpu", "--epochs", "1"]
+TINY = tiny_argv("--epochs", "1", subset=32)
 
 
 def refused(capsys, main, argv, message):
@@ -261,7 +261,7 @@ def test_the_baselines_header_says_no_unit_freezes():
               "epochs": 2, "total_steps": 8, "how_scale": "cubic", "scale_lr": True, "t_0": 1.0,
               "t_i": [1.0] * 7, "paper_speedup": 0.0, "flop_speedup": 0.0, "device": "cpu",
               "amp_effective": "off", "training_step": "eager", "loader_used": "tensor", "batch_size": 16,
-              "lr": 0.1, "seed": 0, "run_dir": "runs/x"}
+              "lr": 0.1, "seed": 0, "run_dir": "runs/x", "world_size": 1, "compile": False}
     text = train.describe(config, splits)
     assert "t_0 = 1: baseline: no unit freezes" in text and "100.0%" not in text
     config.update(t_0=0.8, t_i=[0.512] + [1.0] * 6)

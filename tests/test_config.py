@@ -1,7 +1,9 @@
-"""The run spec (spec.py) and the config train.py resolves from it: every setting declared once,
-with its flag, default, help and check; the spec immutable once parsed; --resume and grids
-compare result settings only; every result setting that differs from its default is in the
-default run name; messages name the flag as the spec spells it."""
+"""The settings (spec.py) and the config record train.py makes of them: every setting declared
+once, with its flag, default, help and check; the settings immutable once parsed, a dataclass
+made from the table; the record their half beside the plan's, each decision made once; --resume
+and grids compare result settings only, and the continue command gives the runtime ones; every
+result setting that differs from its default is in the default run name; messages name the flag
+as the spec spells it."""
 import argparse
 import dataclasses
 
@@ -11,7 +13,7 @@ import benchmark
 import reproduce
 import spec
 import train
-from spec import resolve_config
+from conftest import ROOT
 
 # A non-default value of every result setting (with what else it needs to be valid).
 CHANGED = {
@@ -27,8 +29,9 @@ CHANGED = {
 
 
 def resolved(*flags) -> dict:
+    """The settings' half of the config record of a run with these flags."""
     _, args, explicit = train.parse_args([*flags, "--device", "cpu"])
-    return resolve_config(args, explicit, list(flags), train.build_parser()[1])
+    return spec.settings_record(args, spec.resolve(args, explicit, train.build_parser()[1]), list(flags))
 
 
 def test_every_result_setting_has_a_changed_value_here():
@@ -62,7 +65,7 @@ def test_help_states_every_setting_and_its_default():
 
 def test_the_spec_is_immutable_once_parsed():
     _, parsed, explicit = train.parse_args(["--epochs", "3"])
-    assert isinstance(parsed, spec.RunSpec) and parsed.epochs == 3 and explicit == {"epochs"}
+    assert isinstance(parsed, spec.RunSettings) and parsed.epochs == 3 and explicit == {"epochs"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         parsed.epochs = 4
     assert parsed.depth == 76 and parsed.growth_rate == 12  # the model's defaults filled in
@@ -117,25 +120,32 @@ def test_the_scripts_share_the_specs_flags_and_defaults():
 
 
 def test_the_machinery_names_settings_not_flags(tmp_path):
-    """engine, graphs, loaders, utils and checkpoint speak of settings; the command line's
-    spelling of them comes from the spec, which installs it for their messages."""
+    """engine, graphs, loaders, the data sets, the messages and checkpoint speak of settings;
+    the command line's spelling of them comes from the spec, which a script installs for their
+    messages first thing: importing it changes nothing."""
     import re
+    import subprocess
+    import sys
     from pathlib import Path
 
-    import utils
+    import data_sets
+    import messages
     root = Path(spec.__file__).parent
-    for module in ("engine.py", "graphs.py", "loaders.py", "utils.py", "checkpoint.py"):
+    for module in ("engine.py", "graphs.py", "loaders.py", "utils.py", "data_sets.py", "messages.py",
+                   "checkpoint.py"):
         assert not re.search(r"--[a-z]", (root / module).read_text()), module
     afile = tmp_path / "a-file"
     afile.write_text("")
-    with pytest.raises(utils.DataError, match=r"^--data-root .* is not a directory$"):
-        utils.check_data_root(afile)
-    utils.name_settings(str)  # as the library reads without the command line
+    code = ("import sys, spec, train, data_sets, messages\n"
+            "try:\n    data_sets.check_data_root(sys.argv[1])\nexcept messages.DataError as e:\n    print(e)")
+    imported = subprocess.run([sys.executable, "-c", code, str(afile)], cwd=root, capture_output=True, text=True)
+    assert imported.stdout.startswith("data_root "), imported.stdout + imported.stderr
+    spec.name_settings_by_flags()
     try:
-        with pytest.raises(utils.DataError, match=r"^data_root .* is not a directory$"):
-            utils.check_data_root(afile)
+        with pytest.raises(messages.DataError, match=r"^--data-root .* is not a directory$"):
+            data_sets.check_data_root(afile)
     finally:
-        utils.name_settings(spec.message_name)
+        messages.name_settings(str)  # as the library reads without the command line
 
 
 def test_reproduce_builds_specs_and_their_flags_give_them_back(tmp_path):
@@ -145,4 +155,89 @@ def test_reproduce_builds_specs_and_their_flags_give_them_back(tmp_path):
         settings = reproduce.resolve_settings(reproduce.build_parser().parse_args(flags))
         for job in reproduce.make_grid(settings, tmp_path):
             _, parsed, explicit = train.parse_args(job.argv)
-            assert isinstance(job.spec, spec.RunSpec) and parsed == job.spec and explicit == spec.given(job.spec)
+            assert isinstance(job.spec, spec.RunSettings) and parsed == job.spec and explicit == spec.given(job.spec)
+
+
+# -- the settings typed, the plan beside them -------------------------------------------------
+def test_the_settings_are_the_table_and_nothing_else():
+    assert [f.name for f in dataclasses.fields(spec.RunSettings)] == [s.dest for s in spec.SETTINGS]
+    assert spec.settings_from({}) == spec.RunSettings(**spec.SETTING_DEFAULTS)
+    # A record made before a setting existed, or naming one since removed, still reads.
+    old = spec.settings_from({"epochs": 3, "a_setting_since_removed": 1})
+    assert old.epochs == 3 and old.compile is False and not hasattr(old, "a_setting_since_removed")
+
+
+def test_the_continue_command_gives_every_setting_resume_may_change_and_parses_back():
+    values = {"data_root": "/elsewhere", "workers": "2", "out_dir": "o", "device": "cpu", "cuda_graphs": "off",
+              "compile": None, "compile_backend": "aot_eager", "dist_timeout": "1"}
+    assert set(values) == spec.RESUMABLE - {"resume", "name"}  # a new one needs a value here
+    flags = [w for dest, value in values.items() for w in
+             ([spec.BY_DEST[dest].switches[0][0]] if value is None else [spec.BY_DEST[dest].flags[-1], value])]
+    _, now, _ = train.parse_args([*flags, "--epochs", "3", "--channels-last", "--name", "given"])
+    argv = spec.continue_argv(now, "the-run")
+    assert argv[-1] == "--resume" and argv[argv.index("--name") + 1] == "the-run"
+    _, parsed, explicit = train.parse_args(argv)
+    assert explicit == spec.RESUMABLE and parsed.resume is True and parsed.name == "the-run"
+    assert all(getattr(parsed, dest) == getattr(now, dest) for dest in values)
+    assert train.continue_command(now, "the-run", world_size=2).startswith("torchrun --nproc_per_node=2 train.py ")
+
+
+def test_the_config_record_is_the_settings_half_beside_the_plan(tmp_path):
+    from conftest import run_train
+    run_train(tmp_path, "--epochs", "1")
+    record = train.read_records(tmp_path / "run" / "metrics.jsonl", "config")[0]
+    _, settings, explicit = train.parse_args(record["argv"])
+    half = spec.settings_record(settings, spec.resolve(settings, explicit), record["argv"])
+    plan = [f.name for f in dataclasses.fields(train.Plan)]
+    assert not set(half) & set(plan)  # beside each other, never merged
+    assert list(record) == ["event", *half, *plan, "host"]
+    assert {k: record[k] for k in half} == half
+    assert {"device", "workers"} <= set(plan) and {"resume", "dist_timeout"}.isdisjoint(record)
+    assert record["args"] == dataclasses.asdict(settings)
+
+
+def test_each_decision_is_made_once_in_a_run_and_in_its_resume(tmp_path, monkeypatch):
+    """The device, the precision and the training step are decided once per start, by the
+    functions that decide them, and nowhere again (spec.py imports none of them)."""
+    import subprocess
+    import sys
+    calls = {}
+
+    def counted(name):
+        real = getattr(train, name)
+
+        def count(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(train, name, count)
+    for name in ("resolve_device", "effective_amp", "use_cuda_graphs", "choose_loader"):
+        counted(name)
+    from conftest import run_train
+    run_train(tmp_path, "--epochs", "1")
+    assert calls == {"resolve_device": 1, "effective_amp": 1, "use_cuda_graphs": 1, "choose_loader": 1}
+    calls.clear()
+    run_train(tmp_path, "--epochs", "1", "--resume")  # finished: decided, then nothing to do
+    assert calls == {"resolve_device": 1, "effective_amp": 1, "use_cuda_graphs": 1}
+    code = "import sys, spec; print(sorted(m for m in ('engine', 'graphs', 'train', 'checkpoint') if m in sys.modules))"
+    imported = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert imported.stdout.strip() == "[]", imported.stdout + imported.stderr
+
+
+def test_a_resume_refuses_a_run_this_version_resolves_otherwise(tmp_path, capsys):
+    """The checkpoint's settings resolve, at every start, to what the run started with (here
+    t_0 solved from a target speedup); where they no longer do, the run is not continued."""
+    import torch
+
+    from conftest import run_train
+    run_train(tmp_path, "--epochs", "1", "--target-speedup", "0.2")
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    solved = state["config"]["t_0"]
+    state["config"]["t_0"] = 0.75  # as if an earlier version had solved it otherwise
+    torch.save(state, path)
+    with pytest.raises(SystemExit) as stopped:
+        run_train(tmp_path, "--epochs", "1", "--target-speedup", "0.2", "--resume")
+    assert stopped.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.endswith(f": error: --resume: this version resolves the saved run's settings otherwise "
+                           f"(t_0 = 0.75, not {solved!r}); continue it with the version of the code that started it")

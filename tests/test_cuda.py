@@ -5,12 +5,12 @@ import torch
 
 import engine
 import train
-from conftest import closed_form_frozen_at, error_of
+from conftest import closed_form_frozen_at, error_of, tiny_argv
+from data_sets import ImageSet, load_splits
 from densenet import DenseNet
 from freezeout import FreezeOut, param_groups
 from loaders import TensorLoader
 from metrics_logger import read_records
-from utils import ImageSet, load_splits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = torch.device("cuda")
@@ -68,9 +68,8 @@ def test_frozen_units_stay_bit_identical_under_amp(amp):
 @pytest.mark.parametrize("extra", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16"],
                                    ["--loader", "torchvision", "--workers", "2"]])
 def test_train_py_on_the_gpu(tmp_path, extra):
-    summary = train.main(["--dataset", "synthetic", "--which_dataset", "10", "--subset", "256",
-                          "-L", "16", "-k", "6", "--batch_size", "32", "--epochs", "2",
-                          "--device", "cuda", "--out-dir", str(tmp_path), "--save-weights", "gpu", *extra])
+    summary = train.main(tiny_argv("--epochs", "2", "--out-dir", str(tmp_path), "--save-weights", "gpu", *extra,
+                                   subset=256, depth=16, k=6, batch_size=32, device="cuda"))
     config = read_records(tmp_path / "gpu" / "metrics.jsonl", "config")[0]
     assert config["device"].startswith("cuda") and config["host"]["gpu"]
     if extra[0] == "--amp":

@@ -7,7 +7,7 @@ import torch
 
 import graphs
 import train
-from conftest import closed_form_frozen_at, graphed_run_stopped_then_resumed, planned_captures
+from conftest import closed_form_frozen_at, graphed_run_stopped_then_resumed, planned_captures, tiny_argv
 from densenet import DenseNet
 from engine import build_training
 from graphs import GraphedStep
@@ -114,8 +114,8 @@ def test_a_replayed_step_never_waits_for_the_gpu():
 # DenseNet-BC L=16 (10 units), 2,048 images in batches of 32: 64 steps an epoch, 192 in all.
 # Cubic t_0 = 0.5 freezes units at steps 24, 33, 44, 57, 73, 91, 112, 135, 162: every level
 # lasts at least GRAPH_MIN_STEPS (8), so each is captured, one after another.
-TINY = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "2048", "-L", "16", "-k", "6",
-        "--batch_size", "32", "--epochs", "3", "--t_0", "0.5", "--device", "cuda", "--cuda-graphs", "on"]
+TINY = tiny_argv("--epochs", "3", "--t_0", "0.5", "--cuda-graphs", "on", subset=2048, depth=16, k=6, batch_size=32,
+                 device="cuda")
 TINY_STEPS, TINY_PER_EPOCH = 192, 64
 
 

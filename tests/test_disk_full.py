@@ -28,7 +28,7 @@ import engine
 import metrics_logger
 import plot
 import train
-from conftest import ROOT, TINY, epochs_logged, final_state, same_state
+from conftest import ROOT, TINY, epochs_logged, final_state, same_state, tiny_argv
 from metrics_logger import read_records
 
 pytestmark = pytest.mark.slow  # the tests below run train.py end to end
@@ -325,8 +325,7 @@ def test_torch_save_on_a_real_full_file_system_is_one_write_error(tmp_path):
 
 
 # The run: DenseNet-BC L=22 k=12, whose checkpoint (345 KiB) fits once in 600 KiB, not twice.
-BIGGER = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "256", "-L", "22", "-k", "12",
-          "--epochs", "2", "--batch_size", "64", "--device", "cpu", "--seed", "1", "--no-validate"]
+BIGGER = tiny_argv("--epochs", "2", "--seed", "1", "--no-validate", subset=256, depth=22, k=12, batch_size=64)
 
 
 def test_a_real_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, small_fs):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, closed_form_frozen_at, closed_form_lrs
+from conftest import ROOT, closed_form_frozen_at, closed_form_lrs, tiny_argv
 from metrics_logger import read_records
 
 pytestmark = pytest.mark.slow  # torchrun
@@ -17,8 +17,7 @@ pytestmark = pytest.mark.slow  # torchrun
 # the last frozen before the end; the signal and the stuck rank land in epoch 2, at a step the
 # run waits at: tests/train_paused.py, tests/train_stuck.py).
 EPOCHS = 4
-ARGS = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "128", "-L", "10", "-k", "4",
-        "--epochs", str(EPOCHS), "--batch_size", "32", "--device", "cpu", "--t_0", "0.5", "--dropout", "0.1"]
+ARGS = tiny_argv("--epochs", str(EPOCHS), "--t_0", "0.5", "--dropout", "0.1", subset=128, batch_size=32)
 
 
 def torchrun(out: Path, name: str, *extra, pause_at: int = 0) -> subprocess.Popen:

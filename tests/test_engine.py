@@ -10,6 +10,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from conftest import spy_on_step, tiny_training
+from data_sets import ImageSet
 from engine import (
     PROGRESS_EVERY,
     EagerStep,
@@ -24,12 +25,11 @@ from engine import (
 )
 from loaders import TensorLoader
 from timing import TimeSplit
-from utils import ImageSet
 
 CPU = torch.device("cpu")
 
 
-def test_resolve_device():
+def test_resolve_device(named_by_flags):
     assert resolve_device("cpu") == CPU
     has_mps = torch.backends.mps.is_available()
     expected = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"

@@ -11,8 +11,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import PLAIN_L13_K4_FORWARD, continuous_speedup, stepped_speedup
 from densenet import DenseNet
-from freezeout import estimate_speedup, freeze, t_0_for_speedup, unit_times
-from utils import calc_speedup, first_frozen_steps, schedule_speedup, solve_t_0, training_flops_by_level, unit_flops
+from freezeout import (
+    estimate_speedup,
+    first_frozen_steps,
+    freeze,
+    schedule_speedup,
+    solve_t_0,
+    t_0_for_speedup,
+    training_flops_by_level,
+    unit_flops,
+    unit_times,
+)
+from utils import calc_speedup
 
 
 # -- the paper's estimate ---------------------------------------------------------------

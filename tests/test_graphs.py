@@ -16,6 +16,7 @@ from conftest import (
     graphed_run_stopped_then_resumed,
     planned_captures,
     same_state,
+    tiny_argv,
     tiny_training,
 )
 from distributed import Distributed
@@ -267,7 +268,7 @@ def test_the_graphed_step_needs_a_fused_optimizer():
         graphed(training)
 
 
-def test_when_graphs_are_used_and_why_not():
+def test_when_graphs_are_used_and_why_not(named_by_flags):
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
     assert use_cuda_graphs("auto", cuda, "bf16", False) == (True, None)
     assert use_cuda_graphs("on", cuda, "off", False) == (True, None)
@@ -361,8 +362,7 @@ def test_train_speed_tool_compares_runs(tmp_path, capsys):
         "train_speed", Path(__file__).resolve().parents[1] / "tools" / "train_speed.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    tiny = ["--dataset", "synthetic", "--which_dataset", "10", "--subset", "48", "-L", "10", "-k", "4",
-            "--batch_size", "16", "--device", "cpu", "--epochs", "2", "--no-validate", "--out-dir", str(tmp_path)]
+    tiny = tiny_argv("--epochs", "2", "--no-validate", "--out-dir", str(tmp_path), subset=48)
     for name in ("a", "b"):
         train.main([*tiny, "--name", name])
     capsys.readouterr()

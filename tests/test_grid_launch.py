@@ -17,15 +17,15 @@ import pytest
 import launch
 import reproduce
 from checkpoint import RunLock
+from conftest import tiny_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 # Three runs (the baseline, cubic-scaled at t_0 0.5 and 0.8) of a DenseNet L=10 on 128 synthetic
 # images, 3 epochs of 4 steps each (units freeze in both FreezeOut runs): most of a run's few
 # seconds is its process starting. One CPU thread per run, so that --jobs 1 and --jobs 2 compute
 # alike (a thread count changes how CPU kernels sum).
-GRID = ["-L", "10", "-k", "4", "--dataset", "synthetic", "--which_dataset", "10", "--subset", "128",
-        "--batch_size", "32", "--epochs", "3", "--t0s", "0.5", "0.8", "--strategies", "cubic-scaled",
-        "--seeds", "0", "--device", "cpu", "--threads-per-run", "1"]
+GRID = tiny_argv("--epochs", "3", "--t0s", "0.5", "0.8", "--strategies", "cubic-scaled", "--seeds", "0",
+                 "--threads-per-run", "1", subset=128, batch_size=32)
 RUNS = ["baseline_s0", "cubic-scaled_t0-0.5_s0", "cubic-scaled_t0-0.8_s0"]
 LABELS = ["baseline, seed 0", "cubic-scaled t_0 0.5, seed 0", "cubic-scaled t_0 0.8, seed 0"]
 

@@ -3,8 +3,8 @@ flips half the time, same batching contract."""
 import pytest
 import torch
 
+from data_sets import ImageSet, Splits, load_splits
 from loaders import EpochStream, TensorLoader, TorchvisionLoader, choose_loader, make_loaders
-from utils import ImageSet, Splits, load_splits
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 # The torchvision loader transforms image by image (about 1 ms each here): where a test serves

@@ -67,7 +67,7 @@ def test_run_progress_says_1_epoch(tmp_path):
 
 
 def test_plural():
-    from utils import plural
+    from messages import plural
 
     assert [plural(n, "epoch") for n in (0, 1, 2, 1000)] == ["0 epochs", "1 epoch", "2 epochs", "1,000 epochs"]
     assert plural(1, "process", "processes") == "1 process" and plural(3, "process", "processes") == "3 processes"

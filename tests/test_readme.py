@@ -88,8 +88,8 @@ def test_the_quick_start_is_the_run_the_readme_describes(tmp_path, monkeypatch):
     class ReachedTheEpochLoop(Exception):
         pass
 
-    def epoch_loop(config, *args):
-        resolved.update(config)
+    def epoch_loop(built, *args):
+        resolved.update(built.record)
         raise ReachedTheEpochLoop
 
     monkeypatch.setattr(train, "fit", epoch_loop)

@@ -9,13 +9,12 @@ import pytest
 import figures
 import reproduce
 import train
-from conftest import POWERS, KeptFigures, closed_form_lr
+from conftest import POWERS, KeptFigures, closed_form_lr, tiny_argv
 from metrics_logger import MetricsLogger, read_records
 from utils import calc_speedup
 
-TINY = ["-L", "10", "-k", "4", "--dataset", "synthetic", "--which_dataset", "10", "--subset", "64",
-        "--batch_size", "32", "--epochs", "2", "--t0s", "0.5", "--strategies", "cubic-scaled",
-        "--seeds", "0", "--device", "cpu"]
+TINY = tiny_argv("--epochs", "2", "--t0s", "0.5", "--strategies", "cubic-scaled", "--seeds", "0", subset=64,
+                 batch_size=32)
 
 
 def is_png(path: Path) -> bool:

@@ -9,11 +9,11 @@ import pytest
 
 import engine
 import reproduce
+from conftest import tiny_argv
 from metrics_logger import MetricsLogger
 
-TINY = ["-L", "10", "-k", "4", "--dataset", "synthetic", "--which_dataset", "10", "--subset", "64",
-        "--batch_size", "32", "--epochs", "2", "--t0s", "0.5", "--strategies", "cubic-scaled",
-        "--seeds", "0", "--device", "cpu"]
+TINY = tiny_argv("--epochs", "2", "--t0s", "0.5", "--strategies", "cubic-scaled", "--seeds", "0", subset=64,
+                 batch_size=32)
 # The grid of these flags: the baseline, then linear-scaled and cubic-scaled at t_0 0.3 and 0.5.
 GRID = ["-L", "10", "-k", "4", "--epochs", "2", "--t0s", "0.3", "0.5", "--strategies", "linear-scaled",
         "cubic-scaled", "--seeds", "0", "--device", "cpu"]

@@ -16,8 +16,8 @@ import conftest
 import engine
 import train
 from conftest import ROOT, final_state, same_state
+from messages import setting
 from metrics_logger import MetricsLogger, read_records
-from utils import setting
 
 # 6 steps per epoch, 3 epochs, dropout: the RNG stream matters to the result.
 TINY = [*conftest.TINY, "--epochs", "3", "--dropout", "0.1", "--t_0", "0.5"]

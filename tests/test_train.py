@@ -27,10 +27,11 @@ from conftest import (
     spy_on_step,
     stepped_speedup,
 )
+from data_sets import load_splits
 from densenet import DenseNet
 from metrics_logger import read_records
 from models import build_model
-from utils import calc_speedup, load_splits
+from utils import calc_speedup
 
 
 def tiny_splits(eval_mode="val"):
@@ -395,11 +396,11 @@ def test_command_line_errors_and_help(tmp_path, capsys):
 def test_the_default_run_name_holds_every_setting_that_changes_the_result():
     """A sweep over any setting that changes what a run computes gets one directory per value
     (the name spells out every such setting that differs from its default)."""
-    from spec import resolve_config
+    from spec import resolve
 
     def name(*flags):
         parser, args, explicit = train.parse_args(["--dataset", "synthetic", "--device", "cpu", *flags])
-        return resolve_config(args, explicit, [], train.build_parser()[1])["name"]
+        return resolve(args, explicit, train.build_parser()[1]).name
 
     base = "densenetBC-L76-k12_synthetic_cubic-scaled-t0-0.8_e100_s0"
     assert name() == base and name("--lr", "0.1") == base  # a default given is still the default

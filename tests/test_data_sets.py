@@ -1,4 +1,4 @@
-"""utils.py's data sets: CIFAR in its real on-disk layout, the paper's splits and their sizes,
+"""The data sets (data_sets.py): CIFAR in its real on-disk layout, the paper's splits and their sizes,
 the synthetic set, steps per epoch. (The estimates: tests/test_estimates.py.)"""
 import os
 import pickle
@@ -9,8 +9,9 @@ import pytest
 import torch
 import torchvision.datasets.cifar as tv_cifar
 
-import utils
-from utils import DataError, ImageSet, load_cifar, load_splits, split_sizes, steps_per_epoch, synthetic_images
+import data_sets
+from data_sets import ImageSet, load_cifar, load_splits, split_sizes, steps_per_epoch, synthetic_images
+from messages import DataError
 
 
 # -- CIFAR from files in the real layout ------------------------------------------------
@@ -97,7 +98,7 @@ def test_corrupted_cifar_is_reported_as_such(tmp_path, monkeypatch, no_checksums
         load_cifar("cifar100", tmp_path)
 
 
-def test_missing_cifar_offline_says_how_to_continue(tmp_path, no_checksums_no_network):
+def test_missing_cifar_offline_says_how_to_continue(tmp_path, no_checksums_no_network, named_by_flags):
     with pytest.raises(DataError, match="could not be found under .* --dataset synthetic"):
         load_cifar("cifar10", tmp_path / "empty")
 
@@ -159,8 +160,8 @@ def cheap_synthetic(monkeypatch):
         return ImageSet(torch.zeros((), dtype=torch.uint8).expand(n, 3, 32, 32),
                         torch.zeros(n, dtype=torch.int64))
 
-    monkeypatch.setattr(utils, "synthetic_images", blank)
-    monkeypatch.setattr(utils, "_channel_stats", lambda images: ((0.5,) * 3, (0.25,) * 3))
+    monkeypatch.setattr(data_sets, "synthetic_images", blank)
+    monkeypatch.setattr(data_sets, "_channel_stats", lambda images: ((0.5,) * 3, (0.25,) * 3))
     return asked
 
 
@@ -180,7 +181,7 @@ def test_split_sizes_are_what_load_splits_gives(cheap_synthetic, eval_mode, subs
     assert (s.eval is s.test) == (eval_mode == "test")
 
 
-def test_steps_per_epoch_drop_the_last_partial_batch():
+def test_steps_per_epoch_drop_the_last_partial_batch(named_by_flags):
     assert steps_per_epoch(45_000, 50) == 900 and steps_per_epoch(96, 16) == 6 and steps_per_epoch(97, 16) == 6
     assert steps_per_epoch(95, 16) == 5
     assert steps_per_epoch(128, 32, world_size=2) == 4  # 64 images a rank, 16 a batch
