@@ -56,6 +56,7 @@ from spec import (
     flag_spellings,
     ignored_flags_note,
     name_settings_by_flags,
+    run_as_script,
 )
 
 
@@ -539,4 +540,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script(main)

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from checkpoint import RunBusy, RunLock, run_state
-from spec import EXIT_USAGE, is_stop_status
+from spec import EXIT_USAGE, is_stop_status, run_as_script
 
 ROOT = Path(__file__).resolve().parent
 STATES = ("finished", "stopped", "failed", "busy")
@@ -305,4 +305,4 @@ def job_outcome(run: GridRun, job, seconds: float) -> Outcome:
 
 if __name__ == "__main__":
     sys.argv[0] = str(ROOT / "train.py")  # its messages name train.py, whose flags these are
-    run_one(sys.argv[1:])
+    run_as_script(lambda: run_one(sys.argv[1:]))

@@ -70,6 +70,7 @@ from spec import (
     is_stop_status,
     name_settings_by_flags,
     resolve,
+    run_as_script,
     setting_differences,
     settings_from,
     settings_record,
@@ -606,4 +607,4 @@ def stop_code(error: BaseException) -> int | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script(main)

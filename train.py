@@ -88,6 +88,7 @@ from spec import (
     name_settings_by_flags,
     resolve,
     resumed_settings,
+    run_as_script,
     setting_differences,
     settings_record,
     stop_status,
@@ -584,4 +585,4 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script(main)

@@ -122,10 +122,8 @@ def test_the_scripts_share_the_specs_flags_and_defaults():
 def test_the_machinery_names_settings_not_flags(tmp_path):
     """engine, graphs, loaders, the data sets, the messages and checkpoint speak of settings;
     the command line's spelling of them comes from the spec, which a script installs for their
-    messages first thing: importing it changes nothing."""
+    messages first thing (importing it changes nothing: the test below)."""
     import re
-    import subprocess
-    import sys
     from pathlib import Path
 
     import data_sets
@@ -136,10 +134,6 @@ def test_the_machinery_names_settings_not_flags(tmp_path):
         assert not re.search(r"--[a-z]", (root / module).read_text()), module
     afile = tmp_path / "a-file"
     afile.write_text("")
-    code = ("import sys, spec, train, data_sets, messages\n"
-            "try:\n    data_sets.check_data_root(sys.argv[1])\nexcept messages.DataError as e:\n    print(e)")
-    imported = subprocess.run([sys.executable, "-c", code, str(afile)], cwd=root, capture_output=True, text=True)
-    assert imported.stdout.startswith("data_root "), imported.stdout + imported.stderr
     spec.name_settings_by_flags()
     try:
         with pytest.raises(messages.DataError, match=r"^--data-root .* is not a directory$"):
@@ -198,9 +192,7 @@ def test_the_config_record_is_the_settings_half_beside_the_plan(tmp_path):
 
 def test_each_decision_is_made_once_in_a_run_and_in_its_resume(tmp_path, monkeypatch):
     """The device, the precision and the training step are decided once per start, by the
-    functions that decide them, and nowhere again (spec.py imports none of them)."""
-    import subprocess
-    import sys
+    functions that decide them, and nowhere again (spec.py imports none of them: below)."""
     calls = {}
 
     def counted(name):
@@ -218,9 +210,23 @@ def test_each_decision_is_made_once_in_a_run_and_in_its_resume(tmp_path, monkeyp
     calls.clear()
     run_train(tmp_path, "--epochs", "1", "--resume")  # finished: decided, then nothing to do
     assert calls == {"resolve_device": 1, "effective_amp": 1, "use_cuda_graphs": 1}
-    code = "import sys, spec; print(sorted(m for m in ('engine', 'graphs', 'train', 'checkpoint') if m in sys.modules))"
-    imported = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert imported.stdout.strip() == "[]", imported.stdout + imported.stderr
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_importing_the_spec_decides_nothing_and_renames_nothing(tmp_path):
+    """spec.py imports none of the modules that decide how a run executes, and importing it
+    (or train.py) leaves the machinery's messages naming settings by their names."""
+    import subprocess
+    import sys
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    code = ("import sys, spec\n"
+            "print(sorted(m for m in ('engine', 'graphs', 'train', 'checkpoint') if m in sys.modules))\n"
+            "import train, data_sets, messages\n"
+            "try:\n    data_sets.check_data_root(sys.argv[1])\nexcept messages.DataError as e:\n    print(e)")
+    imported = subprocess.run([sys.executable, "-c", code, str(afile)], cwd=ROOT, capture_output=True, text=True)
+    lines = imported.stdout.splitlines()
+    assert lines[0] == "[]" and lines[1].startswith(f"data_root {afile} "), imported.stdout + imported.stderr
 
 
 def test_a_resume_refuses_a_run_this_version_resolves_otherwise(tmp_path, capsys):

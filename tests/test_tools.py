@@ -74,6 +74,7 @@ def test_train_speed_answers_help_and_refuses_a_folder_that_holds_no_run(tmp_pat
                                             f"not a train.py run directory"]
 
 
+@pytest.mark.slow  # a bash script and its interpreter
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run the whole check")
 def test_gpu_check_without_a_gpu_says_so_in_one_line_and_writes_nothing(tmp_path):
     before = sorted(p.name for p in ROOT.iterdir())

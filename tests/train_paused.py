@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
 import train  # noqa: E402
+from spec import run_as_script  # noqa: E402
 
 
 def train_with(before_step, argv: list) -> None:
@@ -51,4 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script(main)

@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train_paused import train_with  # noqa: E402  (this directory is on the path: a script's own)
 
+from spec import run_as_script  # noqa: E402
+
 
 def main() -> None:
     stuck_at, stuck_rank = int(sys.argv[1]), int(sys.argv[2])
@@ -29,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script(main)
