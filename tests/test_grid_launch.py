@@ -68,39 +68,48 @@ def one_at_a_time(tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-def test_two_jobs_report_a_failed_run_finish_the_others_and_then_give_the_runs_of_one_bit_for_bit(
+def test_two_jobs_report_a_failed_and_a_busy_run_finish_the_other_and_then_give_the_runs_of_one_bit_for_bit(
         tmp_path, one_at_a_time):
-    """--jobs 2 with one run that cannot start: it is reported with its log, the others finish;
-    the same command, once the cause is gone, runs only that one; the three runs are then
-    those of one process running them one after another, bit for bit."""
+    """--jobs 2 with one run that cannot start and one whose directory another process owns
+    (its lock held, nothing written: train.py's own lock refuses it): both are reported, the
+    failed one with its log, the busy one left alone, and the third finishes; the same command,
+    once the causes are gone, runs only those two; the three runs are then those of one process
+    running them one after another, bit for bit."""
+    owner = RunLock(tmp_path / "runs" / RUNS[0])
+    owner.acquire()
     blocker = tmp_path / "runs" / RUNS[1]
-    blocker.parent.mkdir()
     blocker.write_text("not a directory")  # train.py cannot make the run there
-    code, out, err = finish(reproduce_py(tmp_path, "--jobs", "2"))
+    try:
+        code, out, err = finish(reproduce_py(tmp_path, "--jobs", "2"))
+        left = sorted(p.name for p in owner.run_dir.iterdir())  # read while the lock is held
+    finally:
+        owner.release()  # the directory held only the lock: removed with it
     assert code == 1
+    assert left == [".lock"]
     lines = err.strip().splitlines()
-    failed = next(i for i, line in enumerate(lines) if "error: FAILED: cubic-scaled t_0 0.5, seed 0" in line)
+    busy = next(line for line in lines if f"error: BUSY: {LABELS[0]}" in line)
+    assert f"in use by another run (pid {os.getpid()}" in busy
+    failed = next(i for i, line in enumerate(lines) if f"error: FAILED: {LABELS[1]}" in line)
     assert f"exit 1; the last lines of {tmp_path / 'logs' / (RUNS[1] + '.log')}" in lines[failed]
     assert lines[failed + 1].strip() == f"train.py: error: cannot create {blocker} (File exists)"
-    assert lines[-1].endswith("1 run(s) did not finish (above); the table leaves them out. Fix the cause and "
+    assert lines[-1].endswith("2 run(s) did not finish (above); the table leaves them out. Fix the cause and "
                               "run the same command again: it runs only what is missing")
-    for name in (RUNS[0], RUNS[2]):
-        assert '"event": "summary"' in (tmp_path / "runs" / name / "metrics.jsonl").read_text()
+    assert '"event": "summary"' in (tmp_path / "runs" / RUNS[2] / "metrics.jsonl").read_text()
     assert (tmp_path / "results.md").exists()
     assert sum(line.startswith("starting: ") for line in out.splitlines()) == 3
-    assert sum(line.startswith("done: ") for line in out.splitlines()) == 2
-    # Every ended run's line (finished on stdout, failed on stderr) counts the runs ended, with
-    # the time left while some are.
+    assert sum(line.startswith("done: ") for line in out.splitlines()) == 1
+    # Every ended run's line (finished on stdout, failed or busy on stderr) counts the runs
+    # ended, with the time left while some are.
     counts = dict(re.findall(r"\[(\d)/3 ended(, about [^\]]+ left)?\]", out + err))
-    assert sorted(counts) == ["1", "2", "3"] and counts["1"] and not counts["3"]
+    assert sorted(counts) == ["1", "2", "3"] and not counts["3"]
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted(f"{n}.log" for n in RUNS)
 
     blocker.unlink()
     code, out, err = finish(reproduce_py(tmp_path, "--jobs", "2"))
     assert code == 0, err
-    assert "3 runs in the grid, 2 already finished" in out
-    started = [line for line in out.splitlines() if line.startswith("starting: ")]
-    assert len(started) == 1 and started[0].startswith(f"starting: {LABELS[1]};"), out
+    assert "3 runs in the grid, 1 already finished" in out
+    started = sorted(line.split(";")[0] for line in out.splitlines() if line.startswith("starting: "))
+    assert started == [f"starting: {LABELS[0]}", f"starting: {LABELS[1]}"], out
     assert results(tmp_path) == one_at_a_time
 
 
@@ -133,30 +142,37 @@ def test_ctrl_c_stops_every_run_with_a_checkpoint_and_the_same_command_completes
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("jobs", ["1", "2"])
-def test_a_run_owned_by_another_process_is_left_alone(tmp_path, jobs):
-    """Found by the grid before the run starts (its owner has written a file: started), or by
-    train.py's own lock when the run's process starts (the owner holds the lock alone): --jobs 2
-    meets one run of each kind, --jobs 1 (the runs in the grid's process) a started one."""
-    owned, flags = ({0: False, 1: True}, []) if jobs == "2" else ({0: True}, ["--t0s", "0.8"])
-    locks = [RunLock(tmp_path / "runs" / RUNS[i]) for i in owned]
-    for lock, started in zip(locks, owned.values(), strict=True):
-        lock.acquire()
-        if started:
-            (lock.run_dir / "metrics.jsonl").write_text("")
+def test_a_started_run_owned_by_another_process_is_left_alone(tmp_path):
+    """Found by the grid before the run starts (its owner has written a file), in the grid's own
+    process (--jobs 1) as in --jobs N (below); the other run goes on."""
+    lock = RunLock(tmp_path / "runs" / RUNS[0])
+    lock.acquire()
+    (lock.run_dir / "metrics.jsonl").write_text("")
     try:
-        code, _, err = finish(reproduce_py(tmp_path, "--jobs", jobs, *flags))
-        # untouched (read while the locks are held: releasing one removes a directory left empty)
-        left = {i: sorted(p.name for p in (tmp_path / "runs" / RUNS[i]).iterdir()) for i in owned}
+        code, _, err = finish(reproduce_py(tmp_path, "--jobs", "1", "--t0s", "0.8"))
+        left = sorted(p.name for p in lock.run_dir.iterdir())  # read while the lock is held
     finally:
-        for lock in locks:
-            lock.release()
+        lock.release()
     assert code == 1
-    for i, started in owned.items():
-        busy = next(line for line in err.splitlines() if f"error: BUSY: {LABELS[i]}" in line)
-        assert f"in use by another run (pid {os.getpid()}" in busy
-        assert left[i] == ([".lock", "metrics.jsonl"] if started else [".lock"])
+    busy = next(line for line in err.splitlines() if f"error: BUSY: {LABELS[0]}" in line)
+    assert f"in use by another run (pid {os.getpid()}" in busy
+    assert left == [".lock", "metrics.jsonl"]
     assert '"event": "summary"' in (tmp_path / "runs" / RUNS[2] / "metrics.jsonl").read_text()
+
+
+def test_parallel_runs_leave_a_started_run_owned_by_another_process_alone_without_starting_it(tmp_path,
+                                                                                           monkeypatch):
+    lock = RunLock(tmp_path / "runs" / RUNS[0])
+    lock.acquire()
+    (lock.run_dir / "metrics.jsonl").write_text("")
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started"))
+    try:
+        outcomes = launch.run_processes([launch.GridRun(RUNS[0], LABELS[0], ("--epochs", "1"), lock.run_dir)],
+                                        [{}, {}], 1, tmp_path / "logs")
+    finally:
+        lock.release()
+    assert [(o.state, o.seconds) for o in outcomes] == [("busy", 0.0)]
+    assert f"in use by another run (pid {os.getpid()}" in outcomes[0].detail
 
 
 @pytest.mark.slow
