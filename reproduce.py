@@ -126,7 +126,7 @@ class Job:
 # The grid
 # ---------------------------------------------------------------------------------------
 def make_grid(settings: dict, out: Path) -> list[Job]:
-    """The grid's runs, each with the spec train.py runs it by."""
+    """The grid's runs, each with the settings train.py runs it by."""
     # The grid's choices of train.py's settings (those its flags share with train.py); the
     # others at their defaults.
     common = {**{s.dest: settings[s.dest] for s in SETTINGS if s.dest in settings}, "out_dir": str(out / "runs")}
