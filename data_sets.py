@@ -11,6 +11,7 @@ batches.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -145,9 +146,8 @@ def synthetic_images(part: str, start: int, stop: int, num_classes: int = 100,
     size = {"train": TRAIN_SIZE, "test": TEST_SIZE}[part]
     if not 0 <= start <= stop <= size:
         raise ValueError(f"synthetic {part} images {start}..{stop} out of range 0..{size}")
-    colour, angle, freq = _synthetic_classes(num_classes, seed)
     blocks = range(start // SYNTHETIC_BLOCK, -(-stop // SYNTHETIC_BLOCK))
-    parts = [_synthetic_block(part, b, colour, angle, freq, seed) for b in blocks]
+    parts = [_synthetic_block(part, b, num_classes, seed) for b in blocks]
     if not parts:
         return ImageSet(torch.empty(0, 3, 32, 32, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
     images = np.concatenate([p[0] for p in parts])
@@ -167,7 +167,11 @@ def _synthetic_classes(num_classes: int, seed: int):
     return colour, angle, freq
 
 
-def _synthetic_block(part: str, block: int, colour, angle, freq, seed: int):
+# The blocks a small run uses, kept: the runs of a grid run in the grid's own process
+# share their data, 3 MB a block. Read-only: every slice of them is copied.
+@functools.lru_cache(maxsize=16)
+def _synthetic_block(part: str, block: int, num_classes: int, seed: int):
+    colour, angle, freq = _synthetic_classes(num_classes, seed)
     size = {"train": TRAIN_SIZE, "test": TEST_SIZE}[part]
     n = min(SYNTHETIC_BLOCK, size - block * SYNTHETIC_BLOCK)
     rng = np.random.default_rng([seed, len(angle), {"train": 1, "test": 2}[part], block])
@@ -190,8 +194,10 @@ def _synthetic_block(part: str, block: int, colour, angle, freq, seed: int):
     img = img[np.arange(n)[:, None, None, None], np.arange(3)[None, :, None, None],
               rows[:, None, :, None], cols[:, None, None, :]]
     img += rng.normal(0.0, 0.2, size=img.shape).astype(np.float32)
-    images = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
-    return images, labels.astype(np.int64)
+    images, labels = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8), labels.astype(np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
 
 
 def load_splits(dataset: str, data_root: str | os.PathLike = "./data", eval_mode: str = "val",

@@ -9,6 +9,7 @@ VGG has none.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -105,23 +106,41 @@ def paper_speedup(model: str, depth: int, width: Optional[int], t_0: float, how_
 
 
 def speedup_estimator(model: str, depth: int, width: Optional[int], how_scale: str,
-                      bottleneck: bool = True, num_classes: int = 100):
+                      bottleneck: bool = True, num_classes: int = 100, reduction: float = 0.5):
     """The estimate, as a function of t_0, that drives --const_time and --target-speedup:
     the paper's for DenseNet-BC, the FLOP-based one (continuous limit) for any other model.
     Returns (function, what it is called)."""
     if model == "densenet" and bottleneck:
         return (lambda t_0: paper_speedup(model, depth, width, t_0, how_scale)), "the paper's estimate"
-    net = build_model(model, depth, width, num_classes, bottleneck)
+    architecture = (model, depth, width, num_classes, bottleneck, reduction, 0.0)
+    net = build_model(*architecture)
     units = net.freeze_units()
-    levels = training_flops_by_level(unit_flops(net, units, ESTIMATE_INPUT))
+    levels = training_flops_by_level(architecture_unit_flops(architecture, net, units))
     return (lambda t_0: schedule_speedup(levels, unit_times(len(units), t_0, how_scale))), \
         "the FLOP-based estimate"
 
 
-def run_estimates(model: nn.Module, units, t_i, total_steps: int, paper: Optional[float]) -> dict:
+# Each architecture's units counted once in a process (3.5 s for DenseNet-BC L=76 on a CPU): a
+# run's estimate for --target-speedup or --const_time and its own, and the runs of a grid run
+# in one process (reproduce.py --jobs 1), count the same model. Keyed by the arguments
+# build_model builds it from (FLOPs depend on them alone, not on the weights).
+_UNIT_FLOPS: dict[tuple, list] = {}
+
+
+def architecture_unit_flops(architecture: tuple, model: nn.Module, units) -> list[dict]:
+    """`unit_flops` of a model built by `build_model(*architecture)`, counted the first time
+    it is asked for."""
+    if architecture not in _UNIT_FLOPS:
+        _UNIT_FLOPS[architecture] = unit_flops(model, units, ESTIMATE_INPUT)
+    return copy.deepcopy(_UNIT_FLOPS[architecture])
+
+
+def run_estimates(model: nn.Module, units, t_i, total_steps: int, paper: Optional[float],
+                  architecture: tuple) -> dict:
     """A run's estimates: the paper's (None where it does not apply) and the FLOP-based one
-    over the run's real steps; `estimated_speedup` is the first of them that exists."""
-    per_unit = unit_flops(model, units, ESTIMATE_INPUT)
+    over the run's real steps; `estimated_speedup` is the first of them that exists.
+    `architecture`: build_model's arguments that made `model`."""
+    per_unit = architecture_unit_flops(architecture, model, units)
     flop = schedule_speedup(training_flops_by_level(per_unit), t_i, total_steps)
     return {"paper_speedup": paper, "flop_speedup": flop,
             "estimated_speedup": paper if paper is not None else flop, "unit_flops": per_unit}

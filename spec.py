@@ -553,7 +553,8 @@ def resolve(args, explicit: set, defaults: dict = SETTING_DEFAULTS) -> Resolved:
     t_0, epochs = args.t_0, args.epochs
     if args.const_time or args.target_speedup is not None:
         estimate, what = speedup_estimator(args.model, args.depth, args.growth_rate, args.how_scale,
-                                           args.bottleneck, num_classes_of(dataset, synthetic_classes))
+                                           args.bottleneck, num_classes_of(dataset, synthetic_classes),
+                                           args.reduction)
         if args.target_speedup is not None:
             try:
                 t_0 = solve_t_0(args.target_speedup, estimate, f"{what} for {args.how_scale}")

@@ -249,8 +249,9 @@ def build_run(settings: RunSettings, resolved: Resolved, argv: list, dist: Distr
         per_epoch = steps_per_epoch(len(splits.train), settings.batch_size, dist.world_size)
     except ValueError as e:
         raise RunError(str(e)) from None
-    model = build_model(settings.model, settings.depth, settings.growth_rate, splits.num_classes,
-                        settings.bottleneck, settings.reduction, settings.dropout)
+    architecture = (settings.model, settings.depth, settings.growth_rate, splits.num_classes, settings.bottleneck,
+                    settings.reduction, settings.dropout)
+    model = build_model(*architecture)
     amp, kind = step
     training = build_training(
         model, device, resolved.epochs * per_epoch, lr=settings.lr, momentum=settings.momentum,
@@ -264,7 +265,7 @@ def build_run(settings: RunSettings, resolved: Resolved, argv: list, dist: Distr
         training.step = CompiledStep(training, backend=settings.compile_backend)
     scheduler = training.scheduler
     estimates = run_estimates(training.model, training.units, scheduler.t_i, scheduler.total_steps,
-                              resolved.paper_speedup)
+                              resolved.paper_speedup, architecture)
     # A resumed run keeps what its start found: the loader its position was made with, the
     # host's load and cores (a record of before they were kept has none: this start's).
     kept = {k: started[k] for k in ("loader_used", "load_start", "cpu_count") if k in started} if started else {}

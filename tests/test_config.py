@@ -247,3 +247,12 @@ def test_a_resume_refuses_a_run_this_version_resolves_otherwise(tmp_path, capsys
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.endswith(f": error: --resume: this version resolves the saved run's settings otherwise "
                            f"(t_0 = 0.75, not {solved!r}); continue it with the version of the code that started it")
+
+
+def test_a_target_speedup_is_solved_on_the_model_the_run_trains():
+    """A plain DenseNet's FLOP estimate, which t_0 is solved on, has the run's compression."""
+    def t_0(*flags):
+        _, settings, explicit = train.parse_args(["--no-bottleneck", "-L", "13", "-k", "4", "--dataset", "synthetic",
+                                                  "--which_dataset", "10", "--target-speedup", "0.2", *flags])
+        return spec.resolve(settings, explicit).t_0
+    assert t_0("--reduction", "0.25") != t_0()

@@ -118,6 +118,10 @@ def test_synthetic_is_deterministic_and_sliceable():
     assert set(a.labels.tolist()) == set(range(10))
     assert not torch.equal(a.images, synthetic_images("train", 0, 2_500, 10, seed=4).images)
     assert a.images.float().std() > 30  # not a blank image set
+    # The blocks are kept for the next call (a grid's runs in one process share them): what a
+    # caller does to its images does not reach them.
+    a.images.zero_()
+    assert torch.equal(synthetic_images("train", 1_500, 2_100, num_classes=10, seed=3).images, b.images)
 
 
 def test_synthetic_splits_follow_the_cifar_layout():

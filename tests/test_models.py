@@ -123,3 +123,31 @@ def test_frozen_prefix_is_untouched_and_outside_autograd(name):  # VGG-11's 512-
 def test_impossible_depths_are_refused(make, depth):
     with pytest.raises(ValueError, match=f"depth {depth} is not a"):
         make(depth)
+
+
+def test_an_architecture_is_counted_once_in_a_process_and_its_counts_are_copies(monkeypatch):
+    import models
+    calls = []
+    real = models.unit_flops
+    monkeypatch.setattr(models, "unit_flops", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(models, "_UNIT_FLOPS", {})
+    architecture = ("densenet", 10, 4, 10, True, 0.5, 0.0)
+    net = models.build_model(*architecture)
+    first = models.architecture_unit_flops(architecture, net, net.freeze_units())
+    first[0]["forward"] = -1  # a caller's change stays its own
+    same = models.build_model(*architecture)
+    again = models.architecture_unit_flops(architecture, same, same.freeze_units())
+    assert calls == [1] and again[0]["forward"] > 0
+    other = ("densenet", 10, 4, 10, True, 0.25, 0.0)
+    net = models.build_model(*other)
+    models.architecture_unit_flops(other, net, net.freeze_units())
+    assert calls == [1, 1]
+
+
+def test_the_flop_estimate_of_a_plain_densenet_is_that_of_its_reduction():
+    """--target-speedup and --const_time solve on the model the run trains, compression included."""
+    import models
+    halved = models.speedup_estimator("densenet", 13, 4, "cubic", bottleneck=False, num_classes=10)[0](0.5)
+    quarter = models.speedup_estimator("densenet", 13, 4, "cubic", bottleneck=False, num_classes=10,
+                                       reduction=0.25)[0](0.5)
+    assert 0 < halved < 1 and 0 < quarter < 1 and halved != quarter
