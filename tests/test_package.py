@@ -82,27 +82,28 @@ PUBLIC_API = ("import torch, freezeout\n"
               "        == estimate_speedup(model, [list(model[0:3]), list(model[3:5]), model[5]], x, t_0=0.5))\n"
               "print(len(units), round(s, 6), round(t, 6), same)\n"
               "print(sorted(freezeout.__all__))")
-# torch.compile(model) after the scheduler was made (what used to fail at the first forward), 9
-# units, so 9 freeze levels: one more than dynamo's default limit of 8 compiles. Last: the
-# scripts before it run before anything imports dynamo.
-COMPILED = ("import torch, torch.nn.functional as F\n"
+# torch.compile(model) after the scheduler was made (what used to fail at the first forward), 4
+# units, so 4 freeze levels, past a recompile limit lowered to 2 (as the default 8 is passed
+# with 9 units in tests/test_compile.py): the installed package makes the room too.
+COMPILED = ("import torch, torch._dynamo, torch.nn.functional as F\n"
             "from torch._dynamo.utils import counters\n"
             "from freezeout import FreezeOut, param_groups\n"
+            "torch._dynamo.config.recompile_limit = 2\n"
             "torch.manual_seed(0)\n"
             "model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))\n"
-            "                              for _ in range(8)], torch.nn.Linear(8, 2))\n"
+            "                              for _ in range(3)], torch.nn.Linear(8, 2))\n"
             "units = list(model)\n"
             "opt = torch.optim.SGD(param_groups(units), lr=0.05)\n"
-            "scheduler = FreezeOut(opt, units, total_steps=18, t_0=0.05, how_scale='linear')\n"
+            "scheduler = FreezeOut(opt, units, total_steps=8, t_0=0.05, how_scale='linear')\n"
             "compiled = torch.compile(model, backend='aot_eager')\n"
-            "for step in range(18):\n"
+            "for step in range(8):\n"
             "    loss = F.cross_entropy(compiled(torch.randn(16, 8)), torch.randint(0, 2, (16,)))\n"
             "    opt.zero_grad(set_to_none=True)\n"
             "    loss.backward()\n"
             "    opt.step()\n"
             "    scheduler.step()\n"
             "print(scheduler.num_frozen, counters['stats']['unique_graphs'],\n"
-            "      counters['frames']['total'] - counters['frames']['ok'])")
+            "      counters['frames']['total'] - counters['frames']['ok'], torch._dynamo.config.recompile_limit)")
 
 
 @pytest.fixture(scope="module")
@@ -159,5 +160,5 @@ def test_the_installed_package_gives_the_public_api(ran_elsewhere):
 
 
 def test_the_installed_package_trains_a_compiled_model_past_the_recompile_limit(ran_elsewhere):
-    frozen, graphs, failed = map(int, output_of(ran_elsewhere, "compiled").split())
-    assert frozen == 8 and graphs >= 9 and failed == 0
+    frozen, graphs, failed, limit = map(int, output_of(ran_elsewhere, "compiled").split())
+    assert frozen == 3 and graphs >= 4 and failed == 0 and limit > 2

@@ -1,5 +1,7 @@
 """plot.py: what it draws (every unit's schedule from the paper's formula, the logged rates,
 the loss, error and frozen-unit curves of the epoch records), not only that PNGs appear."""
+import contextlib
+import io
 from pathlib import Path
 from typing import Optional
 
@@ -49,11 +51,33 @@ def fabricated_run(run_dir: Path, evaluated: bool = True, epochs: int = 4, per_e
     return records
 
 
-def test_the_learning_rate_figure_draws_every_units_schedule_and_the_logged_rates(tmp_path, drawn, capsys):
-    epochs = fabricated_run(tmp_path)
-    paths = plot.main([str(tmp_path)])
-    assert paths == [tmp_path / "lr.png", tmp_path / "curves.png"] and all(map(is_png, paths))
-    assert f"wrote {paths[0]} and {paths[1]}" in capsys.readouterr().out
+@contextlib.contextmanager
+def drawing_kept():
+    """plot.py's figures, kept for the tests of a module-scoped fixture to read."""
+    kept = KeptFigures(plot.pyplot())
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(plot, "pyplot", lambda: kept)
+        yield kept.figures
+    for figure in kept.figures:
+        kept.plt.close(figure)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The default fabricated run, drawn once: (its directory, its epoch records, the paths
+    plot.py returned, what it printed, the two figures)."""
+    run_dir = tmp_path_factory.mktemp("default")
+    epochs = fabricated_run(run_dir)
+    printed = io.StringIO()
+    with drawing_kept() as figures, contextlib.redirect_stdout(printed):
+        paths = plot.main([str(run_dir)])
+        yield run_dir, epochs, paths, printed.getvalue(), figures
+
+
+def test_the_learning_rate_figure_draws_every_units_schedule_and_the_logged_rates(default_run):
+    run_dir, epochs, paths, printed, drawn = default_run
+    assert paths == [run_dir / "lr.png", run_dir / "curves.png"] and all(map(is_png, paths))
+    assert f"wrote {paths[0]} and {paths[1]}" in printed
     lr_figure, curves_figure = drawn
     ax = lr_figure.axes[0]
     curves, dots = ax.lines[:5], ax.lines[5:]
@@ -70,9 +94,8 @@ def test_the_learning_rate_figure_draws_every_units_schedule_and_the_logged_rate
     assert "linear unscaled, t_0 = 0.5" in ax.get_title()
 
 
-def test_the_curves_figure_draws_the_epoch_records(tmp_path, drawn):
-    epochs = fabricated_run(tmp_path)
-    plot.main([str(tmp_path)])
+def test_the_curves_figure_draws_the_epoch_records(default_run):
+    _, epochs, _, _, drawn = default_run
     left, right, frozen = drawn[1].axes
     x = [1, 2, 3, 4]
     train_loss, val_loss = left.lines
@@ -107,10 +130,20 @@ def ends_a_little_past(limits, end) -> bool:
     return limits[0] == 0 and end < limits[1] <= 1.05 * end
 
 
-@pytest.mark.parametrize("epochs, per_epoch", LENGTHS)
-def test_the_epoch_axes_show_whole_epochs_at_any_length(tmp_path, drawn, epochs, per_epoch):
-    fabricated_run(tmp_path, epochs=epochs, per_epoch=per_epoch, finished=True)
-    plot.main([str(tmp_path)])
+@pytest.fixture(scope="module", params=LENGTHS, ids=[f"{e}x{n}" for e, n in LENGTHS])
+def finished_run(request, tmp_path_factory):
+    """A finished fabricated run of each length (final test error 37.25%), drawn once:
+    (epochs, steps per epoch, the two figures)."""
+    epochs, per_epoch = request.param
+    run_dir = tmp_path_factory.mktemp("finished")
+    fabricated_run(run_dir, epochs=epochs, per_epoch=per_epoch, finished=True, test_err=37.25)
+    with drawing_kept() as figures:
+        plot.main([str(run_dir)])
+        yield epochs, per_epoch, figures
+
+
+def test_the_epoch_axes_show_whole_epochs_at_any_length(finished_run):
+    epochs, per_epoch, drawn = finished_run
     lr_ax = drawn[0].axes[0]
     (epoch_axis,) = lr_ax.child_axes  # the learning rates' epoch axis, along the top
     left, right, frozen = drawn[1].axes
@@ -130,10 +163,8 @@ def test_the_epoch_axes_show_whole_epochs_at_any_length(tmp_path, drawn, epochs,
             assert line.get_marker() == "None" or line.get_markersize() < 2
 
 
-@pytest.mark.parametrize("epochs, per_epoch", LENGTHS)
-def test_the_frozen_units_step_up_at_the_step_each_unit_froze(tmp_path, drawn, epochs, per_epoch):
-    fabricated_run(tmp_path, epochs=epochs, per_epoch=per_epoch, finished=True)
-    plot.main([str(tmp_path)])
+def test_the_frozen_units_step_up_at_the_step_each_unit_froze(finished_run):
+    epochs, per_epoch, drawn = finished_run
     frozen_at = closed_form_frozen_at(5, epochs * per_epoch, 0.5, power=1)
     assert frozen_at[4] is None and len(set(frozen_at[:4])) == 4  # the output unit never freezes
     (steps,) = drawn[1].axes[2].lines
@@ -144,10 +175,8 @@ def test_the_frozen_units_step_up_at_the_step_each_unit_froze(tmp_path, drawn, e
         assert list(steps.get_xdata()) == [0, 1.0, 1.3, 1.5, 1.8, 2.0]
 
 
-@pytest.mark.parametrize("epochs, per_epoch", LENGTHS)
-def test_the_final_test_error_is_marked_at_the_last_epoch(tmp_path, drawn, epochs, per_epoch):
-    fabricated_run(tmp_path, epochs=epochs, per_epoch=per_epoch, finished=True, test_err=37.25)
-    plot.main([str(tmp_path)])
+def test_the_final_test_error_is_marked_at_the_last_epoch(finished_run):
+    epochs, per_epoch, drawn = finished_run
     left, right, frozen = drawn[1].axes
     err, star = right.lines
     assert list(star.get_xdata()) == [epochs] and list(star.get_ydata()) == [37.25] and star.get_marker() == "*"
