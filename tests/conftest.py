@@ -21,6 +21,19 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 POWERS = {"linear": 1, "squared": 2, "cubic": 3}
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (pytest.ini starts a worker per core), each worker and the processes
+    its tests start share the cores out: one thread each on a machine with as many cores as
+    workers, instead of every process spinning a thread per core on all of them (the suite ran
+    2.5 times as long that way)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_finish(session):
     """Everything imported so far (torch, torchvision, matplotlib: millions of objects) lives as
     long as the session; left out of garbage collection, each full collection stops walking them

@@ -63,7 +63,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
   | tee -a "$OUT/summary.txt"
 
 say "== 1. smoke"
-stage "CUDA tests" 40 "$PYTHON" -m pytest -x -q -m "not slow" tests/test_cuda.py tests/test_cuda_graphs.py
+# In one process (pytest.ini's workers need pytest-xdist, and the GPU tests measure the GPU alone).
+stage "CUDA tests" 40 "$PYTHON" -m pytest -o "addopts=-p no:cacheprovider" -x -q -m "not slow" \
+  tests/test_cuda.py tests/test_cuda_graphs.py
 cp "$RUNS/stage.txt" "$OUT/pytest.log"
 tail -n 1 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
 SMALL=(--dataset synthetic --which_dataset 10 --subset 2048 -L 16 -k 6 --batch_size 32 --epochs 3
