@@ -124,7 +124,8 @@ def unit_flops(model: nn.Module, units: Sequence[Unit], example_input) -> list[d
     of positional arguments; anything else is a TypeError, and one the model cannot run on a
     ValueError, each one line that says what example_input must be. Counted on a copy
     of the model on the meta device, in training mode: one forward pass records each unit's
-    inputs, then every module of every unit is run on its own. A batch of one is counted as a
+    inputs, then every module of every unit is run on its own, once forward and twice
+    backward (with and without its input's gradient). A batch of one is counted as a
     batch of two, halved: batch norm refuses to train on a single value per channel, and the
     FLOPs of a batch are the sum of its examples'.
     """
@@ -145,28 +146,34 @@ def unit_flops(model: nn.Module, units: Sequence[Unit], example_input) -> list[d
         given = example_arguments(example_input)[0] or (torch.empty(tuple(example_input), device="meta"),)
         raise cannot_run(given, e, " (counting FLOPs on a meta copy of it)") from None
 
-    def count(name: str, input_grad: bool) -> tuple[int, int]:
+    def count(name: str) -> tuple[int, int, int]:
+        """(forward, backward, backward without the input gradients) of one module, from one
+        forward pass: autograd computes what the gradients asked for need, nothing more."""
         args, kwargs = inputs[name]
-        args = [a.detach().requires_grad_(input_grad and a.is_floating_point())
-                if torch.is_tensor(a) else a for a in args]
+        args = [a.detach().requires_grad_(a.is_floating_point()) if torch.is_tensor(a) else a for a in args]
         with FlopCounterMode(display=False) as forward:
             out = modules[name](*args, **kwargs)
         outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
                 if torch.is_tensor(o) and o.requires_grad]
-        with FlopCounterMode(display=False) as backward:
-            if outs:
-                sum(o.float().sum() for o in outs).backward()
-        return forward.get_total_flops() // per_example, backward.get_total_flops() // per_example
+        weights = [p for p in modules[name].parameters() if p.requires_grad]
+        given = [a for a in args if torch.is_tensor(a) and a.requires_grad]
+        counts = [forward.get_total_flops()]
+        for wanted in (weights + given, weights):
+            with FlopCounterMode(display=False) as backward:
+                if outs and wanted:
+                    total = sum(o.float().sum() for o in outs)
+                    torch.autograd.grad(total, wanted, retain_graph=True, allow_unused=True)
+            counts.append(backward.get_total_flops())
+        return tuple(c // per_example for c in counts)
 
     result = []
     for names in unit_names:
         missing = [n for n in names if n not in inputs]
         if missing:
             raise ValueError(f"unit module {missing[0]!r} is not called by the model's forward pass")
-        full = [count(n, True) for n in names]
-        weights_only = [count(n, False)[1] for n in names]
-        result.append({"forward": sum(f for f, _ in full), "backward": sum(b for _, b in full),
-                       "backward_no_input_grad": sum(weights_only)})
+        counts = [count(n) for n in names]
+        result.append({"forward": sum(c[0] for c in counts), "backward": sum(c[1] for c in counts),
+                       "backward_no_input_grad": sum(c[2] for c in counts)})
     return result
 
 
