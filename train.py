@@ -383,8 +383,8 @@ def fit(built: BuiltRun, loaders, run_dir: Path, progress: RunProgress, log,
             record.update(frozen_units=scheduler.num_frozen,
                           active_units=len(training.units) - scheduler.num_frozen,
                           lr=[float(lr) for lr in scheduler.get_last_lr()])
-            log.log("epoch", **record)
-            with clock.part("checkpoint"):
+            with clock.part("checkpoint"):  # the epoch's writes: its record, then its checkpoint
+                log.log("epoch", **record)
                 save_checkpoint(checkpoint_path, training, config, epoch, step, train_time, None)
             if dist.is_main:
                 tqdm.write(epoch_line(record, config))
