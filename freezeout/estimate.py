@@ -157,11 +157,11 @@ def unit_flops(model: nn.Module, units: Sequence[Unit], example_input) -> list[d
                 if torch.is_tensor(o) and o.requires_grad]
         weights = [p for p in modules[name].parameters() if p.requires_grad]
         given = [a for a in args if torch.is_tensor(a) and a.requires_grad]
+        total = sum(o.float().sum() for o in outs) if outs else None
         counts = [forward.get_total_flops()]
         for wanted in (weights + given, weights):
             with FlopCounterMode(display=False) as backward:
-                if outs and wanted:
-                    total = sum(o.float().sum() for o in outs)
+                if total is not None and wanted:
                     torch.autograd.grad(total, wanted, retain_graph=True, allow_unused=True)
             counts.append(backward.get_total_flops())
         return tuple(c // per_example for c in counts)
