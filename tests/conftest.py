@@ -41,6 +41,21 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+RECOMPILE_LIMITS = ("recompile_limit", "accumulated_recompile_limit")
+
+
+@pytest.fixture
+def dynamo_limits_kept():
+    """Dynamo's recompile limits put back after the test, whatever it (or a FreezeOut scheduler
+    it makes) sets them to. Through torch's own `config.patch`: pytest's monkeypatch undoes a
+    setting that is not in the module's __dict__ by deleting it, which hides it from torch's
+    config module for the rest of the process."""
+    import torch._dynamo
+    config = torch._dynamo.config
+    with config.patch({name: getattr(config, name) for name in RECOMPILE_LIMITS}):
+        yield config
+
+
 @pytest.fixture
 def named_by_flags():
     """The machinery's messages naming settings by their flags, as in the scripts (each script's

@@ -219,13 +219,11 @@ def test_a_failed_graphed_part_keeps_the_eager_figures_and_exits_1(monkeypatch, 
 
 
 @pytest.mark.slow  # torch.compile: a compile per freeze level
-def test_the_compiled_step_is_measured_beside_the_eager_one(monkeypatch, capsys):
+def test_the_compiled_step_is_measured_beside_the_eager_one(capsys, dynamo_limits_kept):
     # Dynamo's own "eager" backend: benchmark.py's compiled path (a compile per level, timed
     # apart) without AOT autograd's tracing, which tests/test_compile.py and test_train.py cover.
     import torch._dynamo
     from torch._dynamo.utils import counters
-    for name in ("recompile_limit", "accumulated_recompile_limit"):  # FreezeOut raises them process-wide
-        monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
     torch._dynamo.reset()
     counters.clear()
     r = benchmark.main(["-L", "10", "-k", "4", "--batch-size", "4", "--steps", "12", "--repeats", "1",

@@ -14,6 +14,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import freezeout.order
+from conftest import RECOMPILE_LIMITS
 from freezeout import FreezeOut, compile_model, compiles_needed, estimate_speedup, freeze, param_groups
 
 D, B = 8, 16
@@ -27,12 +28,12 @@ def chain(n_units: int) -> nn.Sequential:
 
 
 @pytest.fixture
-def fresh_dynamo(monkeypatch):
+def fresh_dynamo(monkeypatch, dynamo_limits_kept):
     """Empty caches and counters, dynamo's recompile limits at their defaults (every FreezeOut
     scheduler made since dynamo was imported, in any earlier test, raised them process-wide)
     and put back afterwards."""
-    for name in ("recompile_limit", "accumulated_recompile_limit"):
-        monkeypatch.setattr(torch._dynamo.config, name, torch._dynamo.config._config[name].default)
+    for name in RECOMPILE_LIMITS:
+        setattr(dynamo_limits_kept, name, dynamo_limits_kept._config[name].default)
     monkeypatch.setattr(freezeout.order, "_said_compiled", False)
     gc.collect()  # schedulers of earlier tests dropped before their first step ...
     freezeout.order.drop_idle_hook()  # ... leave no process-wide hook for torch.compile to warn about
@@ -187,3 +188,11 @@ def test_the_estimate_counts_a_compiled_model_as_the_model_itself(fresh_dynamo):
     model.compile()
     assert estimate_speedup(model, units, x, t_0=0.5) == expected
     assert counters["frames"]["total"] == 0  # nothing was compiled to count
+
+
+def test_dynamo_settings_outlive_the_tests_that_change_them():
+    # The tests above set the recompile limits and put them back; a setting deleted on the way
+    # back (monkeypatch's undo on torch's config module, under pytest 9) would be hidden for
+    # the rest of the process.
+    for name in RECOMPILE_LIMITS:
+        assert getattr(torch._dynamo.config, name) >= 1

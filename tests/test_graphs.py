@@ -323,15 +323,13 @@ def test_benchmark_measures_the_graphed_step_beside_the_eager_one():
 
 
 @pytest.mark.slow  # a compile per freeze level
-def test_benchmark_measures_the_compiled_step_in_graphs_as_train_py_runs_it(monkeypatch):
+def test_benchmark_measures_the_compiled_step_in_graphs_as_train_py_runs_it(dynamo_limits_kept):
     # --compile where graphs run: the graphed step with the compiled forward, each level compiled
     # in an uncaptured step, then captured; the compiles and captures are timed apart. (Dynamo's
     # "eager" backend: where dynamo compiles is the point, not AOT autograd's tracing.)
     import torch._dynamo
 
     import benchmark
-    for name in ("recompile_limit", "accumulated_recompile_limit"):  # FreezeOut raises them process-wide
-        monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
     torch._dynamo.reset()
     parser = benchmark.build_parser()
     args = parser.parse_args(["-L", "10", "-k", "4", "--batch-size", "4", "--steps", "24", "--repeats", "1",
@@ -405,7 +403,7 @@ def test_train_py_graphed_on_the_cpu_stand_in_resumes_bit_for_bit(tmp_path, monk
 
 
 @pytest.mark.slow  # a compile per freeze level
-def test_train_py_graphed_and_compiled_on_the_cpu_stand_in(tmp_path, monkeypatch):
+def test_train_py_graphed_and_compiled_on_the_cpu_stand_in(tmp_path, monkeypatch, dynamo_limits_kept):
     """--compile with CUDA graphs: the graphed step captures the compiled forward, each level
     compiled in one uncaptured step first (a compile must not happen inside a capture)."""
     import torch._dynamo
@@ -413,8 +411,6 @@ def test_train_py_graphed_and_compiled_on_the_cpu_stand_in(tmp_path, monkeypatch
     import graphs
     monkeypatch.setattr(graphs, "graphs_unsupported", lambda *args: None)
     monkeypatch.setattr(graphs, "CudaGraphs", EagerGraphs)
-    for name in ("recompile_limit", "accumulated_recompile_limit"):  # FreezeOut raises them process-wide
-        monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
     torch._dynamo.reset()
     calls = []  # (a graph's step, graphs dynamo made in it), step by step
     real_step = graphs.GraphedStep.traced_step
