@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .units import Unit, _describe, _owns_state, _owns_trainable, unit_modules
+from .units import Unit, _owns_state, unit_modules, unit_parameters
 
 
 def _module_units(units: Sequence[Unit]) -> dict[int, int]:
@@ -39,22 +39,24 @@ def _module_units(units: Sequence[Unit]) -> dict[int, int]:
     return unit_of
 
 
-def _trainable_modules_outside(ran: list[nn.Module],
-                               unit_of: dict[int, int]) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of the modules in `ran` that hold trainable parameters themselves
-    but belong to no unit. Only modules inside something that ran and holds units count (the
-    model, or a wrapper around it): another network trained beside it, say a GAN's
-    discriminator, is none of FreezeOut's business."""
+def _trainable_parameters_outside(ran: list[nn.Module], units: Sequence[Unit]) -> list[str]:
+    """Qualified names of the trainable parameters owned by modules in `ran` that belong to no
+    unit. Only modules inside something that ran and holds units count (the model, or a wrapper
+    around it): another network trained beside it, say a GAN's discriminator, is none of
+    FreezeOut's business."""
+    in_units = {id(p) for unit in units for p in unit_parameters(unit)}
+    unit_modules_ = {id(m) for unit in units for top in unit_modules(unit) for m in top.modules()}
     names: dict[int, str] = {}
     for root in ran:  # outermost first: a module runs before the modules it calls
         if id(root) in names:
             continue
         subtree = list(root.named_modules())
-        if any(id(m) in unit_of for _, m in subtree):
+        if any(id(m) in unit_modules_ for _, m in subtree):
             for name, m in subtree:
                 names.setdefault(id(m), name)
-    return [(names[id(m)], m) for m in ran
-            if id(m) in names and id(m) not in unit_of and _owns_trainable(m)]
+    return [f"{names[id(m)]}.{pname}" if names[id(m)] else pname
+            for m in ran if id(m) in names
+            for pname, p in m.named_parameters(recurse=False) if p.requires_grad and id(p) not in in_units]
 
 
 _said_compiled = False  # the skipped check is reported once per process
@@ -126,11 +128,15 @@ class ForwardOrderWatch:
             warnings.warn(f"FreezeOut units {missing} did not run in the first training step; "
                           "freezing them saves nothing if they are not part of the forward pass",
                           stacklevel=3)
-        left_out = _trainable_modules_outside(list(self.ran.values()), unit_of)
+        left_out = _trainable_parameters_outside(list(self.ran.values()), self.units)
         if left_out:
-            warnings.warn("FreezeOut: modules that ran in the first step hold trainable parameters "
-                          "but belong to no unit, so they are never annealed or frozen: "
-                          + _describe(left_out), stacklevel=3)
+            listed = ", ".join(left_out[:10]) + (f" and {len(left_out) - 10} more" if len(left_out) > 10 else "")
+            warnings.warn(f"FreezeOut: trainable parameters that the model used in the first step belong to no "
+                          f"unit ({listed}). They are never optimized (the optimizer holds the units' "
+                          "parameters), and as long as they require gradients, backward keeps running "
+                          "through the frozen units before them, so freezing saves little; put them in a "
+                          "unit (find_units does: a ViT's cls_token joins its patch embedding) or set "
+                          "requires_grad=False on them", stacklevel=3)
 
     def _ran_compiled(self) -> bool:
         """Whether the forward pass ran under torch.compile: the wrapper torch.compile(model)

@@ -3,10 +3,12 @@ good, and finding the units of any model by running it once.
 
 A unit is a module, a list or tuple of modules (resnet18's stem is `[conv1, bn1]`), or a
 container of the model's modules that the model itself does not hold: a slice of an
-nn.Sequential (`model[0:3]` is a new nn.Sequential), a new nn.ModuleList. `unit_modules` is the
-one rule, used by the scheduler, `param_groups`, `freeze`, the order check and the estimate. A
-model's units are listed in forward order, so that the frozen ones are always a prefix of the
-forward pass.
+nn.Sequential (`model[0:3]` is a new nn.Sequential), a new nn.ModuleList. A list may also hold
+parameters that a module owns directly beside its submodules (a ViT's cls_token and pos_embed
+join its patch embedding: `[vit.patch_embed, vit.cls_token, vit.pos_embed]`). `unit_modules`
+and `unit_parameters` are the one rule, used by the scheduler, `param_groups`, `freeze`, the
+order check and the estimate. A model's units are listed in forward order, so that the frozen
+ones are always a prefix of the forward pass.
 """
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ from typing import Iterable, Sequence, Union
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
-Unit = Union[nn.Module, Sequence[nn.Module]]
+Unit = Union[nn.Module, Sequence[Union[nn.Module, nn.Parameter]]]
 
 
-WHAT_A_UNIT_IS = ("a unit is a module, a list or tuple of modules, or a container of the model's "
-                  "modules (a slice of an nn.Sequential, an nn.ModuleList)")
+WHAT_A_UNIT_IS = ("a unit is a module, a list or tuple of modules (and of parameters that the model's modules "
+                  "own directly, such as a ViT's cls_token), or a container of the model's modules (a slice of "
+                  "an nn.Sequential, an nn.ModuleList)")
 
 
 def unit_modules(unit: Unit, model: nn.Module | None = None) -> list[nn.Module]:
@@ -66,17 +71,25 @@ def _model_modules(unit: Unit, held: Container[int], which: str | None = None) -
 
 
 def _as_modules(unit, which: str | None = None) -> list[nn.Module]:
-    """The unit's modules as listed; TypeError, saying what a unit is, for anything else."""
+    """The unit's modules as listed (its parameters listed on their own left out); TypeError,
+    saying what a unit is, for anything else."""
     if isinstance(unit, nn.Module):
         return [unit]
     where = f"{which}: " if which else ""
-    if isinstance(unit, Sequence) and not isinstance(unit, (str, bytes)):
+    if isinstance(unit, Sequence) and not isinstance(unit, (str, bytes, torch.Tensor)):
         for i, item in enumerate(unit):
-            if not isinstance(item, nn.Module):
+            if not isinstance(item, (nn.Module, nn.Parameter)):
                 raise TypeError(f"{where}{WHAT_A_UNIT_IS}; got a {type(unit).__name__} whose item {i} "
                                 f"is {type(item).__name__} {_short(item)}")
-        return list(unit)
+        return [item for item in unit if isinstance(item, nn.Module)]
     raise TypeError(f"{where}{WHAT_A_UNIT_IS}; got {type(unit).__name__} {_short(unit)}")
+
+
+def _listed_parameters(unit: Unit) -> list[nn.Parameter]:
+    """The parameters a unit lists on their own (a ViT's cls_token), beside its modules."""
+    if isinstance(unit, nn.Module):
+        return []
+    return [item for item in unit if isinstance(item, nn.Parameter)]
 
 
 def _short(value, limit: int = 60) -> str:
@@ -131,7 +144,11 @@ def cannot_run(args: tuple, error: Exception, where: str = "") -> ValueError:
 
 
 def unit_parameters(unit: Unit) -> list[nn.Parameter]:
-    return [p for m in unit_modules(unit) for p in m.parameters()]
+    """The parameters of the unit's modules, then those it lists on their own (each once)."""
+    params = [p for m in unit_modules(unit) for p in m.parameters()]
+    held = {id(p) for p in params}
+    listed = {id(p): p for p in _listed_parameters(unit) if id(p) not in held}
+    return params + list(listed.values())
 
 
 def param_groups(units: Iterable[Unit], **group_options) -> list[dict]:
@@ -212,7 +229,12 @@ def find_units(model: nn.Module, example_input=_REQUIRED, groups: int | None = N
       model is looked into);
     - any other model: the modules that own parameters themselves (a ResNet's every conv, batch
       norm and fc). A module that owns parameters and holds submodules that own some too is one
-      unit with all of them, since a unit is a whole module.
+      unit with all of them, since a unit is a whole module; but the model itself (or the one
+      module that wrappers around it lead to) is not cut that way: the parameters it owns
+      directly (a ViT's cls_token and pos_embed, a top-level bias) join the unit that ran last
+      before their first use, or the first unit when none had (`[patch_embed, cls_token,
+      pos_embed]`), so that every parameter is in a unit and the frozen prefix needs no
+      gradient.
 
     With groups=n they are cut into n contiguous lists of modules of about equal parameter count
     (the largest as small as can be).
@@ -238,8 +260,12 @@ def find_units(model: nn.Module, example_input=_REQUIRED, groups: int | None = N
                         "a tensor such as torch.randn(2, 3, 32, 32), a "
                         "tuple of its positional arguments, or a shape such as (2, 3, 32, 32)")
     args, shape = example_arguments(example_input)
-    unit_of = _owner_units(model)
-    calls = _calls_in_one_pass(model, args, shape, _owners(model))
+    top = _top_module(model)
+    loose = list(top.parameters(recurse=False)) if any(_owns_parameters(m) for m in top.modules()
+                                                       if m is not top) else []
+    owners = [m for m in _owners(model) if not (loose and m is top)]
+    unit_of = _owner_units(model, top if loose else None)
+    calls, first_use = _calls_in_one_pass(model, args, shape, owners, loose)
     names = {id(m): name for name, m in model.named_modules()}
     units = None
     block_of = _block_units(model)
@@ -252,13 +278,20 @@ def find_units(model: nn.Module, example_input=_REQUIRED, groups: int | None = N
     if units is None:
         units = _units_in_order([unit_of[id(m)] for m in calls], names)
     ran = {id(u) for u in units}
-    never_ran = [(names[id(m)], m) for m in _owners(model) if id(unit_of[id(m)]) not in ran]
+    never_ran = [(names[id(m)], m) for m in owners if id(unit_of[id(m)]) not in ran]
     if any(_owns_trainable(m) for _, m in never_ran):
         warnings.warn("find_units: modules with trainable parameters did not run on the example "
                       "input and are left out of the units: "
                       + _describe([(n, m) for n, m in never_ran if _owns_trainable(m)]), stacklevel=2)
+    members = [[u] for u in units]
+    index = {id(u): i for i, u in enumerate(units)}
+    for p in loose:  # each to the unit that ran last before its first use; the first unit else
+        used_after = first_use.get(id(p), 0)
+        members[index[id(unit_of[id(calls[used_after - 1])])] if used_after else 0].append(p)
     if groups is not None:
-        units = _balanced_groups(units, groups)
+        units = _balanced_groups(members, groups)
+    else:
+        units = [m[0] if len(m) == 1 else m for m in members]
     left_out = {id(p) for _, m in never_ran for p in m.parameters(recurse=False)}
     _check_every_parameter_once(model, units, left_out)
     return units
@@ -268,19 +301,26 @@ def _owners(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if _owns_parameters(m)]
 
 
-def _owner_units(model: nn.Module) -> dict[int, nn.Module]:
+def _top_module(model: nn.Module) -> nn.Module:
+    """The model, or the module that wrappers holding nothing else lead to: `nn.Sequential(vit)`
+    is cut as `vit` is."""
+    top = model
+    while not _owns_parameters(top):
+        holders = [c for c in top.children() if next(c.parameters(), None) is not None]
+        if len(holders) != 1:
+            break
+        top = holders[0]
+    return top
+
+
+def _owner_units(model: nn.Module, cut: nn.Module | None = None) -> dict[int, nn.Module]:
     """id of every module that owns parameters -> its unit: the module itself, or the outermost
-    module above it that owns parameters too. The model itself cannot be that module: one unit
-    for the whole model would freeze nothing until the end."""
+    module above it that owns parameters too; `cut`, a module that owns parameters itself (the
+    model, a ViT), is no unit: its submodules are units of their own, and its own parameters are
+    placed by find_units."""
     unit_of: dict[int, nn.Module] = {}
     for module in model.modules():  # parents before children
-        if _owns_parameters(module) and id(module) not in unit_of:
-            if module is model and sum(map(_owns_parameters, model.modules())) > 1:
-                own = ", ".join(n for n, _ in model.named_parameters(recurse=False))
-                raise ValueError(f"find_units: {type(model).__name__} owns parameters itself ({own}) "
-                                 "besides those of its submodules, and a unit is a whole module, so "
-                                 "the whole model would be one unit; move them into a submodule, or "
-                                 "list the units by hand")
+        if _owns_parameters(module) and id(module) not in unit_of and module is not cut:
             for inner in module.modules():
                 if _owns_parameters(inner):
                     unit_of.setdefault(id(inner), module)
@@ -314,16 +354,19 @@ def _make(module: nn.Module) -> tuple:
     return type(module), tuple(_make(c) for c in module.children())
 
 
-def _calls_in_one_pass(model: nn.Module, args: tuple | None, shape: tuple | None,
-                       watched: list[nn.Module]) -> list[nn.Module]:
+def _calls_in_one_pass(model: nn.Module, args: tuple | None, shape: tuple | None, watched: list[nn.Module],
+                       loose: Sequence[nn.Parameter] = ()) -> tuple[list[nn.Module], dict[int, int]]:
     """Every call of a `watched` module during one forward pass on `args` (or on a random
-    tensor of `shape`, on the model's device), in order; a batch of one that the model refuses
-    (batch norm in training mode) is run again as a batch of two. Without gradients; the
-    buffers and the random number generators are put back, so finding the units changes
-    nothing in the run that follows (dropout and batch statistics still work as in training)."""
+    tensor of `shape`, on the model's device), in order, and for each of the `loose` parameters
+    that the pass uses, id -> how many calls came before its first use. A batch of one that the
+    model refuses (batch norm in training mode) is run again as a batch of two. Without
+    gradients; the buffers and the random number generators are put back, so finding the units
+    changes nothing in the run that follows (dropout and batch statistics still work as in
+    training)."""
     calls: list[nn.Module] = []
     handles = [m.register_forward_pre_hook(lambda module, args: calls.append(module))
                for m in watched]
+    first_use = _FirstUse(loose, calls)
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     cuda = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     try:
@@ -333,14 +376,17 @@ def _calls_in_one_pass(model: nn.Module, args: tuple | None, shape: tuple | None
                 args = (torch.randn(shape, device=p.device if p is not None else None,
                                     dtype=p.dtype if p is not None else None),)
             try:
-                model(*args)
+                with first_use:
+                    model(*args)
             except Exception as e:  # whatever the model raises on an input it cannot take
                 if not _batch_of_one(args):
                     raise cannot_run(args, e) from None
                 # Batch norm does not train on one value per channel: the batch of one, twice.
                 calls.clear()
+                first_use.at.clear()
                 try:
-                    model(*[torch.cat([a, a]) if torch.is_tensor(a) else a for a in args])
+                    with first_use:
+                        model(*[torch.cat([a, a]) if torch.is_tensor(a) else a for a in args])
                 except Exception:
                     raise cannot_run(args, e) from None
     finally:
@@ -349,7 +395,24 @@ def _calls_in_one_pass(model: nn.Module, args: tuple | None, shape: tuple | None
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
-    return calls
+    return calls, first_use.at
+
+
+class _FirstUse(TorchFunctionMode):
+    """Records, for each of `params`, how many module calls had been made (len(calls)) when a
+    torch function or tensor method first took it as an argument."""
+
+    def __init__(self, params: Sequence[nn.Parameter], calls: list):
+        super().__init__()
+        self.ids, self.calls, self.at = {id(p) for p in params}, calls, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if len(self.at) < len(self.ids):
+            for leaf in tree_leaves((args, kwargs)):
+                if isinstance(leaf, torch.Tensor) and id(leaf) in self.ids:
+                    self.at.setdefault(id(leaf), len(self.calls))
+        return func(*args, **kwargs)
 
 
 def _batch_of_one(args: tuple) -> bool:
@@ -374,9 +437,10 @@ def _units_in_order(called_units: list[nn.Module], names: dict[int, str]) -> lis
     return order
 
 
-def _balanced_groups(units: list[nn.Module], n: int) -> list[list[nn.Module]]:
-    """The units cut into n contiguous non-empty groups whose largest parameter count is as
-    small as can be: a binary search on that largest count, each try cut greedily."""
+def _balanced_groups(units: list[list], n: int) -> list[list]:
+    """The units (each a list: a module and the parameters that joined it) cut into n contiguous
+    non-empty groups whose largest parameter count is as small as can be: a binary search on
+    that largest count, each try cut greedily."""
     if isinstance(n, bool) or int(n) != n or not 1 <= n <= len(units):
         raise ValueError(f"groups must be an integer between 1 and {len(units)} (the number of "
                          f"modules that own parameters), got {n}")
@@ -390,7 +454,8 @@ def _balanced_groups(units: list[nn.Module], n: int) -> list[list[nn.Module]]:
         else:
             low = cap + 1
     starts = _cuts(sizes, n, low)
-    return [units[a:b] for a, b in zip(starts, starts[1:] + [len(units)], strict=True)]
+    return [[item for unit in units[a:b] for item in unit]
+            for a, b in zip(starts, starts[1:] + [len(units)], strict=True)]
 
 
 def _cuts(sizes: list[int], n: int, cap: int) -> list[int]:

@@ -185,8 +185,69 @@ def test_what_no_frozen_prefix_can_hold_is_refused():
         find_units(Tied(), torch.tensor([[1, 2, 3]]))
     with pytest.raises(ValueError, match=r"'embed.weight' .* would be in 2 units"):
         find_units(Tied(), (torch.tensor([[1, 2, 3]]),), groups=1)  # a tuple of arguments too
-    with pytest.raises(ValueError, match=r"OwnParameters owns parameters itself \(token\)"):
-        find_units(OwnParameters(), torch.randn(2, 4))
+
+
+class Tokens(nn.Module):
+    """A model that owns parameters itself, ViT-style: a token and a position table used after
+    the stem, a bias used after the head, a scale used before anything runs, one never used."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.stem = nn.Linear(3, 8)
+        self.token, self.pos = nn.Parameter(torch.zeros(1, 1, 8)), nn.Parameter(torch.zeros(1, 3, 8))
+        self.blocks = nn.Sequential(*[block(8) for _ in range(3)])
+        self.head = nn.Linear(8, 4)
+        self.bias = nn.Parameter(torch.zeros(4))
+        self.spare = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):  # x: (batch, 2, 3)
+        x = self.stem(x * self.scale)
+        x = torch.cat([self.token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = self.blocks(x.mean(1))
+        return self.head(x) + self.bias
+
+
+def test_parameters_a_model_owns_join_the_unit_that_ran_before_their_first_use():
+    torch.manual_seed(0)
+    model = Tokens()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        units = find_units(model, torch.randn(4, 2, 3))
+    stem_unit = [model.stem, model.scale, model.token, model.pos, model.spare]  # scale: before anything ran
+    head_unit = [model.head, model.bias]
+    members = [[id(x) for x in (u if isinstance(u, list) else [u])] for u in units]
+    blocks = [[id(m)] for b in model.blocks for m in (b[0], b[1])]
+    assert members[0] == [id(x) for x in (model.stem, model.scale, model.token, model.pos, model.spare)]
+    assert members[1:-1] == blocks and members[-1] == [id(x) for x in head_unit]
+    # Every parameter in exactly one unit, so the optimizer covers the model, and freezing the
+    # stem's unit stops the gradients of the token and the table too.
+    assert sorted(id(p) for u in param_groups(units) for p in u["params"]) == sorted(map(id, model.parameters()))
+    assert {id(x) for x in stem_unit} <= {id(p) for p in param_groups(units)[0]["params"]} | {id(model.stem)}
+    optimizer = torch.optim.SGD(param_groups(units), lr=0.1)
+    scheduler = FreezeOut(optimizer, units, total_steps=4, t_0=0.2, how_scale="linear")
+    for _ in range(2):
+        loss = model(torch.randn(4, 2, 3)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.num_frozen >= 1
+    stem_params = (model.scale, model.token, model.pos, model.spare, *model.stem.parameters())
+    assert not any(p.requires_grad for p in stem_params)
+    # Cut into groups, the parameters stay with their unit.
+    grouped = find_units(model, torch.randn(4, 2, 3), groups=2)
+    assert [id(x) for x in grouped[0][:5]] == [id(x) for x in stem_unit]
+    assert [id(x) for x in grouped[-1][-2:]] == [id(x) for x in head_unit]
+    # A model that wraps it is cut the same way.
+    wrapped = nn.Sequential(model)
+    assert [[id(x) for x in (u if isinstance(u, list) else [u])] for u in find_units(wrapped, torch.randn(4, 2, 3))] \
+        == members
+
+
+def test_a_parameter_the_model_uses_before_its_only_layer_joins_that_layer():
+    model = OwnParameters()
+    assert find_units(model, torch.randn(2, 4)) == [[model.fc, model.token]]
 
 
 @pytest.mark.slow  # trains a ResNet-50 for 6 steps
