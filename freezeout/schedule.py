@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Sequence
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.hooks import RemovableHandle
 
 from .compile import allow_a_compile_per_freeze_level
 from .order import ForwardOrderWatch
@@ -53,6 +55,14 @@ def unit_times(n_units: int, t_0: float, how_scale: str = "cubic") -> list[float
     return [(t_0 + (1 - t_0) * i / last) ** power for i in range(n_units)]
 
 
+def check_total_steps(total_steps) -> int:
+    """T as an int; ValueError for anything that is not a positive integer."""
+    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Real) \
+            or int(total_steps) != total_steps or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+    return int(total_steps)
+
+
 def unit_lr(step: int, t_i: float, total_steps: int, alpha: float) -> float:
     """Learning rate of a unit at optimizer step `step` (counted from 0): cosine from alpha
     down to zero at step t_i * total_steps, zero from then on."""
@@ -69,7 +79,9 @@ class FreezeOut(LRScheduler):
         optimizer: any torch.optim optimizer whose param groups are `param_groups(units)`.
         units: modules (or lists of modules, or slices of an nn.Sequential) in forward order;
             the last is the output unit. find_units(model, example_input) finds them for any model.
-        total_steps: T, the number of scheduler steps (training iterations) of the whole run.
+        total_steps: T, the number of scheduler steps (optimizer steps) of the whole run; None
+            when a trainer gives it before the first step (the adapters in freezeout.lightning
+            and freezeout.hf take it from the trainer, or call `set_total_steps`).
         t_0: fraction of the run (before scaling) at which unit 0 freezes, in (0, 1].
         how_scale: "linear", "squared" or "cubic": t_i = tau_i ** (1, 2, 3).
         scale_lr: start unit i at base_lr / t_i, so that units that train for less time
@@ -81,9 +93,13 @@ class FreezeOut(LRScheduler):
     The model may be compiled (torch.compile(model) or model.compile(), before or after the
     scheduler is made): each freeze level compiles once, and the scheduler makes room for that
     in dynamo's recompile limit (freezeout/compile.py).
+
+    `register_freeze_hook(hook)` calls `hook(scheduler, newly_frozen)` whenever units freeze,
+    in a step or when a saved state is loaded (freezeout.ddp uses it to take the frozen
+    parameters out of DistributedDataParallel's gradient all-reduce).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, units: Sequence[Unit], total_steps: int,
+    def __init__(self, optimizer: torch.optim.Optimizer, units: Sequence[Unit], total_steps: Optional[int],
                  t_0: float = 0.8, how_scale: str = "cubic", scale_lr: bool = True,
                  last_epoch: int = -1):
         self.units = list(units)
@@ -96,9 +112,7 @@ class FreezeOut(LRScheduler):
             if {id(p) for p in unit_parameters(unit)} != {id(p) for p in group["params"]}:
                 raise ValueError(f"param group {i} does not hold exactly the parameters of unit {i}; "
                                  "build the optimizer from param_groups(units)")
-        if int(total_steps) != total_steps or total_steps < 1:
-            raise ValueError(f"total_steps must be a positive integer, got {total_steps}")
-        self.total_steps = int(total_steps)
+        self.total_steps = None if total_steps is None else check_total_steps(total_steps)
         self.t_0 = check_t_0(t_0)
         self.how_scale = check_how_scale(how_scale)
         self.scale_lr = bool(scale_lr)
@@ -107,6 +121,7 @@ class FreezeOut(LRScheduler):
         self.num_frozen = 0
         self._order_watch = None
         self._warned_past_end = False  # a loop that runs past total_steps is told once
+        self._freeze_hooks: OrderedDict[int, Callable] = OrderedDict()
         super().__init__(optimizer, last_epoch)
         self._order_watch = ForwardOrderWatch(self.units)
         allow_a_compile_per_freeze_level(len(self.units))
@@ -122,8 +137,21 @@ class FreezeOut(LRScheduler):
         """Every unit's learning rate for optimizer step `step` (counted from 0), from the formula
         alone: the one source of the rates, for the scheduler itself and for anything that needs
         them ahead of time (a table of rates uploaded once, a figure)."""
+        if self.total_steps is None:
+            if step == 0:  # every unit starts at alpha_i, whatever T
+                return self.alphas()
+            raise RuntimeError(_NO_TOTAL_STEPS)
         return [unit_lr(step, t_i, self.total_steps, alpha)
                 for t_i, alpha in zip(self.t_i, self.alphas(), strict=True)]
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Give T to a scheduler made with total_steps=None (what a trainer's adapter does, from
+        the trainer, before the first step). A T that was already given stays: ValueError for
+        another one, the mistake of a wrong T caught before the run instead of at its end."""
+        total_steps = check_total_steps(total_steps)
+        if self.total_steps is not None and self.total_steps != total_steps:
+            raise ValueError(f"FreezeOut's total_steps is {self.total_steps}, not {total_steps}")
+        self.total_steps = total_steps
 
     def get_lr(self) -> list[float]:
         return self.lr_at(self.last_epoch)
@@ -131,10 +159,12 @@ class FreezeOut(LRScheduler):
     def step(self, epoch: None = None) -> None:
         if epoch is not None:
             raise TypeError("FreezeOut.step() takes no epoch; call it once per optimizer step")
+        if self.total_steps is None and self.last_epoch >= 0:
+            raise RuntimeError(_NO_TOTAL_STEPS)
         if self._order_watch is not None:
             watch, self._order_watch = self._order_watch, None
             watch.check()
-        if self.last_epoch >= self.total_steps and not self._warned_past_end:
+        if self.total_steps is not None and self.last_epoch >= self.total_steps and not self._warned_past_end:
             self._warned_past_end = True
             warnings.warn(f"FreezeOut.step() after optimizer step {self.last_epoch}, past the end of "
                           f"the run (total_steps={self.total_steps}: steps 0 to "
@@ -157,14 +187,31 @@ class FreezeOut(LRScheduler):
         # Units freeze in index order (t_i never decreases with i), so only the next ones
         # can be due: O(newly frozen units) per step, no loop over parameters.
         k = self.last_epoch
-        if k >= self.total_steps:
+        if self.total_steps is None or k >= self.total_steps:
             return
+        newly = []
         while self.num_frozen < len(self.units) and k >= self.t_i[self.num_frozen] * self.total_steps:
             self.frozen_at[self.num_frozen] = k
             self._freeze(self.num_frozen)
+            newly.append(self.num_frozen)
             self.num_frozen += 1
             # A model compiled after the scheduler was made recompiles at this new level.
             allow_a_compile_per_freeze_level(len(self.units))
+        if newly:
+            self._call_freeze_hooks(newly)
+
+    def register_freeze_hook(self, hook: Callable[["FreezeOut", list[int]], None]) -> RemovableHandle:
+        """Call `hook(scheduler, newly_frozen)` (the indices of the units just frozen) whenever
+        units freeze: in `step()`, after the optimizer step that came before it, and in
+        `load_state_dict`, for the units a saved state has frozen. Returns a handle whose
+        `remove()` takes the hook away."""
+        handle = RemovableHandle(self._freeze_hooks)
+        self._freeze_hooks[handle.id] = hook
+        return handle
+
+    def _call_freeze_hooks(self, newly: list[int]) -> None:
+        for hook in list(self._freeze_hooks.values()):
+            hook(self, list(newly))
 
     def _freeze(self, i: int) -> None:
         group = self.optimizer.param_groups[i]
@@ -208,3 +255,10 @@ class FreezeOut(LRScheduler):
         self._last_lr = list(state_dict["_last_lr"])
         for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
             group["lr"] = lr
+        if self.num_frozen:
+            self._call_freeze_hooks(list(range(self.num_frozen)))
+
+
+_NO_TOTAL_STEPS = ("FreezeOut.total_steps is not set: give total_steps=T (the run's optimizer steps), call "
+                   "scheduler.set_total_steps(T) before the first step, or attach the scheduler to a trainer "
+                   "through freezeout.lightning or freezeout.hf, which take T from the trainer")
