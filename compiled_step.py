@@ -31,7 +31,7 @@ class CompiledStep(EagerStep):
         self._level = None                          # the freeze level of the last step
 
     def _compiled_for(self, model: torch.nn.Module) -> torch.nn.Module:
-        # Under torchrun the DDP wrapper is rebuilt when units freeze: compile the new one.
+        # The module the step runs is the same all run (the model, or its one DDP wrapper).
         if model is not self._source:
             self._source = model
             self._compiled = compile_model(model, self.training.units, **self.compile_options)
@@ -44,7 +44,7 @@ class CompiledStep(EagerStep):
         if t.scheduler.checking_order:  # the first step of a run: eagerly, so that it is checked
             self.last_kind = "eager"
             return super().__call__(x, y)
-        model = self._compiled_for(t.ddp.for_frozen(t.scheduler.num_frozen))
+        model = self._compiled_for(t.ddp.module_for(t.scheduler))
         if t.scheduler.num_frozen == self._level:
             self.last_kind = "compiled"
             return train_step(model, x, y, t.optimizer, t.scaler, self.autocast)

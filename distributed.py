@@ -1,9 +1,9 @@
 """Several processes under torchrun: this process's place in the job, the collectives the run
-needs, and the model wrapped in DistributedDataParallel over the parameters still training.
+needs, and the model wrapped in DistributedDataParallel, all-reducing what still trains.
 
 - `Distributed`, `init_distributed`: rank, world size, all_reduce / broadcast / gather.
-- `DDPModel`: the module the training step calls, rebuilt over the trainable parameters when
-  units freeze; `check_replicas_agree`: the ranks' weights are the same.
+- `DDPModel`: the module the training step calls, all-reducing the trainable parameters alone
+  as units freeze (freezeout.ddp); `check_replicas_agree`: the ranks' weights are the same.
 """
 from __future__ import annotations
 
@@ -91,26 +91,27 @@ def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> tup
 
 
 class DDPModel:
-    """What the training step calls: the model itself in one process; under torchrun a
-    DistributedDataParallel wrapper over the parameters still training. DDP buckets only
-    parameters that require gradients, so the wrapper is rebuilt whenever units freeze (at most
-    once per unit, at the same step on every rank, since the schedule is the same): frozen
-    parameters leave the all-reduce, and no step waits for gradients that never come, without
-    find_unused_parameters. Each rebuild also re-broadcasts rank 0's weights."""
+    """What the training step calls: the model itself in one process; under torchrun one
+    DistributedDataParallel wrapper, made at the first step, whose gradient all-reduce follows
+    the freezing (freezeout.ddp.follow_freezing: its reducer is rebuilt over the parameters
+    still training whenever units freeze, at the same step on every rank, since the schedule is
+    the same): frozen parameters leave the all-reduce, and no step waits for gradients that
+    never come, without find_unused_parameters."""
 
     def __init__(self, model: torch.nn.Module, dist: Distributed, device: torch.device):
         self.model, self.dist, self.device = model, dist, device
-        self.module, self.num_frozen = model, None
+        self.module, self.follower = model, None
 
-    def for_frozen(self, num_frozen: int) -> torch.nn.Module:
-        """The module to call with `num_frozen` units frozen (a new DDP wrapper if that changed)."""
-        if self.dist.enabled and num_frozen != self.num_frozen:
+    def module_for(self, scheduler) -> torch.nn.Module:
+        """The module to call in a step of `scheduler`'s run (the DDP wrapper is made once)."""
+        if self.dist.enabled and self.follower is None:
             from torch.nn.parallel import DistributedDataParallel
-            self.module = None  # release the old wrapper (and its gradient hooks) first
+
+            from freezeout.ddp import follow_freezing
             self.module = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True)
-            self.num_frozen = num_frozen
+            self.follower = follow_freezing(scheduler, self.module)
         return self.module
 
 

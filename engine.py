@@ -258,7 +258,7 @@ class EagerStep:
         t = self.training
         x = x.to(t.device, non_blocking=True, memory_format=t.memory_format)
         y = y.to(t.device, non_blocking=True)
-        model = t.ddp.for_frozen(t.scheduler.num_frozen)
+        model = t.ddp.module_for(t.scheduler)
         self.eager_steps += 1
         return train_step(model, x, y, t.optimizer, t.scaler, self.autocast)
 

@@ -38,7 +38,7 @@ def graphs_unsupported(device: torch.device, amp: str, distributed: bool) -> str
         return ("fp16's GradScaler decides on the host whether to skip each step, which a CUDA "
                 "graph cannot; fp16 runs eagerly (bf16 needs no scaler and runs graphed)")
     if distributed:
-        return ("under torchrun the DDP wrapper is rebuilt as units freeze and its all-reduce "
+        return ("under torchrun DDP's reducer is rebuilt as units freeze and its all-reduce "
                 "hooks run on the host; the step runs eagerly")
     return None
 

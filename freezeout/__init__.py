@@ -25,14 +25,24 @@ t_0 = 1 gives every unit t_i = 1: plain per-step cosine annealing with no freezi
 baseline, through the same code. torch.compile(model) and model.compile() work, before or
 after the scheduler is made (one compile per freeze level; see freezeout.compile).
 
+Under DistributedDataParallel, follow_freezing(scheduler, ddp_model) takes each frozen unit out
+of the gradient all-reduce. In Lightning and the Hugging Face Trainer, the callbacks of
+freezeout.lightning and freezeout.hf (optional: `pip install "freezeout[lightning]"`, `[hf]`)
+take T from the trainer, follow DDP and log every unit's rate.
+
 The modules:
-    schedule  unit_times, unit_lr, the FreezeOut scheduler
-    units     param_groups, freeze, find_units: what a unit is and how to get them
-    order     the check that the units run in the order they are listed
-    estimate  the FLOP-based speedup of a schedule for any model, and t_0 for a target
-    compile   room in dynamo's recompile limit for a compile per freeze level
+    schedule   unit_times, unit_lr, the FreezeOut scheduler
+    units      param_groups, freeze, find_units: what a unit is and how to get them
+    order      the check that the units run in the order they are listed
+    estimate   the FLOP-based speedup of a schedule for any model, and t_0 for a target
+    compile    room in dynamo's recompile limit for a compile per freeze level
+    ddp        follow_freezing: DDP's all-reduce over the parameters still training
+    trainers   what the adapters share (no framework imported)
+    lightning  FreezeOutCallback for Lightning (imports Lightning)
+    hf         FreezeOutCallback for the Hugging Face Trainer (imports transformers)
 """
 from .compile import compile_model, compiles_needed
+from .ddp import follow_freezing
 from .estimate import (
                        ESTIMATE_INPUT,
                        estimate_speedup,
@@ -43,12 +53,12 @@ from .estimate import (
                        training_flops_by_level,
                        unit_flops,
 )
-from .schedule import SCALE_POWERS, FreezeOut, check_how_scale, check_t_0, unit_lr, unit_times
+from .schedule import SCALE_POWERS, FreezeOut, check_how_scale, check_t_0, check_total_steps, unit_lr, unit_times
 from .units import Unit, find_units, freeze, param_groups, unit_modules, unit_parameters
 
 __all__ = [
     # the scheduler and its schedule
-    "FreezeOut", "unit_times", "unit_lr", "SCALE_POWERS", "check_t_0", "check_how_scale",
+    "FreezeOut", "unit_times", "unit_lr", "SCALE_POWERS", "check_t_0", "check_how_scale", "check_total_steps",
     # units
     "Unit", "param_groups", "freeze", "find_units", "unit_modules", "unit_parameters",
     # the estimate for any model
@@ -56,4 +66,6 @@ __all__ = [
     "schedule_speedup", "first_frozen_steps", "solve_t_0", "ESTIMATE_INPUT",
     # torch.compile
     "compile_model", "compiles_needed",
+    # DistributedDataParallel
+    "follow_freezing",
 ]

@@ -3,6 +3,7 @@ generic module names (utils, train, models, ...) stay out of the user's site-pac
 the installed copy, `import freezeout` gives the scheduler, the units helpers and the estimate."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -120,16 +121,22 @@ def output_of(ran_elsewhere: dict, part: str) -> str:
     return ran_elsewhere[part]["stdout"]
 
 
-LIBRARY_MODULES = {"__init__.py", "schedule.py", "units.py", "order.py", "estimate.py", "compile.py"}
+LIBRARY_MODULES = {"__init__.py", "schedule.py", "units.py", "order.py", "estimate.py", "compile.py", "ddp.py",
+                   "trainers.py", "lightning.py", "hf.py"}
 
 
 def test_only_freezeout_is_installed(installed):
+    version = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     names = {p.name for p in installed.iterdir()} - {"__pycache__"}
-    assert names == {"freezeout", "freezeout-0.2.0.dist-info"}, names
+    assert names == {"freezeout", f"freezeout-{version}.dist-info"}, names
     assert {p.name for p in (installed / "freezeout").glob("*.py")} == LIBRARY_MODULES
-    metadata = (installed / "freezeout-0.2.0.dist-info" / "METADATA").read_text()
-    assert "Name: freezeout" in metadata and "Requires-Dist: torch>=2.1" in metadata
-    assert "Requires-Python: >=3.10" in metadata
+    metadata = (installed / f"freezeout-{version}.dist-info" / "METADATA").read_text()
+    assert "Name: freezeout" in metadata and "Requires-Python: >=3.10" in metadata
+    # torch alone, whatever is asked for; the frameworks only with their extra.
+    required = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    assert [r for r in required if "extra ==" not in r] == ["Requires-Dist: torch>=2.1"]
+    assert {"Provides-Extra: lightning", "Provides-Extra: hf"} <= set(metadata.splitlines())
+    assert any(r.startswith("Requires-Dist: lightning>=2.2") and 'extra == "lightning"' in r for r in required)
 
 
 def test_import_freezeout_from_another_directory(ran_elsewhere, installed):
