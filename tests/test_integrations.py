@@ -1,6 +1,6 @@
 """docs/integrations.md's examples run as written: the DDP ones (a plain loop, Lightning, the
 Hugging Face Trainer) as a user runs them, in 2 CPU processes over gloo, watched from outside
-(tests/ddp_watch: each step's all-reduce counted, each process's final weights kept), and the
+(tests/hold: each step's all-reduce counted, each process's final weights kept), and the
 timm ones printing what the page says they print."""
 import os
 import re
@@ -38,7 +38,7 @@ def run_watched(name: str, tmp_path: Path) -> list[dict]:
     watch = tmp_path / "watch"
     watch.mkdir()
     env = {**os.environ, "FREEZEOUT_TEST_DDP_WATCH": str(watch), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "ddp_watch"), str(ROOT)])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "hold"), str(ROOT)])}
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(watch / f"rank{r}.pt", weights_only=True) for r in range(2)]
