@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .schedule import unit_times
-from .units import Unit, _model_modules, cannot_run, example_arguments
+from .units import Unit, _model_modules, cannot_run, example_arguments, unit_parameters
 
 # The scripts count FLOPs on a (2, 3, 32, 32) batch: FLOP ratios do not depend on the batch size.
 ESTIMATE_INPUT = (2, 3, 32, 32)
@@ -138,7 +138,7 @@ def unit_flops(model: nn.Module, units: Sequence[Unit], example_input) -> list[d
     unit_names = [[name_of[id(m)] for m in _model_modules(u, name_of, f"unit {i}")]
                   for i, u in enumerate(units)]
     args, per_example = _meta_arguments(example_input)
-    meta = _meta_copy(model)
+    meta = _meta_copy(model, {id(p) for u in units for p in unit_parameters(u)})
     modules = dict(meta.named_modules())
     try:
         inputs = _unit_inputs(meta, modules, {n for names in unit_names for n in names}, args)
@@ -190,18 +190,23 @@ def _meta_arguments(example_input) -> tuple[tuple, int]:
                  if torch.is_tensor(a) and a.dim() > 0 else a for a in args), grow
 
 
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of the model on the meta device, in training mode: the model itself keeps its
+def _meta_copy(model: nn.Module, trained: set[int]) -> nn.Module:
+    """A copy of the model on the meta device, in training mode, as the run starts: the units'
+    parameters (ids in `trained`) require gradients and no module is held in inference mode,
+    whatever a scheduler has frozen since, so the estimate is the same at any point of a run;
+    parameters outside the units keep their own `requires_grad`. The model itself keeps its
     weights, buffers, mode and hooks. Parameters are made meta before they are copied, so a
     model on a GPU is not first duplicated there."""
     memo = {id(b): torch.empty_like(b, device="meta") for b in model.buffers()}
-    memo.update({id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    memo.update({id(p): nn.Parameter(torch.empty_like(p, device="meta"),
+                                     requires_grad=p.requires_grad or (id(p) in trained and p.is_floating_point()))
                  for p in model.parameters()})
-    meta = copy.deepcopy(model, memo).train()
-    for module in meta.modules():  # model.compile(): count eagerly, dynamo cannot trace meta models well
+    meta = copy.deepcopy(model, memo)
+    for module in meta.modules():
+        module.__dict__.pop("train", None)  # a frozen unit's hold on inference mode (units.freeze)
         if getattr(module, "_compiled_call_impl", None) is not None:
-            module._compiled_call_impl = None
-    return meta
+            module._compiled_call_impl = None  # model.compile(): count eagerly, dynamo cannot trace meta models well
+    return meta.train()
 
 
 def _unit_inputs(meta: nn.Module, modules: dict, names: set[str], args: tuple) -> dict:

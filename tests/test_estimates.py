@@ -203,6 +203,28 @@ def test_slices_of_a_model_in_eval_mode_with_frozen_units_leave_it_as_it_was():
     assert all(p.requires_grad for p in model[3:].parameters())
 
 
+def test_the_estimate_is_the_same_whatever_the_scheduler_has_frozen():
+    # The README's order: train with the scheduler (5 of 6 units frozen by the end), then ask
+    # for the estimate; it is the run's, as from the start, not that of a model half frozen.
+    from freezeout import FreezeOut, param_groups
+
+    model, units = resnet18_and_units()
+    x = torch.randn(1, 3, 32, 32)
+    fresh = (estimate_speedup(model, units, x, t_0=0.5), t_0_for_speedup(model, units, x, 0.2))
+    optimizer = torch.optim.SGD(param_groups(units), lr=0.1)
+    scheduler = FreezeOut(optimizer, units, total_steps=12, t_0=0.5)
+    for _ in range(12):
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    assert scheduler.num_frozen == 5
+    model.eval()
+    before = snapshot(model)
+    assert (estimate_speedup(model, units, x, t_0=0.5), t_0_for_speedup(model, units, x, 0.2)) == fresh
+    assert_same(before, snapshot(model))
+
+
 # -- the estimate for any model, from the library ----------------------------------------
 def small_bn_net() -> nn.Module:
     torch.manual_seed(0)

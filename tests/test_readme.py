@@ -49,19 +49,22 @@ def test_find_units_example_runs_and_prints_what_the_docs_say(capsys):
     assert len(namespace["units"]) == 8 and namespace["scheduler"].num_frozen == 6
 
 
-def test_own_model_estimate_example_prints_what_the_readme_says(capsys):
-    # The estimate block continues the own-model example: its model and units, without training.
-    import torch
-    import torchvision
-
+@pytest.mark.slow  # trains a ResNet-18 for 12 steps
+def test_the_library_blocks_run_in_order_as_one_file_print_what_the_readme_says(capsys):
+    # As a reader runs them: the own-model example trains (5 of 6 units frozen by its end), then
+    # the estimate and find_units blocks continue with its model and units.
     section = README[README.index("## FreezeOut for your own model"):README.index("## Reproduce the paper")]
-    block = re.findall(r"```python\n(.*?)```", section, re.S)[1]
-    model = torchvision.models.resnet18(num_classes=10)
-    units = [[model.conv1, model.bn1], model.layer1, model.layer2, model.layer3, model.layer4, model.fc]
-    exec(compile(block, "README.md", "exec"), {"torch": torch, "model": model, "units": units})
-    printed = capsys.readouterr().out.split()
-    expected = [line.split("# ")[1].split(":")[0] for line in block.splitlines() if line.startswith("print(")]
-    assert printed == expected
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace["scheduler"].num_frozen == 5
+    capsys.readouterr()
+    for block in blocks[1:]:
+        exec(compile(block, "README.md", "exec"), namespace)
+        printed = capsys.readouterr().out.split()
+        expected = [word for line in block.splitlines() if line.startswith("print(")
+                    for word in line.split("# ")[1].split(":")[0].split()]
+        assert printed == expected
 
 
 def test_every_relative_link_of_the_readme_and_the_docs_leads_to_a_file():
