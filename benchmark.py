@@ -19,7 +19,6 @@ the last quarter of the steps, where the frozen prefix is largest: autograd's sa
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -29,11 +28,21 @@ import time
 
 import torch
 
-import spec
+from benchmark_tables import PAPER_RUN_STEPS, eager_table, other_tables
 from checkpoint import first_line
+from cli import (
+    EXIT_FAILED,
+    ArgumentParser,
+    check_positive,
+    check_seed,
+    check_t_0,
+    examples,
+    flag_spellings,
+    run_as_script,
+)
 from compiled_step import CompiledStep, compiled_forward
+from config import add_settings, flag, ignored_flags_note
 from engine import Training, build_training, effective_amp, memory_format, resolve_device, tune_convolutions
-from figures import mib, pct
 from freezeout import (
     ESTIMATE_INPUT,
     SCALE_POWERS,
@@ -45,34 +54,17 @@ from freezeout import (
     unit_times,
 )
 from graphs import GRAPH_WARMUP_STEPS, CudaGraphs, GraphedStep, use_cuda_graphs
-from models import build_model, check_depth, model_name, paper_speedup, resolve_size
-from spec import (
-    EXIT_FAILED,
-    HelpFormatter,
-    check_positive,
-    check_seed,
-    check_t_0,
-    examples,
-    flag_spellings,
-    ignored_flags_note,
-    name_settings_by_flags,
-    run_as_script,
-)
+from models import build_model, check_depth, paper_speedup, resolve_size
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=examples(__doc__),
-                                formatter_class=HelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=examples(__doc__), flag_of=flag)
 
     def add(*names, **kwargs):
         p.add_argument(*flag_spellings(*names), **kwargs)
 
-    shared = {d: spec.BY_DEST[d] for d in ("model", "depth", "growth_rate", "t_0", "how_scale", "scale_lr",
-                                          "device", "amp", "channels_last", "cuda_graphs", "compile",
-                                          "compile_backend", "seed")}
-
-    def add_shared(*dests, **overrides):  # train.py's settings, as the spec declares them
-        spec.add_settings(p, [shared[d] for d in dests], groups=False, **overrides)
+    def add_shared(*names, **overrides):  # train.py's settings, as config.py declares them
+        add_settings(p, names, groups=False, **overrides)
 
     add_shared("model", "depth", "growth_rate")
     # Two flags in a mutually exclusive group, not one BooleanOptionalAction: given both,
@@ -104,11 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# A paper run, for the share of the training time that captures take: 100 epochs of
-# 45,000 images at batch 50.
-PAPER_RUN_STEPS = 100 * (45_000 // 50)
 
 
 class Bench:
@@ -414,81 +401,6 @@ def measure_on(args, device: torch.device, graphed: bool, graphs=CudaGraphs,
     return result
 
 
-def table(r: dict) -> str:
-    """Everything measured: the eager figures, then the graphed and compiled ones."""
-    return "\n".join(filter(None, [eager_table(r), other_tables(r)]))
-
-
-def eager_table(r: dict) -> str:
-    arch = model_name(r["model"], r["depth"], r["growth_rate"], r["bottleneck"])
-    lines = [
-        f"{arch}, batch {r['batch_size']}, {r['steps']} steps, {r['how_scale']} "
-        f"{'scaled' if r['scale_lr'] else 'unscaled'} t_0={r['t_0']:g}, {r['device']}"
-        f"{' (' + r['device_name'] + ')' if r['device_name'] else ''}, amp {r['amp']}"
-        f"{', channels-last' if r['channels_last'] else ''}, torch {r['torch']}",
-        f"  baseline runs   {', '.join(f'{t:.3f}' for t in r['baseline_runs_s'])} s"
-        f"   median {r['baseline_s']:.3f} s  ({r['baseline_images_per_s']:.0f} img/s)",
-        f"  FreezeOut runs  {', '.join(f'{t:.3f}' for t in r['freezeout_runs_s'])} s"
-        f"   median {r['freezeout_s']:.3f} s  ({r['freezeout_images_per_s']:.0f} img/s)",
-        f"  speedup: measured {pct(r['measured_speedup'])} | paper estimate {pct(r['estimated_speedup'])}"
-        f" | FLOPs {pct(r['flop_speedup'])} | ideal (step time per freeze level) {pct(r['ideal_speedup'])}",
-        f"  saved activations, last quarter: baseline {mib(r['saved_bytes_baseline'])}, "
-        f"FreezeOut {mib(r['saved_bytes_freezeout'])}",
-        f"  CUDA max allocated, last quarter: baseline {mib(r['peak_mem_baseline'])}, "
-        f"FreezeOut {mib(r['peak_mem_freezeout'])}",
-        f"  FreezeOut bookkeeping: {100 * r['overhead_frac']:.3f}% of the step time",
-    ]
-    return "\n".join(lines)
-
-
-def other_tables(r: dict) -> str:
-    """The graphed and compiled figures, beside the eager ones (empty where none were measured)."""
-    return "\n".join(filter(None, [step_table(r, "graphed"), step_table(r, "compiled")]))
-
-
-STEP_TITLES = {"graphed": ("CUDA graphs", "one per freeze level; capture time", "captures"),
-               "compiled": ("torch.compile", "one compile per freeze level; compile time", "compiles")}
-
-
-def step_table(r: dict, kind: str) -> str:
-    """The figures of the graphed or the compiled step (empty when not measured)."""
-    g, lines = r.get(kind), []
-    title, what, events = STEP_TITLES[kind]
-    if kind == "compiled" and g is not None and g.get("compile_graphed"):
-        title, what, events = ("torch.compile in CUDA graphs", "a compile and a capture per freeze level; "
-                               "their time", "compiles and captures")
-    if f"{kind}_error" in r:
-        lines.append(f"  {title}: failed: {r[f'{kind}_error']}")
-    if g is not None:
-        lines += [
-            f"  {title} ({what} excluded from the runs, given below):",
-            f"    baseline runs   {', '.join(f'{t:.3f}' for t in g['baseline_runs_s'])} s"
-            f"   median {g['baseline_s']:.3f} s  ({g['baseline_images_per_s']:.0f} img/s, "
-            f"{g['baseline_images_per_s'] / r['baseline_images_per_s']:.2f}x eager)",
-            f"    FreezeOut runs  {', '.join(f'{t:.3f}' for t in g['freezeout_runs_s'])} s"
-            f"   median {g['freezeout_s']:.3f} s  ({g['freezeout_images_per_s']:.0f} img/s, "
-            f"{g['freezeout_images_per_s'] / r['freezeout_images_per_s']:.2f}x eager)",
-            f"    speedup: measured {pct(g['measured_speedup'])} | projected to a {PAPER_RUN_STEPS:,}-step run "
-            f"{pct(g['projected_speedup'])} | FLOPs {pct(r['flop_speedup'])}"
-            f" | ideal ({kind} step time per freeze level) {pct(g['ideal_speedup'])}",
-            f"    steps per run: baseline {step_counts(g['step_kinds']['baseline'])}; "
-            f"FreezeOut {step_counts(g['step_kinds']['freezeout'])}",
-            f"    {g['captures']} {events}, {1000 * g['capture_s_per_capture']:.1f} ms each; the warm-up runs' "
-            f"{g['warmup_captures']} (the process's first): {g['warmup_capture_s']:.2f} s in all; "
-            f"{100 * g['paper_run_capture_share']:.3f}% of a 100-epoch paper run's training time",
-        ]
-        if g["peak_mem_baseline"] is not None:
-            lines.append(f"    CUDA max allocated, last quarter: baseline {mib(g['peak_mem_baseline'])}, "
-                         f"FreezeOut {mib(g['peak_mem_freezeout'])}; max reserved (the graphs' pools "
-                         f"included): baseline {mib(g['reserved_baseline'])}, FreezeOut {mib(g['reserved_freezeout'])}")
-    return "\n".join(lines)
-
-
-def step_counts(kinds: dict) -> str:
-    """"1 eager, 39 graphed, ...": the steps of a run by the kind that ran."""
-    return ", ".join(f"{n} {kind}" for kind, n in kinds.items())
-
-
 def check(args, parser) -> None:
     """One line naming the flag, exit 2, for a value no benchmark can use."""
     given = {dest: getattr(args, dest) for dest in ("growth_rate", "bottleneck")
@@ -513,11 +425,10 @@ def check(args, parser) -> None:
         parser.error(str(e))
     note = ignored_flags_note(args.model, given)
     if note:  # on stderr: stdout stays the table (and the JSON line)
-        print(f"{parser.prog}: {note}", file=sys.stderr)
+        parser.say(note, error=False)
 
 
 def main(argv=None) -> dict:
-    name_settings_by_flags()
     parser = build_parser()
     args = parser.parse_args(argv)
     check(args, parser)
@@ -532,8 +443,7 @@ def main(argv=None) -> dict:
     sys.stdout.flush()
     failed = [kind for kind in ("graphed", "compiled") if f"{kind}_error" in result]
     for kind in failed:
-        print(f"{parser.prog}: error: the {kind} step failed ({result[f'{kind}_error']}); the eager "
-              f"figures above stand", file=sys.stderr)
+        parser.say(f"the {kind} step failed ({result[f'{kind}_error']}); the eager figures above stand")
     if failed:
         raise SystemExit(EXIT_FAILED)
     return result

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distributed import DDPModel, Distributed
+from distributed import DDPModel, Distributed, check_replicas_agree, init_distributed
 from freezeout import FreezeOut, param_groups
 from messages import RunError, setting
 from timing import TimeSplit
@@ -41,6 +41,9 @@ class Diverged(RunError):
     def __init__(self, step: int):
         super().__init__(f"training diverged: the loss was not finite at step {step}")
         self.step = step
+
+    def __reduce__(self):
+        return Diverged, (self.step,)
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,6 +187,19 @@ class Training:
     @property
     def memory_format(self) -> torch.memory_format:
         return memory_format(self.channels_last)
+
+
+def start_process(device: torch.device, timeout_minutes: float) -> tuple[Distributed, torch.device]:
+    """This process's place in a torchrun job (joined when there is one) and its device, its
+    convolutions tuned."""
+    dist, device = init_distributed(device, timeout_minutes)
+    tune_convolutions(device)
+    return dist, device
+
+
+def replicas_agree(training: "Training") -> bool:
+    """Under torchrun, whether every rank holds the same weights (a checksum compared)."""
+    return check_replicas_agree(training.model, training.dist, training.device)
 
 
 def build_training(model: torch.nn.Module, device: torch.device, total_steps: int, *,

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from checkpoint import RunBusy, RunLock, run_state
-from spec import EXIT_USAGE, is_stop_status, run_as_script
+from cli import EXIT_USAGE, is_stop_status, run_as_script
+from config import flag
+from rundir import RunBusy, RunLock, run_state
 
 ROOT = Path(__file__).resolve().parent
 STATES = ("finished", "stopped", "failed", "busy")
@@ -175,7 +176,7 @@ def run_processes(runs: list[GridRun], places: list[dict], threads: int, logs: P
                     argv = start_argv(run)
                 except RunBusy as e:
                     free.insert(0, place)
-                    outcomes.append(Outcome(run, "busy", 0.0, str(e)))
+                    outcomes.append(Outcome(run, "busy", 0.0, e.render(flag)))
                     progress.ended_run(outcomes[-1])
                     continue
                 env = {**os.environ, **places[place], "OMP_NUM_THREADS": str(threads),

@@ -28,7 +28,7 @@ from typing import Optional
 from figures import plot_lr_curves, pyplot, save_figure, schedule_of
 from metrics_logger import WriteError, evaluation, read_records
 
-EXIT_FAILED = 1  # as train.py's (spec.EXIT_FAILED): a file could not be written
+EXIT_FAILED = 1  # as train.py's (cli.EXIT_FAILED): a file could not be written
 MARKED_EPOCHS = 30  # up to this many epoch records, each is marked with a dot
 X_PAD = 0.03  # room past the last epoch (of the axis's length), so that its markers are not cut in half
 

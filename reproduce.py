@@ -17,9 +17,6 @@ where it exceeded the cores; and in results.md the runs still missing) and three
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import io
 import signal
 import statistics
 import sys
@@ -30,9 +27,36 @@ from typing import Optional
 
 import torch
 
-from checkpoint import RunBusy, run_progress, run_state, saved_config
+from cli import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    ArgumentParser,
+    check_positive,
+    check_seed,
+    check_t_0,
+    examples,
+    flag_spellings,
+    is_stop_status,
+    run_as_script,
+    stop_status,
+)
+from config import (
+    NAMES,
+    Config,
+    add_settings,
+    changed,
+    check_which_dataset,
+    differences,
+    flag,
+    from_requests,
+    ignored_flags_note,
+    record,
+    resolve,
+    to_argv,
+)
+from data_sets import DATASETS
 from engine import resolve_device
-from figures import STRATEGIES, pct, plot_error_vs_speedup, plot_error_vs_time, plot_lr_schedules
+from figures import STRATEGIES, plot_error_vs_speedup, plot_error_vs_time, plot_lr_schedules
 from launch import (
     GridRun,
     GridStopped,
@@ -48,35 +72,10 @@ from launch import (
     threads_per_run,
 )
 from messages import plural
-from metrics_logger import WriteError, read_records, write_atomically
-from models import DEFAULTS, MODELS, applies, build_model, check_depth, model_name, resolve_size
-from spec import (
-    BY_DEST,
-    DATASETS,
-    EXIT_FAILED,
-    EXIT_USAGE,
-    SETTINGS,
-    HelpFormatter,
-    RunSettings,
-    add_settings,
-    check_positive,
-    check_seed,
-    check_t_0,
-    check_which_dataset,
-    examples,
-    flag_spellings,
-    given,
-    ignored_flags_note,
-    is_stop_status,
-    name_settings_by_flags,
-    resolve,
-    run_as_script,
-    setting_differences,
-    settings_from,
-    settings_record,
-    stop_status,
-    to_argv,
-)
+from metrics_logger import WriteError
+from models import DEFAULTS, MODELS, applies, build_model, check_depth, resolve_size
+from results import missing_runs, summarize, write_csv, write_markdown
+from rundir import RunBusy, run_state, saved_config
 
 PRESETS = {
     # The paper's Figure 3 (DenseNet-BC k=12 L=76 on CIFAR-10, 100 epochs): 37 runs of about
@@ -97,12 +96,12 @@ class Job:
     setting: Optional[float]  # t_0, or the target speedup when target is True
     seed: int
     target: bool = False
-    spec: Optional[RunSettings] = None  # the run's train.py settings
+    cfg: Optional[Config] = None  # the run's train.py settings, as asked for
 
     @property
     def argv(self) -> list[str]:
         """train.py's flags for the run."""
-        return to_argv(self.spec)
+        return to_argv(self.cfg)
 
     @property
     def name(self) -> str:
@@ -129,7 +128,7 @@ def make_grid(settings: dict, out: Path) -> list[Job]:
     """The grid's runs, each with the settings train.py runs it by."""
     # The grid's choices of train.py's settings (those its flags share with train.py); the
     # others at their defaults.
-    common = {**{s.dest: settings[s.dest] for s in SETTINGS if s.dest in settings}, "out_dir": str(out / "runs")}
+    common = {**{name: settings[name] for name in NAMES if name in settings}, "out_dir": str(out / "runs")}
     common["depth"], common["growth_rate"] = resolve_size(settings["model"], settings["depth"],
                                                           settings["growth_rate"])
     targets = settings["targets"]
@@ -142,15 +141,15 @@ def make_grid(settings: dict, out: Path) -> list[Job]:
     for job in jobs:
         how, scaled = STRATEGIES[job.strategy] if job.strategy else ("cubic", True)
         fo = {"target_speedup": job.setting} if job.target else {"t_0": job.setting}
-        job.spec = settings_from({**common, "seed": job.seed, "how_scale": how, "scale_lr": scaled, **fo,
-                                  "name": job.name})
+        job.cfg = from_requests({**common, "seed": job.seed, "how_scale": how, "scale_lr": scaled, **fo,
+                                 "name": job.name})
     return jobs
 
 
 def wanted_config(job: Job) -> dict:
     """The settings' half of the config record train.py would give the job's run: what a run
     found in its directory must agree with."""
-    return settings_record(job.spec, resolve(job.spec, given(job.spec)), job.argv)
+    return record(resolve(job.cfg, set(changed(job.cfg))), job.argv)
 
 
 def mismatched_runs(jobs: list[Job], out: Path) -> list[tuple[Job, list[str]]]:
@@ -159,9 +158,9 @@ def mismatched_runs(jobs: list[Job], out: Path) -> list[tuple[Job, list[str]]]:
     found = []
     for job in jobs:
         saved = saved_config(out / "runs" / job.name)
-        differences = [] if saved is None else setting_differences(saved, wanted_config(job))
-        if differences:
-            found.append((job, differences))
+        different = [] if saved is None else differences(saved, wanted_config(job))
+        if different:
+            found.append((job, different))
     return found
 
 
@@ -203,7 +202,7 @@ def run_in_this_process(todo: list[GridRun], threads: int | None) -> list[Outcom
         try:
             argv = start_argv(run)
         except RunBusy as e:  # another process owns its directory: left alone
-            outcomes.append(Outcome(run, "busy", 0.0, str(e)))
+            outcomes.append(Outcome(run, "busy", 0.0, e.render(flag)))
             print(f"[{i}/{len(todo)}] {outcome_line(outcomes[-1])}", flush=True)
             continue
         print(f"[{i}/{len(todo)}] {run.label}: {'resuming' if '--resume' in argv else 'starting'}", flush=True)
@@ -223,141 +222,6 @@ def run_in_this_process(todo: list[GridRun], threads: int | None) -> list[Outcom
     return outcomes
 
 
-# ---------------------------------------------------------------------------------------
-# The table
-# ---------------------------------------------------------------------------------------
-def mean_std(values: list) -> tuple[Optional[float], Optional[float]]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def summarize(jobs: list[Job], out: Path) -> list[dict]:
-    """One row per (strategy, setting), seeds pooled; the baseline first. Runs that have not
-    finished are left out."""
-    groups: dict = {}
-    for job in jobs:
-        metrics = out / "runs" / job.name / "metrics.jsonl"
-        if not metrics.exists() or not read_records(metrics, "summary"):
-            continue
-        config = read_records(metrics, "config")[0]
-        summary = read_records(metrics, "summary")[-1]
-        groups.setdefault((job.strategy, job.setting, job.target), []).append((config, summary))
-    base = groups.get((None, 1.0, False), [])
-    base_time = statistics.mean(s["train_time_s"] for _, s in base) if base else None
-    base_val, _ = mean_std([s["val_err"] for _, s in base])
-    base_test, _ = mean_std([s["test_err"] for _, s in base])
-    rows = []
-    names = list(STRATEGIES)
-    order = sorted(groups, key=lambda k: (k[0] is not None, names.index(k[0]) if k[0] else 0, k[1]))
-    for strategy, setting, target in order:
-        runs = groups[(strategy, setting, target)]
-        configs, summaries = [c for c, _ in runs], [s for _, s in runs]
-        time_s = statistics.mean(s["train_time_s"] for s in summaries)
-        val, val_std = mean_std([s["val_err"] for s in summaries])
-        test, test_std = mean_std([s["test_err"] for s in summaries])
-        rows.append({
-            "strategy": strategy or "baseline",
-            "t_0": statistics.mean(c["t_0"] for c in configs),
-            "target_speedup": setting if target else None,
-            "seeds": len(runs),
-            "paper_speedup": configs[0]["paper_speedup"],
-            "flop_speedup": configs[0]["flop_speedup"],
-            "measured_speedup": None if base_time is None else 1 - time_s / base_time,
-            "train_time_s": time_s,
-            "val_err": val, "val_err_std": val_std,
-            "test_err": test, "test_err_std": test_std,
-            "delta_val_err": None if val is None or base_val is None else val - base_val,
-            "delta_test_err": None if test is None or base_test is None else test - base_test,
-            "run_dirs": [str(out / "runs" / Job(strategy, setting, c["seed"], target).name) for c in configs],
-            "device": configs[0].get("device"), **host_load(runs),
-        })
-    return rows
-
-
-def missing_runs(jobs: list[Job], out: Path, epochs: int) -> list[tuple[Job, str]]:
-    """(job, its state in words) for every run of the grid that has not finished."""
-    states = [(job, run_progress(out / "runs" / job.name, epochs)) for job in jobs]
-    return [(job, state) for job, state in states if state != "finished"]
-
-
-# A run keeps every core busy itself (the quick preset on 2 idle cores: load 2.0 to 2.1), so the
-# host is busy only where the load exceeds the cores by more than this: other work was running.
-BUSY_MARGIN = 0.5
-
-
-def host_load(runs: list[tuple[dict, dict]]) -> dict:
-    """The highest load average seen at any run's start or end, and whether it exceeded the
-    host's cores by more than BUSY_MARGIN: then the runs competed with other work for the CPU
-    and their times are not comparable."""
-    loads = [x for c, s in runs for x in (c.get("load_start"), s.get("load_end")) if x is not None]
-    cores = [c["cpu_count"] for c, _ in runs if c.get("cpu_count")]
-    load = max(loads) if loads else None
-    busy = load is not None and bool(cores) and load > min(cores) + BUSY_MARGIN
-    return {"host_load": load, "busy_host": busy}
-
-
-COLUMNS = ["strategy", "t_0", "target_speedup", "seeds", "paper_speedup", "flop_speedup",
-           "measured_speedup", "train_time_s", "val_err", "val_err_std", "test_err", "test_err_std",
-           "delta_val_err", "delta_test_err", "host_load", "busy_host"]
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    data = text.getvalue().encode("utf-8")
-    write_atomically(path, lambda f: f.write(data))
-
-
-def write_markdown(rows: list[dict], settings: dict, path: Path, missing: list = ()) -> None:
-    """The table, then what it leaves out: `missing` lists (job, state) of unfinished runs."""
-    def err(row, key):
-        # One seed has no spread to show: say so rather than print a std of 0.
-        mean, std = row[key], row[key + "_std"]
-        return "n/a" if mean is None else f"{mean:.2f} (n = 1)" if row["seeds"] == 1 else f"{mean:.2f} ± {std:.2f}"
-
-    def delta(x):
-        return "n/a" if x is None else f"{x:+.2f}"
-
-    arch = model_name(settings["model"], settings["depth"], settings["growth_rate"])
-    lines = [
-        "# FreezeOut: reproduced results", "",
-        f"{arch} on {settings['dataset']}"
-        + (f" (first {settings['subset']} images of each split)" if settings["subset"] else "")
-        + f", {plural(settings['epochs'], 'epoch')}, batch {settings['batch_size']}, seeds {settings['seeds']}, "
-        f"device {rows[0]['device'] if rows and rows[0].get('device') else settings['device']}.", "",
-        "Speedups are fractions of the baseline's training time (evaluation excluded); errors in %, "
-        "mean ± std over seeds" + ("; (n = 1): a single seed, so no std" if any(r["seeds"] == 1 for r in rows)
-                                     else "") + "; Δ against the baseline.", "",
-        "| strategy | t_0 | paper est. | FLOP est. | measured | train time (s) | val err | Δ val | test err | Δ test "
-        "| host load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        t0 = f"{r['t_0']:.3g}" + (f" (target {r['target_speedup']:g})" if r["target_speedup"] is not None else "")
-        lines.append(
-            f"| {r['strategy']} | {t0} | {pct(r['paper_speedup'])} | {pct(r['flop_speedup'])} | "
-            f"{pct(r['measured_speedup'])} | {r['train_time_s']:.1f} | {err(r, 'val_err')} | "
-            f"{delta(r['delta_val_err'])} | {err(r, 'test_err')} | {delta(r['delta_test_err'])} | "
-            f"{'n/a' if r.get('host_load') is None else format(r['host_load'], '.1f')}"
-            f"{' ⚠ busy host' if r.get('busy_host') else ''} |")
-    if any(r.get("busy_host") for r in rows):
-        lines += ["", "⚠ busy host: the host's load average (the highest at the runs' starts and ends) "
-                      f"exceeded its number of cores by more than {BUSY_MARGIN}, so other work shared "
-                      "the CPU with those runs: their times, and the speedups measured from them, "
-                      "are not reliable."]
-    if missing:
-        lines += ["", "## Missing", "", f"{len(missing)} run(s) of the grid have not finished and are not in "
-                  "the table:", ""]
-        lines += [f"- {job.label} (`runs/{job.name}`): {state}" for job, state in missing]
-    lines += ["", "Figures: `lr_schedules.png`, `error_vs_speedup.png`, `error_vs_time.png`.", ""]
-    data = "\n".join(lines).encode("utf-8")
-    write_atomically(path, lambda f: f.write(data))
-
-
 def preset_default(key: str, more: str = "") -> str:
     """What a preset-overriding flag means when it is not given, for its help."""
     def show(value):
@@ -366,9 +230,8 @@ def preset_default(key: str, more: str = "") -> str:
     return f"(default: the preset's: {values}{more})"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=examples(__doc__),
-                                formatter_class=HelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=examples(__doc__), flag_of=flag)
 
     def add(*names, **kwargs):
         p.add_argument(*flag_spellings(*names), **kwargs)
@@ -395,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES),
         help="strategies of the grid (default: all four)")
     add("--seeds", type=int, nargs="+", default=None, help="seeds " + preset_default("seeds"))
-    add_settings(p, [BY_DEST[d] for d in ("device", "amp", "cuda_graphs", "data_root")], groups=False,
+    add_settings(p, ("device", "amp", "cuda_graphs", "data_root"), groups=False,
                  device={"help": "device of every run"}, amp={"help": "mixed precision of every run"},
                  cuda_graphs={"help": "every run's training step: one CUDA graph per freeze level (on), eager "
                                       "(off), or on wherever supported (auto)"})
@@ -517,7 +380,7 @@ def check(args, settings: dict, parser) -> None:
     if args.growth_rate is not None:
         note = ignored_flags_note(settings["model"], {"growth_rate": args.growth_rate})
         if note:
-            print(f"{parser.prog}: {note}", file=sys.stderr)
+            parser.say(note, error=False)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is not a directory")
@@ -542,7 +405,6 @@ def report(jobs: list[Job], settings: dict, out: Path) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    name_settings_by_flags()
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = resolve_settings(args)

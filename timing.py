@@ -12,6 +12,7 @@ where the kind changes). Reading the clock never waits for the device.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 # The parts, in the order the summary line names them. The step kinds: "eager" (PyTorch kernel
@@ -97,3 +98,12 @@ def describe_split(split: dict) -> str:
             word += f" [{count} step{'' if count == 1 else 's'}{rate}]"
         words.append(word)
     return f"time {wall:.1f} s: " + ", ".join(words)
+
+
+def load_average() -> float | None:
+    """The host's 1-minute load average (None where the OS has none): a busy host makes a
+    run's times, and the speedups measured from them, unreliable."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None

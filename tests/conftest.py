@@ -3,10 +3,12 @@ through the freezeout package), the tiny train.py run, state comparisons, and FL
 model (never through utils.py's estimate)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -56,16 +58,21 @@ def dynamo_limits_kept():
         yield config
 
 
-@pytest.fixture
-def named_by_flags():
-    """The machinery's messages naming settings by their flags, as in the scripts (each script's
-    main installs them), then as before."""
-    import messages
-    import spec
-    before = messages._setting_name
-    spec.name_settings_by_flags()
-    yield
-    messages.name_settings(before)
+@contextlib.contextmanager
+def raises_flagged(kind, match: str):
+    """pytest.raises(kind), its message matched as the scripts print it (settings by their flags)."""
+    with pytest.raises(kind) as caught:
+        yield caught
+    assert re.search(match, flagged(caught.value)), flagged(caught.value)
+
+
+def flagged(error: BaseException | str) -> str:
+    """An error's message (or a text) with its settings named by train.py's flags, as the
+    scripts print it."""
+    import config
+    from messages import Reported, render
+    text = error.message if isinstance(error, Reported) else str(error)
+    return render(text, config.flag)
 
 
 # -- the schedule, from the paper's formulas -------------------------------------------------

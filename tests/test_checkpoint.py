@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import checkpoint
+import rundir
 from checkpoint import (
     load_checkpoint,
     restore,
@@ -18,7 +19,7 @@ from checkpoint import (
 )
 from conftest import same_state, tiny_training
 from engine import EpochPosition
-from messages import RunError, setting
+from messages import RunError
 
 CPU = torch.device("cpu")
 
@@ -139,7 +140,7 @@ def refusal(path) -> str:
 
 def start_again(run_dir) -> str:
     return (f"the run cannot be continued from it: move {run_dir} aside (or delete it) and start it again, "
-            f"or start it under another {setting('name')}")
+            "or start it under another name")
 
 
 def a_checkpoint(run_dir):
@@ -228,15 +229,15 @@ def test_a_lock_on_a_read_only_file_system_is_refused_in_one_line_naming_it(tmp_
             return real_open(path, mode, *args, **kwargs)
         return fake
 
-    monkeypatch.setattr(checkpoint, "open", opens(errno.EROFS), raising=False)
-    lock = checkpoint.RunLock(run_dir)
+    monkeypatch.setattr(rundir, "open", opens(errno.EROFS), raising=False)
+    lock = rundir.RunLock(run_dir)
     with pytest.raises(RunError) as refused:
         lock.acquire()
     assert str(refused.value) == (
         f"cannot write {run_dir / '.lock'}: Read-only file system ({run_dir} is on a read-only file system: a run "
         f"writes its checkpoint and records there; nothing was changed): make it writable, or copy {run_dir} into "
-        f"a writable directory DIR and use {setting('out_dir')} DIR")  # --out-dir once spec.py names it
-    monkeypatch.setattr(checkpoint, "open", opens(errno.EACCES), raising=False)
+        "a writable directory DIR and use out_dir DIR")  # --out-dir as the scripts print it
+    monkeypatch.setattr(rundir, "open", opens(errno.EACCES), raising=False)
     with pytest.raises(RunError, match=fr"^cannot write {run_dir / '.lock'}: Permission denied \({run_dir} is not "
                                        r"writable: "):
         lock.acquire()
@@ -255,8 +256,8 @@ def test_a_lock_that_cannot_be_written_for_want_of_space_leaves_nothing(tmp_path
         def write(fd, data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpoint, "os", FullDisk())
-    lock = checkpoint.RunLock(tmp_path / "out" / "run")
+    monkeypatch.setattr(rundir, "os", FullDisk())
+    lock = rundir.RunLock(tmp_path / "out" / "run")
     with pytest.raises(RunError, match=f"^cannot write {tmp_path}/out/run/.lock: No space left on device$"):
         lock.acquire()
     assert not lock.held and list(tmp_path.iterdir()) == []  # the directories it made are gone
@@ -276,4 +277,4 @@ def test_resume_on_a_read_only_file_system_is_refused_before_reading_the_checkpo
     monkeypatch.setattr(os, "statvfs", read_only)
     with pytest.raises(RunError, match=fr"^cannot write {run_dir}: Read-only file system \({run_dir} is on a "
                                        r"read-only file system: "):
-        checkpoint.prepare_run_dir(run_dir, str(tmp_path), resume=True)
+        rundir.examine(run_dir, True, str(tmp_path))

@@ -12,10 +12,12 @@ import pytest
 import torchvision.datasets.utils as tv_utils
 
 import benchmark
+import config
 import reproduce
 import train
 from conftest import tiny_argv
 from metrics_logger import read_records
+from plan import header
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = tiny_argv("--epochs", "1", subset=32)
@@ -223,7 +225,7 @@ def test_reproduce_keeps_k_given_with_another_model():
 # -- -h says what happens when a flag is not given ---------------------------------------
 def parsers():
     # plot.py has no options, only its run directory: its -h is checked below.
-    return {"train.py": train.build_parser()[0], "benchmark.py": benchmark.build_parser(),
+    return {"train.py": config.parser(), "benchmark.py": benchmark.build_parser(),
             "reproduce.py": reproduce.build_parser()}
 
 
@@ -262,11 +264,11 @@ def test_the_baselines_header_says_no_unit_freezes():
               "t_i": [1.0] * 7, "paper_speedup": 0.0, "flop_speedup": 0.0, "device": "cpu",
               "amp_effective": "off", "training_step": "eager", "loader_used": "tensor", "batch_size": 16,
               "lr": 0.1, "seed": 0, "run_dir": "runs/x", "world_size": 1, "compile": False}
-    text = train.describe(config, splits)
+    text = header(config, splits)
     assert "t_0 = 1: baseline: no unit freezes" in text and "100.0%" not in text
     config.update(t_0=0.8, t_i=[0.512] + [1.0] * 6)
-    assert "first unit freezes at 51.2% of the run" in train.describe(config, splits)
-    assert "WARNING" not in train.describe(config, splits)  # unit 0 freezes at step ceil(0.512 * 8) = 5
+    assert "first unit freezes at 51.2% of the run" in header(config, splits)
+    assert "WARNING" not in header(config, splits)  # unit 0 freezes at step ceil(0.512 * 8) = 5
     config.update(total_steps=2)  # ceil(0.512 * 2) = 2: never, in 2 steps
     assert ("first unit freezes at 51.2% of the run; WARNING: in 2 steps no unit freezes (the first would at "
-            "step 2): this run is the baseline") in train.describe(config, splits)
+            "step 2): this run is the baseline") in header(config, splits)

@@ -10,6 +10,7 @@ import torch
 import torchvision.datasets.cifar as tv_cifar
 
 import data_sets
+from conftest import raises_flagged
 from data_sets import ImageSet, load_cifar, load_splits, split_sizes, steps_per_epoch, synthetic_images
 from messages import DataError
 
@@ -98,8 +99,8 @@ def test_corrupted_cifar_is_reported_as_such(tmp_path, monkeypatch, no_checksums
         load_cifar("cifar100", tmp_path)
 
 
-def test_missing_cifar_offline_says_how_to_continue(tmp_path, no_checksums_no_network, named_by_flags):
-    with pytest.raises(DataError, match="could not be found under .* --dataset synthetic"):
+def test_missing_cifar_offline_says_how_to_continue(tmp_path, no_checksums_no_network):
+    with raises_flagged(DataError, "could not be found under .* --dataset synthetic"):
         load_cifar("cifar10", tmp_path / "empty")
 
 
@@ -185,10 +186,10 @@ def test_split_sizes_are_what_load_splits_gives(cheap_synthetic, eval_mode, subs
     assert (s.eval is s.test) == (eval_mode == "test")
 
 
-def test_steps_per_epoch_drop_the_last_partial_batch(named_by_flags):
+def test_steps_per_epoch_drop_the_last_partial_batch():
     assert steps_per_epoch(45_000, 50) == 900 and steps_per_epoch(96, 16) == 6 and steps_per_epoch(97, 16) == 6
     assert steps_per_epoch(95, 16) == 5
     assert steps_per_epoch(128, 32, world_size=2) == 4  # 64 images a rank, 16 a batch
     assert steps_per_epoch(130, 32, world_size=2) == 4
-    with pytest.raises(ValueError, match="--batch_size 50 is larger than the training set"):
+    with raises_flagged(ValueError, "--batch_size 50 is larger than the training set"):
         steps_per_epoch(49, 50)

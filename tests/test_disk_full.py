@@ -27,6 +27,7 @@ import checkpoint
 import engine
 import metrics_logger
 import plot
+import rundir
 import train
 from conftest import ROOT, TINY, epochs_logged, final_state, same_state, tiny_argv
 from metrics_logger import read_records
@@ -351,14 +352,15 @@ def test_a_real_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_p
 # -- a read-only file system ---------------------------------------------------------------------
 def stopped_after_epoch_1(monkeypatch, out: Path) -> Path:
     """The tiny run stopped (Ctrl-C) right after epoch 1's checkpoint: a run to resume."""
-    real_save = train.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
-    def save_then_stop(*args):
-        real_save(*args)
-        raise KeyboardInterrupt
+    def save_then_stop(path, training, config, epoch, step, *rest):
+        real_save(path, training, config, epoch, step, *rest)
+        if step:  # not the step-0 checkpoint, written as the run starts
+            raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(train, "save_checkpoint", save_then_stop)
+        m.setattr(checkpoint, "save_checkpoint", save_then_stop)
         with pytest.raises(SystemExit):
             train.main([*RUN, "--out-dir", str(out), "--name", "run"])
     assert epochs_logged(out / "run") == [1]
@@ -417,7 +419,7 @@ def test_resume_on_a_read_only_file_system_is_refused_before_training(tmp_path, 
         return real_open(path, mode, *args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(checkpoint, "open", read_only_open, raising=False)
+        m.setattr(rundir, "open", read_only_open, raising=False)
         refused_as_read_only(monkeypatch, capsys, tmp_path, run_dir / ".lock")
 
     real_statvfs = os.statvfs

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from conftest import spy_on_step, tiny_training
+from conftest import raises_flagged, spy_on_step, tiny_training
 from data_sets import ImageSet
 from engine import (
     PROGRESS_EVERY,
@@ -29,16 +29,16 @@ from timing import TimeSplit
 CPU = torch.device("cpu")
 
 
-def test_resolve_device(named_by_flags):
+def test_resolve_device():
     assert resolve_device("cpu") == CPU
     has_mps = torch.backends.mps.is_available()
     expected = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     assert resolve_device("auto") == torch.device(expected)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="--device cuda: no CUDA GPU"):
+        with raises_flagged(ValueError, "--device cuda: no CUDA GPU"):
             resolve_device("cuda")
     if not has_mps:
-        with pytest.raises(ValueError, match="--device mps: Apple's MPS backend is not available"):
+        with raises_flagged(ValueError, "--device mps: Apple's MPS backend is not available"):
             resolve_device("mps")
 
 

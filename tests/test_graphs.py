@@ -15,6 +15,7 @@ from conftest import (
     closed_form_lrs,
     graphed_run_stopped_then_resumed,
     planned_captures,
+    raises_flagged,
     same_state,
     tiny_argv,
     tiny_training,
@@ -268,7 +269,7 @@ def test_the_graphed_step_needs_a_fused_optimizer():
         graphed(training)
 
 
-def test_when_graphs_are_used_and_why_not(named_by_flags):
+def test_when_graphs_are_used_and_why_not():
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
     assert use_cuda_graphs("auto", cuda, "bf16", False) == (True, None)
     assert use_cuda_graphs("on", cuda, "off", False) == (True, None)
@@ -280,7 +281,7 @@ def test_when_graphs_are_used_and_why_not(named_by_flags):
     assert not graphed_ and "torchrun" in why
     for args, message in [((CPU, "off", False), "need a CUDA device"), ((cuda, "fp16", False), "GradScaler"),
                           ((cuda, "bf16", True), "torchrun")]:
-        with pytest.raises(ValueError, match=f"--cuda-graphs on: .*{message}"):
+        with raises_flagged(ValueError, f"--cuda-graphs on: .*{message}"):
             use_cuda_graphs("on", *args)
     assert graphs_unsupported(cuda, "bf16", Distributed().enabled) is None
 
@@ -305,6 +306,7 @@ def test_train_py_records_the_step_it_ran_and_refuses_graphs_it_cannot_run(tmp_p
 @pytest.mark.slow
 def test_benchmark_measures_the_graphed_step_beside_the_eager_one():
     import benchmark
+    import benchmark_tables
     parser = benchmark.build_parser()
     args = parser.parse_args(["-L", "10", "-k", "4", "--batch-size", "4", "--steps", "12", "--repeats", "1",
                               "--level-steps", "1", "--device", "cpu", "--num-classes", "10"])
@@ -316,10 +318,10 @@ def test_benchmark_measures_the_graphed_step_beside_the_eager_one():
     assert g["captures"] == 6 and sorted(g["level_step_s"], key=int) == ["0", "2", "3", "4", "5", "6"]
     assert len(g["baseline_runs_s"]) == len(g["freezeout_runs_s"]) == 1
     assert g["measured_speedup"] == 1 - g["freezeout_runs_s"][0] / g["baseline_runs_s"][0]
-    assert "CUDA graphs" in benchmark.table(result)
+    assert "CUDA graphs" in benchmark_tables.table(result)
     eager_only = benchmark.measure_on(args, CPU, graphed=False)
-    assert eager_only["graphed"] is None and "CUDA graphs" not in benchmark.table(eager_only)
-    assert eager_only["compiled"] is None and "torch.compile" not in benchmark.table(eager_only)
+    assert eager_only["graphed"] is None and "CUDA graphs" not in benchmark_tables.table(eager_only)
+    assert eager_only["compiled"] is None and "torch.compile" not in benchmark_tables.table(eager_only)
 
 
 @pytest.mark.slow  # a compile per freeze level

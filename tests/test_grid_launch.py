@@ -16,8 +16,8 @@ import pytest
 
 import launch
 import reproduce
-from checkpoint import RunLock
 from conftest import tiny_argv
+from rundir import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 # Three runs (the baseline, cubic-scaled at t_0 0.5 and 0.8) of a DenseNet L=10 on 128 synthetic

@@ -205,17 +205,19 @@ def two_epochs(tmp_path_factory) -> dict:
 
 
 def stop_after_first_checkpoint(monkeypatch, out: Path, *extra) -> None:
-    real_save, saves = train.save_checkpoint, []
+    real_save, saves = checkpoint.save_checkpoint, []
 
-    def save_then_die(*args):
-        real_save(*args)
+    def save_then_die(path, training, config, epoch, step, *rest):
+        real_save(path, training, config, epoch, step, *rest)
+        if step == 0:
+            return  # the step-0 checkpoint, written as the run starts
         saves.append(1)
         raise KeyboardInterrupt  # as if stopped right after epoch 1's checkpoint
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(SystemExit):
         train.main([*TWO, "--out-dir", str(out), "--name", "cut", *extra])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     assert len(saves) == 1
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+import checkpoint
 import figures
 import reproduce
 import train
@@ -25,18 +26,20 @@ def is_png(path: Path) -> bool:
 @pytest.mark.slow
 def test_grid_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, monkeypatch, capsys):
     out = tmp_path / "rep"
-    real_save, saves = train.save_checkpoint, []
+    real_save, saves = checkpoint.save_checkpoint, []
 
-    def die_after_third_save(path, *rest):  # baseline: 2 saves; then the strategy's first epoch
-        real_save(path, *rest)
+    def die_after_third_save(path, training, config, epoch, step, *rest):  # baseline: 2; the strategy's epoch 1
+        real_save(path, training, config, epoch, step, *rest)
+        if step == 0:
+            return  # each run's step-0 checkpoint, written as it starts
         saves.append(path)
         if len(saves) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_checkpoint", die_after_third_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", die_after_third_save)
     with pytest.raises(SystemExit):
         reproduce.main([*TINY, "--out", str(out)])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     cut = out / "runs" / "cubic-scaled_t0-0.5_s0"
     assert reproduce.run_state(out / "runs" / "baseline_s0") == "finished"
     assert reproduce.run_state(cut) == "interrupted"

@@ -14,9 +14,11 @@ import torch
 import checkpoint
 import conftest
 import engine
+import plan
+import rundir
 import train
 from conftest import ROOT, final_state, same_state
-from messages import setting
+from messages import RunError
 from metrics_logger import MetricsLogger, read_records
 
 # 6 steps per epoch, 3 epochs, dropout: the RNG stream matters to the result.
@@ -77,7 +79,8 @@ def test_a_run_checkpoints_at_step_0_and_resumes_from_it_bit_for_bit(tmp_path, m
 @pytest.mark.slow  # a whole train.py run
 def test_records_carry_the_hosts_load_at_the_start_and_the_end(tmp_path, monkeypatch):
     loads = iter([1.25, 3.5])  # what the host reports at the run's start, then at its end
-    monkeypatch.setattr(train, "load_average", lambda: next(loads))
+    monkeypatch.setattr(plan, "load_average", lambda: next(loads))  # the plan's, at the start
+    monkeypatch.setattr(train, "load_average", lambda: next(loads))  # the summary's, at the end
     train.main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--name", "load"])
     config = read_records(tmp_path / "load" / "metrics.jsonl", "config")[0]
     summary = read_records(tmp_path / "load" / "metrics.jsonl", "summary")[0]
@@ -261,7 +264,7 @@ def test_ctrl_c_before_the_first_record_leaves_no_run_directory(tmp_path, monkey
     def interrupted(path, records):
         raise KeyboardInterrupt  # Ctrl-C between making the run directory and its config record
 
-    monkeypatch.setattr(train, "write_records", interrupted)
+    monkeypatch.setattr(rundir, "write_records", interrupted)
     with pytest.raises(SystemExit) as stopped:
         train.main([*TINY, "--out-dir", str(tmp_path), "--name", "early"])
     assert stopped.value.code == 128 + signal.SIGINT
@@ -273,7 +276,7 @@ def test_ctrl_c_before_the_first_record_leaves_no_run_directory(tmp_path, monkey
 def test_a_run_directory_in_use_is_refused_at_once_in_one_line_and_left_as_it_is(tmp_path, capsys):
     import socket
 
-    from checkpoint import RunLock
+    from rundir import RunLock
     run_dir = tmp_path / "busy"
     owner = RunLock(run_dir)
     owner.acquire()  # as another process running there would hold it
@@ -362,13 +365,13 @@ def test_records_without_a_checkpoint_give_one_way_out_with_and_without_resume(t
     before = (run_dir / "metrics.jsonl").read_bytes()
     messages = []
     for resume in (True, False):
-        with pytest.raises(checkpoint.RunError) as refused:
-            checkpoint.prepare_run_dir(run_dir, str(tmp_path), resume)
+        with pytest.raises(RunError) as refused:
+            rundir.examine(run_dir, resume, str(tmp_path))
         messages.append(str(refused.value))
     with_resume, without = messages
     way_out = (f"{run_dir} holds {held} but no checkpoint.pt (removed?): the run cannot be continued; move "
                f"{run_dir} aside (or delete it) and start it again, or start it under another")
-    assert with_resume.startswith(f"{setting('resume')}: ")
+    assert with_resume.startswith("resume: ")
     assert way_out in with_resume and way_out in without  # the same way out, whichever was tried
     for message in messages:  # neither sends the user to the other
         assert "start it without" not in message and "continue it with" not in message

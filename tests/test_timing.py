@@ -78,11 +78,11 @@ def test_a_runs_summary_splits_its_wall_time_into_parts_that_add_up(tmp_path, ca
             events.append(("clock read", time.perf_counter()))
             return split
 
-    real_parse, real_log = train.parse_args, MetricsLogger.log
+    real_parse, real_log = train.parse, MetricsLogger.log
 
-    def parse_args(argv):
+    def parse(*args):
         events.append(("argv parsed", time.perf_counter()))
-        return real_parse(argv)
+        return real_parse(*args)
 
     def log(self, event, **fields):
         record = real_log(self, event, **fields)
@@ -90,7 +90,7 @@ def test_a_runs_summary_splits_its_wall_time_into_parts_that_add_up(tmp_path, ca
         return record
 
     monkeypatch.setattr(train, "TimeSplit", WatchedSplit)
-    monkeypatch.setattr(train, "parse_args", parse_args)
+    monkeypatch.setattr(train, "parse", parse)
     monkeypatch.setattr(MetricsLogger, "log", log)
     summary = run_train(tmp_path, "--epochs", "2")
     split = summary["time_split"]

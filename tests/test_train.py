@@ -9,7 +9,9 @@ import pytest
 import torch
 import torchvision.datasets.cifar as tv_cifar
 
+import checkpoint
 import loaders
+import plan
 import train
 from conftest import (
     PLAIN_L13_K4_FORWARD,
@@ -100,15 +102,17 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, mon
     args = ["--epochs", "3", "--t_0", "0.5", "--dropout", "0.1"]
     run_train(tmp_path, *args, name="whole")
 
-    real_save, saves = train.save_checkpoint, []
+    real_save, saves = checkpoint.save_checkpoint, []
 
-    def save_then_die(path, training, config, epoch, *rest):
-        real_save(path, training, config, epoch, *rest)
+    def save_then_die(path, training, config, epoch, step, *rest):
+        real_save(path, training, config, epoch, step, *rest)
+        if step == 0:
+            return  # the step-0 checkpoint, written as the run starts
         saves.append(epoch)
         if len(saves) == 1:
             raise KeyboardInterrupt  # as if stopped right after the first checkpoint
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(SystemExit) as stopped:
         run_train(tmp_path, *args, name="cut")
     assert stopped.value.code == 130
@@ -198,7 +202,7 @@ def test_compile_trains_as_the_eager_step_does_compiling_once_per_freeze_level(t
     import compiled_step
 
     # aot_eager: dynamo and AOT autograd as inductor uses them, without generating C++ (seconds).
-    monkeypatch.setattr(train, "CompiledStep", functools.partial(compiled_step.CompiledStep, backend="aot_eager"))
+    monkeypatch.setattr(plan, "CompiledStep", functools.partial(compiled_step.CompiledStep, backend="aot_eager"))
     eager = run_train(tmp_path, "--epochs", "2", "--t_0", "0.3", name="eager")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -302,11 +306,12 @@ def test_no_augment_trains_on_the_images_as_they_are(tmp_path, monkeypatch, augm
 
 
 def test_each_architecture_has_the_papers_defaults():
+    from config import parse, resolve
     for model, depth, k in [("densenet", 76, 12), ("wrn", 40, 4), ("vgg", 16, None)]:
-        _, args, _ = train.parse_args(["--model", model])
-        assert (args.depth, args.growth_rate) == (depth, k)
-    _, args, _ = train.parse_args(["--model", "vgg", "-k", "8"])  # -k means nothing to VGG
-    assert args.growth_rate is None
+        cfg = resolve(*parse(["--model", model])[1:])
+        assert (cfg.depth, cfg.growth_rate) == (depth, k)
+    cfg = resolve(*parse(["--model", "vgg", "-k", "8"])[1:])  # -k means nothing to VGG
+    assert cfg.growth_rate is None
 
 
 def fails(capsys, argv, message, code=None):
@@ -396,11 +401,11 @@ def test_command_line_errors_and_help(tmp_path, capsys):
 def test_the_default_run_name_holds_every_setting_that_changes_the_result():
     """A sweep over any setting that changes what a run computes gets one directory per value
     (the name spells out every such setting that differs from its default)."""
-    from spec import resolve
+    from config import parse, resolve
 
     def name(*flags):
-        parser, args, explicit = train.parse_args(["--dataset", "synthetic", "--device", "cpu", *flags])
-        return resolve(args, explicit, train.build_parser()[1]).name
+        _, request, typed = parse(["--dataset", "synthetic", "--device", "cpu", *flags], "", "")
+        return resolve(request, typed).name
 
     base = "densenetBC-L76-k12_synthetic_cubic-scaled-t0-0.8_e100_s0"
     assert name() == base and name("--lr", "0.1") == base  # a default given is still the default

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
 import train  # noqa: E402
-from spec import run_as_script  # noqa: E402
+from cli import run_as_script  # noqa: E402
 
 
 def train_with(before_step, argv: list) -> None:

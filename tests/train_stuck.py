@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train_paused import train_with  # noqa: E402  (this directory is on the path: a script's own)
 
-from spec import run_as_script  # noqa: E402
+from cli import run_as_script  # noqa: E402
 
 
 def main() -> None:
