@@ -22,13 +22,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import statistics
 import sys
 import time
 
 import torch
 
-from benchmark_tables import PAPER_RUN_STEPS, eager_table, other_tables
+from benchmark_tables import PAPER_RUN_STEPS, eager_table, other_tables, unreliable
 from checkpoint import first_line
 from cli import (
     EXIT_FAILED,
@@ -55,6 +56,7 @@ from freezeout import (
 )
 from graphs import GRAPH_WARMUP_STEPS, CudaGraphs, GraphedStep, use_cuda_graphs
 from models import build_model, check_depth, paper_speedup, resolve_size
+from timing import load_average
 
 
 def build_parser() -> ArgumentParser:
@@ -357,7 +359,10 @@ def measure(args, report=lambda result: None) -> dict:
     device = resolve_device(args.device)
     tune_convolutions(device)  # as train.py does
     graphed, _ = use_cuda_graphs(args.cuda_graphs, device, effective_amp(args.amp, device), False)
-    return measure_on(args, device, graphed, report=report)
+    loads = [load_average()]
+    result = measure_on(args, device, graphed, report=report)
+    loads = [x for x in (*loads, load_average()) if x is not None]  # the host's, at the start and the end
+    return {**result, "host_load": max(loads, default=None), "cpu_count": os.cpu_count()}
 
 
 def measure_on(args, device: torch.device, graphed: bool, graphs=CudaGraphs,
@@ -441,6 +446,9 @@ def main(argv=None) -> dict:
     if args.json:
         print(json.dumps(result))
     sys.stdout.flush()
+    doubt = unreliable(result)
+    if doubt:
+        parser.say(f"warning: {doubt}", error=False)
     failed = [kind for kind in ("graphed", "compiled") if f"{kind}_error" in result]
     for kind in failed:
         parser.say(f"the {kind} step failed ({result[f'{kind}_error']}); the eager figures above stand")

@@ -82,3 +82,27 @@ def step_table(r: dict, kind: str) -> str:
 def step_counts(kinds: dict) -> str:
     """"1 eager, 39 graphed, ...": the steps of a run by the kind that ran."""
     return ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+
+
+# Repeats of one run whose slowest takes this much longer than the fastest: the machine's speed
+# varied while it was measured (other work, a shared host, a throttled CPU).
+SPREAD = 1.25
+# A load average above the cores by more than this: other work was running beside the benchmark.
+BUSY_MARGIN = 0.5
+
+
+def unreliable(r: dict) -> str | None:
+    """Why the measured speedup is not to be trusted, in one line (None when nothing says so):
+    the repeats of a run spread too far, or the host was busy."""
+    said = []
+    for side in ("baseline", "freezeout"):
+        runs = r[f"{side}_runs_s"]
+        if len(runs) > 1 and max(runs) > SPREAD * min(runs):
+            said.append(f"the {side} runs spread {max(runs) / min(runs):.2f}x ({min(runs):.3g} to {max(runs):.3g} s)")
+    load, cores = r.get("host_load"), r.get("cpu_count")
+    if load is not None and cores and load > cores + BUSY_MARGIN:
+        said.append(f"the host's load average reached {load:.1f} on {cores} cores")
+    if not said:
+        return None
+    return (f"{' and '.join(said)}: the machine's speed varied while it was measured (other work beside it?), so "
+            "the measured speedup is not reliable; measure again on a quiet machine")

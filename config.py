@@ -374,12 +374,16 @@ def from_requests(values: dict) -> Config:
     return Config(**{name: values.get(name, DEFAULTS[name]) for name in NAMES})
 
 
+# The config record's keys that hold what the result settings resolved to (the data set's
+# request: dataset and synthetic_classes).
+RESULT_KEYS = [key for name in NAMES if name in RESULT
+               for key in {"which_dataset": ("synthetic_classes",)}.get(name, (name,))]
+
+
 def differences(saved: dict, wanted: dict) -> list[str]:
-    """One phrase per result setting on which two config records differ (the data set's
-    request is compared as what it resolved to: dataset and synthetic_classes)."""
-    keys = [k for name in sorted(RESULT, key=NAMES.index)
-            for k in {"which_dataset": ("synthetic_classes",)}.get(name, (name,))]
-    return [f"{key} = {saved.get(key)!r}, not {wanted.get(key)!r}" for key in keys if saved.get(key) != wanted.get(key)]
+    """One phrase per result setting on which two config records differ."""
+    return [f"{key} = {saved.get(key)!r}, not {wanted.get(key)!r}" for key in RESULT_KEYS
+            if saved.get(key) != wanted.get(key)]
 
 
 # -- resuming ----------------------------------------------------------------------------------

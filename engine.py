@@ -221,6 +221,14 @@ def build_training(model: torch.nn.Module, device: torch.device, total_steps: in
 # ---------------------------------------------------------------------------------------
 # Training and evaluation
 # ---------------------------------------------------------------------------------------
+class Stopped(Exception):
+    """The run stopped on SIGINT / SIGTERM after writing a checkpoint."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
 class StopSignals:
     """While active, SIGINT and SIGTERM ask the run to stop after the current step; a second
     signal stops it at once (KeyboardInterrupt)."""

@@ -68,7 +68,7 @@ def plot_lr_curves(ax, scheduler: FreezeOut, steps: Sequence[int], xs: Sequence[
         ax.plot(xs, curve, color=cmap(i / max(n - 1, 1)), lw=1)
 
 
-def plot_lr_schedules(n_units: int, t_0: float, path: Path, base_lr: float = 0.1) -> None:
+def plot_lr_schedules(n_units: int, t_0: float, path: Path, base_lr: float = 0.1, model: str = "") -> None:
     """Every unit's learning rate over the run for the four strategies (the paper's Figure 1)."""
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True, layout="constrained")
@@ -85,12 +85,16 @@ def plot_lr_schedules(n_units: int, t_0: float, path: Path, base_lr: float = 0.1
         ax.set_xlabel("fraction of training")
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, n_units - 1))
     fig.colorbar(sm, ax=axes, label="unit (0 = first layer)")
-    fig.suptitle(f"FreezeOut per-unit learning rates ({n_units} units)")
+    fig.suptitle(f"FreezeOut per-unit learning rates ({n_units} units{' of ' + model if model else ''})")
     save_figure(plt, fig, path)
 
 
-def plot_error_vs_speedup(rows: list[dict], path: Path, metric: str = "val_err") -> None:
-    """Error against speedup per strategy, estimated and measured (the paper's Figure 3)."""
+BUSY = "busy host: its time is not reliable"
+
+
+def plot_error_vs_speedup(rows: list[dict], path: Path, metric: str = "val_err", about: str = "") -> None:
+    """Error against speedup per strategy, estimated and measured (the paper's Figure 3); `about`:
+    the grid's model, data and length, for the title. Measured points from a busy host are ringed."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     base = next((r for r in rows if r["strategy"] == "baseline"), None)
@@ -110,25 +114,36 @@ def plot_error_vs_speedup(rows: list[dict], path: Path, metric: str = "val_err")
                   for r in own]
             ys = [r[metric] for r in own]
             errs = [r[metric + "_std"] for r in own]
-            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name)
+            ax.errorbar(xs, ys, yerr=errs if any(r["seeds"] > 1 for r in own) else None, marker="o", capsize=3,
+                        label=name)
             for x, y, r in zip(xs, ys, own, strict=True):
                 ax.annotate(f"{r['t_0']:.2g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            busy = [i for i, r in enumerate(own) if key == "measured_speedup" and r.get("busy_host")]
+            if busy:
+                first = BUSY not in ax.get_legend_handles_labels()[1]
+                ax.plot([xs[i] for i in busy], [ys[i] for i in busy], "o", ms=13, mfc="none", mec="red", mew=1.5,
+                        label=BUSY if first else None)
         if base is not None and base[metric] is not None:
-            lo, hi = base[metric] - base[metric + "_std"], base[metric] + base[metric + "_std"]
-            ax.axhspan(lo, hi, color="grey", alpha=0.25, label="baseline ± std")
-            ax.axhline(base[metric], color="grey", lw=1)
+            if base["seeds"] > 1:
+                lo, hi = base[metric] - base[metric + "_std"], base[metric] + base[metric + "_std"]
+                ax.axhspan(lo, hi, color="grey", alpha=0.25, label=f"baseline ± std ({base['seeds']} seeds)")
+                ax.axhline(base[metric], color="grey", lw=1)
+            else:  # one seed: no spread to show
+                ax.axhline(base[metric], color="grey", lw=1, label="baseline (1 seed)")
         ax.set_xlabel(f"{title} (%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"{'validation' if metric == 'val_err' else 'test'} error (%)")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Error against speedup (points labelled with t_0)")
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=8)
+    fig.suptitle("Error against speedup (points labelled with t_0)" + (f"\n{about}" if about else ""), fontsize=10)
     fig.tight_layout()
     save_figure(plt, fig, path)
 
 
-def plot_error_vs_time(rows: list[dict], path: Path) -> None:
+def plot_error_vs_time(rows: list[dict], path: Path, about: str = "") -> None:
     """Validation error against training time for the baseline and each strategy's best run
-    (lowest final error): the paper's Figure 4."""
+    (lowest final error): the paper's Figure 4; `about`: the grid, for the title."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     picks = [r for r in rows if r["strategy"] == "baseline"]
@@ -151,7 +166,8 @@ def plot_error_vs_time(rows: list[dict], path: Path) -> None:
                 lw=2 if r["strategy"] == "baseline" else 1.2, label=label)
     ax.set_xlabel("training time (min, evaluation excluded)")
     ax.set_ylabel("validation error (%)")
-    ax.set_title("Validation error against wall-clock time (first seed)")
+    ax.set_title("Validation error against wall-clock time (first seed)" + (f"\n{about}" if about else ""),
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

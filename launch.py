@@ -20,8 +20,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cli import EXIT_USAGE, is_stop_status, run_as_script
-from config import flag
-from rundir import RunBusy, RunLock, run_state
+from messages import plural
+from metrics_logger import read_records
+from rundir import RunBusy, RunLock
 
 ROOT = Path(__file__).resolve().parent
 STATES = ("finished", "stopped", "failed", "busy")
@@ -55,23 +56,60 @@ class GridStopped(Exception):
         self.signum, self.outcomes = signum, outcomes
 
 
-def start_argv(run: GridRun) -> list[str]:
+def run_state(run_dir: Path) -> str:
+    """"finished" (a summary record), "interrupted" (a checkpoint, no summary) or "new"."""
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and read_records(metrics, "summary"):
+        return "finished"
+    if (run_dir / "checkpoint.pt").exists():
+        return "interrupted"
+    return "new"
+
+
+def run_progress(run_dir: Path, epochs: int) -> str:
+    """A run's state in words, for reports: finished, not started, or how far it got."""
+    metrics = run_dir / "metrics.jsonl"
+    records = read_records(metrics) if metrics.exists() else []
+    if any(r["event"] == "summary" for r in records):
+        return "finished"
+    if not records and not (run_dir / "checkpoint.pt").exists():
+        return "not started"
+    done = sum(r["event"] == "epoch" for r in records)
+    return f"interrupted ({done} of {plural(epochs, 'epoch')} done)"
+
+
+def start_argv(run: GridRun) -> list[str] | None:
     """The train.py flags that take the run on from where its directory is: --resume after a
     checkpoint, a new start otherwise (clearing what a start that failed before its first
-    checkpoint left, under the directory's lock: RunBusy if another process owns it)."""
-    state = run_state(run.run_dir)
-    if state == "interrupted":
-        return [*run.argv, "--resume"]
-    if state == "new" and run.run_dir.is_dir() and any(p.name != ".lock" for p in run.run_dir.iterdir()):
+    checkpoint left); None for a run that has finished since the grid began (another grid on
+    the same --out ran it). Under the directory's lock, taken and given back: RunBusy where
+    another process owns it."""
+    if run.run_dir.is_dir():
         lock = RunLock(run.run_dir)
         lock.acquire()
         try:
-            for leftover in run.run_dir.iterdir():
-                if leftover.name != ".lock" and leftover.is_file():
-                    leftover.unlink()
+            state = run_state(run.run_dir)
+            if state == "new":
+                for leftover in run.run_dir.iterdir():
+                    if leftover.name != ".lock" and leftover.is_file():
+                        leftover.unlink()
         finally:
             lock.release()
+        if state == "finished":
+            return None
+        if state == "interrupted":
+            return [*run.argv, "--resume"]
     return list(run.argv)
+
+
+def busy(run: GridRun, error: RunBusy) -> Outcome:
+    """A run whose directory another process owns (another grid on the same --out): left alone."""
+    return Outcome(run, "busy", 0.0, f"another process owns {run.run_dir} ({error.owner}): left alone; the same "
+                                     "command, run again once it has ended, finds the run finished or goes on with it")
+
+
+def finished_elsewhere(run: GridRun) -> Outcome:
+    return Outcome(run, "finished", 0.0, "by another process")
 
 
 def run_one(argv: list[str]) -> dict:
@@ -146,6 +184,8 @@ def outcome_line(outcome: Outcome, where: str = "") -> str:
     """What the console says of an ended run."""
     run = outcome.run
     if outcome.state == "finished":
+        if outcome.detail:  # finished by another process
+            return f"done: {run.label}{where}, {outcome.detail}"
         return f"done: {run.label} in {format_duration(outcome.seconds)}{where}"
     return f"{outcome.state.upper()}: {run.label} ({run.run_dir}){where}: {outcome.detail}"
 
@@ -175,8 +215,12 @@ def run_processes(runs: list[GridRun], places: list[dict], threads: int, logs: P
                 try:
                     argv = start_argv(run)
                 except RunBusy as e:
+                    argv, outcome = None, busy(run, e)
+                else:
+                    outcome = finished_elsewhere(run) if argv is None else None
+                if outcome is not None:
                     free.insert(0, place)
-                    outcomes.append(Outcome(run, "busy", 0.0, e.render(flag)))
+                    outcomes.append(outcome)
                     progress.ended_run(outcomes[-1])
                     continue
                 env = {**os.environ, **places[place], "OMP_NUM_THREADS": str(threads),
@@ -229,7 +273,9 @@ class SubmittedRun:
         import torch
         torch.set_num_threads(self.threads)
         try:
-            run_one(start_argv(self.run))
+            argv = start_argv(self.run)
+            if argv is not None:
+                run_one(argv)
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else 1
         except RunBusy:

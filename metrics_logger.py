@@ -143,6 +143,52 @@ def evaluation(record: dict, eval_mode: str | None = None) -> tuple[str, float |
     return None
 
 
+class NoRecords:
+    """Stands in for the metrics file on the ranks that do not write it."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def log(self, event: str, **fields) -> dict:
+        return {"event": event, **fields}
+
+
+def holds_records(metrics: Path) -> bool:
+    """Whether a metrics file holds any record (a file cut before its first line holds none);
+    a damaged one counts as holding records: it is not ours to overwrite."""
+    if not metrics.exists():
+        return False
+    try:
+        return bool(read_records(metrics))
+    except (ValueError, UnicodeDecodeError):
+        return True
+
+
+def read_lines(path: str | os.PathLike) -> tuple[list[dict], list[tuple[int, str]]]:
+    """(every record of a metrics file, every other line with its number): lines that hold no
+    whole record (a write cut short, damage from outside), wherever they are."""
+    records, damaged = [], []
+    for number, line in enumerate(Path(path).read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                damaged.append((number, line))
+    return records, damaged
+
+
+def keep_aside(path: str | os.PathLike, lines: list[str]) -> Path:
+    """Write `lines` of a metrics file to a file beside it, PATH.damaged-N (the first N free)."""
+    path = Path(path)
+    aside = next(p for n in range(1, 10_000) if not (p := path.with_name(f"{path.name}.damaged-{n}")).exists())
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    write_atomically(aside, lambda f: f.write(data))
+    return aside
+
+
 def read_records(path: str | os.PathLike, event: str | None = None) -> list[dict]:
     """All records of a metrics file (only those of `event` if given).
 

@@ -115,17 +115,20 @@ def plot_lr(config: dict, epochs: list, path: Path) -> None:
 def plot_curves(config: dict, epochs: list, path: Path, summary: Optional[dict] = None) -> None:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    x = [e["epoch"] for e in epochs]
     marker = "o" if len(epochs) <= MARKED_EPOCHS else None
     ms = 4
-    left.plot(x, [e["train_loss"] for e in epochs], marker=marker, ms=ms, label="training loss")
-    evaluated = [evaluation(e, config.get("eval_mode")) for e in epochs]
-    if evaluated[0] is not None and evaluated[0][1] is not None:
-        left.plot(x, [ev[1] for ev in evaluated], marker=marker, ms=ms, label=f"{evaluated[0][0]} loss")
+    # An epoch record rebuilt from a checkpoint (its line was damaged) has no losses or errors.
+    trained = [e for e in epochs if "train_loss" in e]
+    left.plot([e["epoch"] for e in trained], [e["train_loss"] for e in trained], marker=marker, ms=ms,
+              label="training loss")
+    evaluated = [(e["epoch"], ev) for e in epochs if (ev := evaluation(e, config.get("eval_mode"))) is not None]
+    x = [epoch for epoch, _ in evaluated]
+    if evaluated and evaluated[0][1][1] is not None:
+        left.plot(x, [ev[1] for _, ev in evaluated], marker=marker, ms=ms, label=f"{evaluated[0][1][0]} loss")
     left.set_ylabel("cross-entropy")
-    if evaluated[0] is not None:
-        right.plot(x, [ev[2] for ev in evaluated], marker=marker, ms=ms, color="C3",
-                   label=f"{evaluated[0][0]} error")
+    if evaluated:
+        right.plot(x, [ev[2] for _, ev in evaluated], marker=marker, ms=ms, color="C3",
+                   label=f"{evaluated[0][1][0]} error")
     test_err = summary.get("test_err") if summary is not None else None
     if test_err is not None:
         right.plot([summary["epochs"]], [test_err], marker="*", ms=13, ls="none", color="C1",

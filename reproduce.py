@@ -61,11 +61,14 @@ from launch import (
     GridRun,
     GridStopped,
     Outcome,
+    busy,
+    finished_elsewhere,
     format_duration,
     import_submitit,
     outcome_line,
     run_one,
     run_processes,
+    run_state,
     run_submitit,
     slots,
     start_argv,
@@ -73,9 +76,9 @@ from launch import (
 )
 from messages import plural
 from metrics_logger import WriteError
-from models import DEFAULTS, MODELS, applies, build_model, check_depth, resolve_size
-from results import missing_runs, summarize, write_csv, write_markdown
-from rundir import RunBusy, run_state, saved_config
+from models import DEFAULTS, MODELS, applies, build_model, check_depth, model_name, resolve_size
+from results import missing_runs, setting_line, summarize, write_csv, write_markdown
+from rundir import RunBusy, saved_config
 
 PRESETS = {
     # The paper's Figure 3 (DenseNet-BC k=12 L=76 on CIFAR-10, 100 epochs): 37 runs of about
@@ -201,9 +204,12 @@ def run_in_this_process(todo: list[GridRun], threads: int | None) -> list[Outcom
         start = time.perf_counter()
         try:
             argv = start_argv(run)
+            ended = finished_elsewhere(run) if argv is None else None
         except RunBusy as e:  # another process owns its directory: left alone
-            outcomes.append(Outcome(run, "busy", 0.0, e.render(flag)))
-            print(f"[{i}/{len(todo)}] {outcome_line(outcomes[-1])}", flush=True)
+            argv, ended = None, busy(run, e)
+        if ended is not None:
+            outcomes.append(ended)
+            print(f"[{i}/{len(todo)}] {outcome_line(ended)}", flush=True)
             continue
         print(f"[{i}/{len(todo)}] {run.label}: {'resuming' if '--resume' in argv else 'starting'}", flush=True)
         try:
@@ -211,8 +217,13 @@ def run_in_this_process(todo: list[GridRun], threads: int | None) -> list[Outcom
         except SystemExit as e:
             if is_stop_status(e.code):
                 raise
-            outcomes.append(Outcome(run, "failed", time.perf_counter() - start,
-                                    f"train.py exited {e.code}; its error is above"))
+            try:  # taken by another process between the look and the start: busy, not failed
+                start_argv(run)
+            except RunBusy as owned:
+                outcomes.append(busy(run, owned))
+            else:
+                outcomes.append(Outcome(run, "failed", time.perf_counter() - start,
+                                        f"train.py exited {e.code}; its error is above"))
             print(f"[{i}/{len(todo)}] {outcome_line(outcomes[-1])}", flush=True)
             continue
         outcomes.append(Outcome(run, "finished", time.perf_counter() - start))
@@ -398,9 +409,11 @@ def report(jobs: list[Job], settings: dict, out: Path) -> list[dict]:
               f"{out / 'results.md'})")
     model = build_model(settings["model"], settings["depth"], settings["growth_rate"], num_classes=10)
     middle = sorted(settings["t0s"])[len(settings["t0s"]) // 2]
-    plot_lr_schedules(len(model.freeze_units()), middle, out / "lr_schedules.png")
-    plot_error_vs_speedup(rows, out / "error_vs_speedup.png")
-    plot_error_vs_time(rows, out / "error_vs_time.png")
+    plot_lr_schedules(len(model.freeze_units()), middle, out / "lr_schedules.png",
+                      model=model_name(settings["model"], settings["depth"], settings["growth_rate"]))
+    about = setting_line(settings)
+    plot_error_vs_speedup(rows, out / "error_vs_speedup.png", about=about)
+    plot_error_vs_time(rows, out / "error_vs_time.png", about=about)
     return rows
 
 
@@ -432,7 +445,9 @@ def main(argv=None) -> list[dict]:
     unfinished = []
     if not args.report_only:
         try:
-            unfinished = [o for o in run_grid(jobs, out, launch) if o.state != "finished"]
+            # A run left busy that another process has finished since is finished.
+            unfinished = [o for o in run_grid(jobs, out, launch) if o.state != "finished"
+                          and run_state(o.run.run_dir) != "finished"]
         except (SystemExit, KeyboardInterrupt, GridStopped) as e:  # Ctrl-C or SIGTERM, inside a run or between
             code = stop_code(e)
             if code is None:
@@ -450,9 +465,14 @@ def main(argv=None) -> list[dict]:
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'} and 3 figures in {out}")
     if unfinished:
         for outcome in unfinished:
-            print(f"{parser.prog}: error: {outcome_line(outcome)}", file=sys.stderr)
-        print(f"{parser.prog}: error: {len(unfinished)} run(s) did not finish (above); the table leaves them out. "
-              "Fix the cause and run the same command again: it runs only what is missing", file=sys.stderr)
+            parser.say(outcome_line(outcome))
+        owned = sum(o.state == "busy" for o in unfinished)
+        if owned:
+            parser.say(f"{owned} run(s) are running in another process (busy, above); the table leaves them out: "
+                       "run the same command again once it has ended")
+        if owned < len(unfinished):
+            parser.say(f"{len(unfinished) - owned} run(s) did not finish (above); the table leaves them out. Fix "
+                       "the cause and run the same command again: it runs only what is missing")
         raise SystemExit(EXIT_FAILED)
     return rows
 

@@ -2,18 +2,15 @@
 and ends there.
 
 - `RunLock`: one owner per directory, an OS file lock the OS releases when the process dies.
-- `RunDir.open`: a new run (never over an old one), a resumed one (its saved settings, the
-  settings --resume may not change checked), a finished one, one that another process owns
-  (busy), one whose files cannot be used (damaged, records without a checkpoint); rank 0 decides
-  and every rank gets the outcome, failures as one `RunError` that carries its message, the
-  setting it is about and its exit status. A run that stopped before its first checkpoint (only
-  its config record written) starts again from step 0.
+- `RunDir.open`: a new run (never over an old one), a resumed one (its saved settings, those
+  --resume may not change checked), a finished one, a busy one (another process owns it), one
+  whose files cannot be used; rank 0 decides, every rank gets the outcome, a failure as one
+  `RunError` (its message, its setting, its exit status). A run that stopped before its first
+  checkpoint (only its config record written) starts again from step 0.
 - `RunDir.start` writes the config record and the step-0 checkpoint; `resume` restores the
-  checkpoint and keeps the records of the epochs it holds; `save` writes a checkpoint; `records`
-  appends epoch and summary records (rank 0).
-- `RunDir.continue_command` and `failure`: the one line for what ended a run early, with the
+  checkpoint and keeps the records of its epochs; `save`, `records`: checkpoints and records.
+- `RunDir.failures`, `continue_command`: the one line for what ended a run early, with the
   command that continues it where it can be.
-- `run_state`, `run_progress`, `saved_config`: where a directory's run stands, for reproduce.py.
 """
 from __future__ import annotations
 
@@ -35,19 +32,22 @@ from typing import Optional
 import checkpoint
 from checkpoint import describe_checkpoint, load_checkpoint, restore
 from cli import stop_status
-from config import Config, continue_argv, record, refuse_changes, resumed
-from engine import Diverged, EpochPosition, RunProgress
+from config import RESULT_KEYS, Config, continue_argv, record, refuse_changes, resumed
+from engine import Diverged, EpochPosition, RunProgress, Stopped
 from messages import EXIT_FAILED, EXIT_USAGE, Reported, RunError, plural, setting
-from metrics_logger import MetricsLogger, WriteError, evaluation, file_system_cause, read_records, write_records
+from metrics_logger import (
+    MetricsLogger,
+    NoRecords,
+    WriteError,
+    evaluation,
+    file_system_cause,
+    holds_records,
+    keep_aside,
+    read_lines,
+    read_records,
+    write_records,
+)
 from plan import host_info
-
-
-class Stopped(Exception):
-    """The run stopped on SIGINT / SIGTERM after writing a checkpoint."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
 
 
 @dataclass
@@ -63,8 +63,7 @@ class Opened:
 
 
 class RunDir:
-    """The run directory of one run, as this process sees it; rank 0 owns it (its lock) from
-    `open` to `close`."""
+    """The run directory of one run, as this process sees it; rank 0 owns it (its lock) inside `with`."""
 
     def __init__(self, cfg: Config, dist):
         self.path, self.dist = Path(cfg.run_dir), dist
@@ -81,9 +80,8 @@ class RunDir:
 
     # -- opening -------------------------------------------------------------------------
     def open(self, cfg: Config, typed: set, argv: list) -> Opened:
-        """On rank 0: take the directory, check what it holds, and when resuming load the
-        checkpoint and settle the settings the run goes on with; every rank gets the outcome,
-        and raises the RunError of a directory that cannot be used."""
+        """Rank 0 takes the directory, checks what it holds and, resuming, loads the checkpoint and
+        settles the settings the run goes on with; every rank gets the outcome (or its RunError)."""
         if not self.dist.is_main:
             opened = self.dist.broadcast(None)
         else:
@@ -172,9 +170,10 @@ class RunDir:
                                f"({sorted(state['position'])}); it cannot be continued by this version") from None
         if self.dist.is_main:
             metrics = self.path / "metrics.jsonl"
-            kept = [r for r in read_records(metrics) if r["event"] == "config"
-                    or (r["event"] == "epoch" and r["epoch"] <= done)]
+            kept, notes = records_to_keep(metrics, state)
             write_records(metrics, kept)
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
             print(f"resuming {self.path} in epoch {position.epoch} at batch {position.batch}")
         return RunProgress(done, state["train_time_s"], position)
 
@@ -186,9 +185,8 @@ class RunDir:
         return MetricsLogger(self.path / "metrics.jsonl") if self.dist.is_main else NoRecords()
 
     def val_err(self, last_eval: tuple) -> Optional[float]:
-        """The last epoch's validation error for the summary (None unless --validate): its
-        evaluation, or, in a run resumed after its last epoch (its summary could not be
-        written), that epoch's record."""
+        """The last epoch's validation error (None unless --validate): its evaluation, or that
+        epoch's record in a run resumed after its last epoch (its summary was not written)."""
         if self.cfg.eval_mode != "val" or last_eval[1] is not None or not self.dist.is_main:
             return last_eval[1] if self.cfg.eval_mode == "val" else None
         recorded = read_records(self.path / "metrics.jsonl", "epoch")
@@ -234,9 +232,8 @@ class RunDir:
             raise SystemExit(EXIT_FAILED) from None
 
     def continue_command(self, cfg: Config) -> str:
-        """The command that continues this run: its name, and this invocation's value of every
-        setting --resume may change where it is not the default (the checkpoint holds every
-        setting that changes the result)."""
+        """The command that continues this run (config.continue_argv, under torchrun's launcher
+        where several processes run it)."""
         world = self.dist.world_size
         launcher = ["python", "train.py"] if world == 1 else ["torchrun", f"--nproc_per_node={world}", "train.py"]
         return " ".join(shlex.quote(w) for w in launcher + continue_argv(cfg))
@@ -273,19 +270,6 @@ class RunDir:
                 f"the job ends, its last checkpoint kept{kept}")
 
 
-class NoRecords:
-    """Stands in for the metrics file on the ranks that do not write it."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def log(self, event: str, **fields) -> dict:
-        return {"event": event, **fields}
-
-
 # -- what a directory holds ----------------------------------------------------------------------
 def examine(run_dir: Path, resume: bool, out_dir: str) -> tuple[Optional[dict], Optional[dict]]:
     """(the checkpoint to resume, the saved config): (None, None) for a new run, after checking
@@ -298,8 +282,11 @@ def examine(run_dir: Path, resume: bool, out_dir: str) -> tuple[Optional[dict], 
             if unwritable is not None:
                 raise RunError(unwritable)
         if ckpt_path.is_file():
-            checkpoint = load_checkpoint(ckpt_path)
-            return checkpoint, checkpoint["config"]
+            state = load_checkpoint(ckpt_path)
+            swapped = another_runs(run_dir, state["config"])
+            if swapped is not None:
+                raise RunError(swapped)
+            return state, state["config"]
         saved = started_config(run_dir)
         if saved is not None:
             return None, saved
@@ -325,6 +312,61 @@ def examine(run_dir: Path, resume: bool, out_dir: str) -> tuple[Optional[dict], 
     return None, None
 
 
+def records_to_keep(metrics: Path, state: dict) -> tuple[list[dict], list[str]]:
+    """(the records a run resumed from the checkpoint `state` keeps: its config record and those
+    of the epochs the checkpoint holds; what was damaged, in words). A line that is no record (a
+    write cut short, damage from outside) is never dropped without a word: it is kept aside in
+    metrics.jsonl.damaged-N; a lost record of the checkpoint's own epoch is rebuilt from it."""
+    records, damaged = read_lines(metrics)
+    done, notes = state["epoch"], []
+    kept = [r for r in records if r.get("event") == "config" or (r.get("event") == "epoch" and r["epoch"] <= done)]
+    if damaged:
+        aside = keep_aside(metrics, [line for _, line in damaged])
+        lines = ", ".join(str(n) for n, _ in damaged)
+        notes.append(f"{metrics}: {plural(len(damaged), 'line')} ({lines}) held no whole record (a write cut short, "
+                     f"or damage from outside): kept aside in {aside.name}")
+    have = {r["epoch"] for r in kept if r.get("event") == "epoch"}
+    lost = [e for e in range(1, done + 1) if e not in have]
+    if done in lost:
+        kept.append(rebuilt_record(state, kept))
+        notes.append(f"epoch {done}'s record was not whole: rebuilt from the checkpoint (its step, training time, "
+                     "frozen units and learning rates; not its losses and errors)")
+        lost.remove(done)
+    if lost:
+        notes.append(f"the records of epochs {', '.join(map(str, lost))} were not whole and the checkpoint holds "
+                     "nothing of them: the run goes on without them")
+    return kept, notes
+
+
+def rebuilt_record(state: dict, kept: list[dict]) -> dict:
+    """The epoch record of a checkpoint's epoch, as far as the checkpoint knows it."""
+    scheduler = state["scheduler"]
+    frozen = sum(at is not None for at in scheduler["frozen_at"])
+    earlier = sum(r.get("train_time_s") or 0.0 for r in kept if r.get("event") == "epoch")
+    return {"event": "epoch", "epoch": state["epoch"], "step": state["step"],
+            "train_time_s": state["train_time_s"] - earlier, "frozen_units": frozen,
+            "active_units": len(scheduler["frozen_at"]) - frozen, "lr": [float(lr) for lr in scheduler["_last_lr"]],
+            "rebuilt_from": "checkpoint.pt"}
+
+
+def another_runs(run_dir: Path, config: dict) -> str | None:
+    """The one line for a checkpoint whose run is not the run directory's (its config record's):
+    a checkpoint copied over from another run; None when it is the directory's own (or the
+    directory keeps no config record to tell)."""
+    record = saved_config(run_dir)
+    if record is None:
+        return None
+    keys = [k for k in ("name", *RESULT_KEYS) if record.get(k) != config.get(k)]
+    if not keys:
+        return None
+
+    def say(values: dict) -> str:
+        return ", ".join(f"{k} {values.get(k)!r}" for k in keys)
+    return (f"{run_dir / 'checkpoint.pt'} is another run's checkpoint: it says {say(config)}, where the run "
+            f"directory's config record ({run_dir / 'metrics.jsonl'}) says {say(record)}; nothing was changed: put "
+            f"this run's own checkpoint.pt back, or start the run again under another {setting('name')}")
+
+
 def cannot_write_in(run_dir: Path, path: Path | None = None, error: OSError | None = None) -> str | None:
     """The one line for a run directory a run cannot write in (a read-only file system, no
     permission), naming `path` (the file that could not be written; the directory itself if
@@ -342,17 +384,6 @@ def cannot_write_in(run_dir: Path, path: Path | None = None, error: OSError | No
     return (f"cannot write {path or run_dir}: {cause} ({run_dir} {where}: a run writes its checkpoint and "
             f"records there; nothing was changed): make it writable, or copy {run_dir} into a writable "
             f"directory DIR and use {setting('out_dir')} DIR")
-
-
-def holds_records(metrics: Path) -> bool:
-    """Whether a metrics file holds any record (a file cut before its first line holds none);
-    a damaged one counts as holding records: it is not ours to overwrite."""
-    if not metrics.exists():
-        return False
-    try:
-        return bool(read_records(metrics))
-    except (ValueError, UnicodeDecodeError):
-        return True
 
 
 def records_without_checkpoint(run_dir: Path) -> str | None:
@@ -400,38 +431,15 @@ def saved_config(run_dir: Path) -> dict | None:
     return configs[0] if configs else None
 
 
-def run_state(run_dir: Path) -> str:
-    """"finished" (a summary record), "interrupted" (a checkpoint, no summary) or "new"."""
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists() and read_records(metrics, "summary"):
-        return "finished"
-    if (run_dir / "checkpoint.pt").exists():
-        return "interrupted"
-    return "new"
-
-
-def run_progress(run_dir: Path, epochs: int) -> str:
-    """A run's state in words, for reports: finished, not started, or how far it got."""
-    metrics = run_dir / "metrics.jsonl"
-    records = read_records(metrics) if metrics.exists() else []
-    if any(r["event"] == "summary" for r in records):
-        return "finished"
-    if not records and not (run_dir / "checkpoint.pt").exists():
-        return "not started"
-    done = sum(r["event"] == "epoch" for r in records)
-    return f"interrupted ({done} of {plural(epochs, 'epoch')} done)"
-
-
 # -- one owner ---------------------------------------------------------------------------------
 class RunBusy(RunError):
     """Another process owns the run directory."""
 
 
 class RunLock:
-    """One owner per run directory: an exclusive OS file lock (flock) on its `.lock`, taken
-    before the run's first write and held until the process exits. The OS releases it when the
-    process dies, `kill -9` included, so a lock is never stale. The file holds the owner's pid
-    and host, for the message another process gets."""
+    """One owner per run directory: an exclusive OS file lock (flock) on its `.lock`, taken before
+    the run's first write. The OS releases it when the process dies (`kill -9` too): it is never
+    stale. The file holds the owner's pid and host, for the message another process gets."""
 
     def __init__(self, run_dir: Path):
         self.run_dir, self.path = run_dir, run_dir / ".lock"
@@ -459,8 +467,10 @@ class RunLock:
             f.seek(0)
             owner = f.read().split() or ["?", "?"]
             f.close()
-            raise RunBusy(f"{self.run_dir} is in use by another run (pid {owner[0]} on {owner[-1]}); wait for it "
-                          f"to end, or give this one another {setting('name')}", status=EXIT_USAGE) from None
+            error = RunBusy(f"{self.run_dir} is in use by another run (pid {owner[0]} on {owner[-1]}); wait for it "
+                            f"to end, or give this one another {setting('name')}", status=EXIT_USAGE)
+            error.owner = f"pid {owner[0]} on {owner[-1]}"
+            raise error from None
         except OSError as e:  # a file system without locks (some network mounts)
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise

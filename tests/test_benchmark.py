@@ -240,3 +240,20 @@ def test_the_compiled_step_is_measured_beside_the_eager_one(capsys, dynamo_limit
     assert "6 compiles, " in out and json.loads(out.strip().splitlines()[-1])["compiled"] == c
     assert counters["stats"]["unique_graphs"] > 0 and not counters["frames"].get("fallback")
     torch._dynamo.reset()
+
+
+def test_repeats_that_spread_or_a_busy_host_are_warned_about(monkeypatch, capsys):
+    from benchmark_tables import unreliable
+    quiet = {"baseline_runs_s": [60.0, 62.0, 61.0], "freezeout_runs_s": [45.0, 46.0, 44.0], "host_load": 1.9,
+             "cpu_count": 2}
+    assert unreliable(quiet) is None
+    spread = {**quiet, "baseline_runs_s": [67.0, 42.0, 82.0]}  # as measured on a loaded host
+    assert unreliable(spread).startswith("the baseline runs spread 1.95x (42 to 82 s): the machine's speed varied")
+    busy = {**quiet, "host_load": 3.4}
+    assert unreliable(busy).startswith("the host's load average reached 3.4 on 2 cores")
+    fake = {**spread, "graphed": None, "compiled": None}
+    monkeypatch.setattr(benchmark, "measure", lambda args, report: report(fake) or fake)
+    monkeypatch.setattr(benchmark, "eager_table", lambda r: "the table")
+    benchmark.main(["-L", "10", "-k", "4", "--device", "cpu", "--steps", "12"])
+    err = capsys.readouterr().err
+    assert "warning: the baseline runs spread 1.95x" in err and "not reliable" in err

@@ -231,8 +231,10 @@ def test_a_resume_refuses_a_run_this_version_resolves_otherwise(tmp_path, capsys
     path = tmp_path / "run" / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
     solved = state["config"]["t_0"]
-    state["config"]["t_0"] = 0.75  # as if an earlier version had solved it otherwise
+    state["config"]["t_0"] = 0.75  # as if an earlier version had solved it otherwise, in both its records
     torch.save(state, path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().replace(f'"t_0": {solved!r}', '"t_0": 0.75', 1))
     with pytest.raises(SystemExit) as stopped:
         run_train(tmp_path, "--epochs", "1", "--target-speedup", "0.2", "--resume")
     assert stopped.value.code == 1

@@ -30,14 +30,17 @@ RUNS = ["baseline_s0", "cubic-scaled_t0-0.5_s0", "cubic-scaled_t0-0.8_s0"]
 LABELS = ["baseline, seed 0", "cubic-scaled t_0 0.5, seed 0", "cubic-scaled t_0 0.8, seed 0"]
 
 
-def reproduce_py(out: Path, *flags, hold_at: int = 0, **popen) -> subprocess.Popen:
+def reproduce_py(out: Path, *flags, hold_at: int = 0, hold_until: Path | None = None, **popen) -> subprocess.Popen:
     """reproduce.py on GRID; with hold_at, each of its runs waits before that training step
-    until a stop signal has reached it, after writing a file in out/held (tests/hold)."""
+    until a stop signal has reached it (or `hold_until` exists), after writing a file in
+    out/held (tests/hold)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if hold_at:
         (out / "held").mkdir(parents=True)
         env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests" / "hold"), env.get("PYTHONPATH")])),
                    FREEZEOUT_TEST_HOLD_AT=str(hold_at), FREEZEOUT_TEST_HOLD_DIR=str(out / "held"))
+        if hold_until is not None:
+            env["FREEZEOUT_TEST_HOLD_UNTIL"] = str(hold_until)
     return subprocess.Popen([sys.executable, str(ROOT / "reproduce.py"), *GRID, "--out", str(out), *flags],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -88,21 +91,23 @@ def test_two_jobs_report_a_failed_and_a_busy_run_finish_the_other_and_then_give_
     assert left == [".lock"]
     lines = err.strip().splitlines()
     busy = next(line for line in lines if f"error: BUSY: {LABELS[0]}" in line)
-    assert f"in use by another run (pid {os.getpid()}" in busy
+    assert f"another process owns {owner.run_dir} (pid {os.getpid()} on " in busy and "left alone" in busy
     failed = next(i for i, line in enumerate(lines) if f"error: FAILED: {LABELS[1]}" in line)
     assert f"exit 1; the last lines of {tmp_path / 'logs' / (RUNS[1] + '.log')}" in lines[failed]
     assert lines[failed + 1].strip() == f"train.py: error: cannot create {blocker} (File exists)"
-    assert lines[-1].endswith("2 run(s) did not finish (above); the table leaves them out. Fix the cause and "
+    assert lines[-2].endswith("1 run(s) are running in another process (busy, above); the table leaves them out: "
+                              "run the same command again once it has ended")
+    assert lines[-1].endswith("1 run(s) did not finish (above); the table leaves them out. Fix the cause and "
                               "run the same command again: it runs only what is missing")
     assert '"event": "summary"' in (tmp_path / "runs" / RUNS[2] / "metrics.jsonl").read_text()
     assert (tmp_path / "results.md").exists()
-    assert sum(line.startswith("starting: ") for line in out.splitlines()) == 3
+    assert sum(line.startswith("starting: ") for line in out.splitlines()) == 2  # the busy one is not started
     assert sum(line.startswith("done: ") for line in out.splitlines()) == 1
     # Every ended run's line (finished on stdout, failed or busy on stderr) counts the runs
     # ended, with the time left while some are.
     counts = dict(re.findall(r"\[(\d)/3 ended(, about [^\]]+ left)?\]", out + err))
     assert sorted(counts) == ["1", "2", "3"] and not counts["3"]
-    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted(f"{n}.log" for n in RUNS)
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted(f"{n}.log" for n in RUNS[1:])
 
     blocker.unlink()
     code, out, err = finish(reproduce_py(tmp_path, "--jobs", "2"))
@@ -155,7 +160,7 @@ def test_a_started_run_owned_by_another_process_is_left_alone(tmp_path):
         lock.release()
     assert code == 1
     busy = next(line for line in err.splitlines() if f"error: BUSY: {LABELS[0]}" in line)
-    assert f"in use by another run (pid {os.getpid()}" in busy
+    assert f"another process owns {lock.run_dir} (pid {os.getpid()} on " in busy
     assert left == [".lock", "metrics.jsonl"]
     assert '"event": "summary"' in (tmp_path / "runs" / RUNS[2] / "metrics.jsonl").read_text()
 
@@ -172,7 +177,36 @@ def test_parallel_runs_leave_a_started_run_owned_by_another_process_alone_withou
     finally:
         lock.release()
     assert [(o.state, o.seconds) for o in outcomes] == [("busy", 0.0)]
-    assert f"in use by another run (pid {os.getpid()}" in outcomes[0].detail
+    assert f"another process owns {lock.run_dir} (pid {os.getpid()} on " in outcomes[0].detail
+
+
+@pytest.mark.slow
+def test_two_grids_on_one_out_leave_each_others_runs_alone_and_the_one_that_ends_with_all_finished_exits_0(
+        tmp_path, one_at_a_time):
+    """A first grid holds its first run (the baseline) at its second step; a second grid on the
+    same --out leaves that run alone (busy: reproduce.py's word and advice, not a failure), runs
+    the other two and says so; the first grid then goes on, finds the two finished by the other
+    and ends with every run finished: exit 0, the runs those of one grid alone."""
+    go = tmp_path / "go"
+    first = reproduce_py(tmp_path, "--jobs", "1", hold_at=2, hold_until=go)
+    deadline = time.monotonic() + 600
+    while not list((tmp_path / "held").iterdir()):
+        if first.poll() is not None or time.monotonic() > deadline:
+            first.kill()
+            pytest.fail(f"the first grid's run never reached its 2nd step: {first.communicate()}")
+        time.sleep(0.02)
+    code, out, err = finish(reproduce_py(tmp_path, "--jobs", "1"))
+    assert code == 1 and "FAILED" not in out + err and "--resume" not in err and "--name" not in err
+    busy = next(line for line in err.splitlines() if f"error: BUSY: {LABELS[0]}" in line)
+    assert f"another process owns {tmp_path / 'runs' / RUNS[0]} (pid " in busy
+    assert err.strip().splitlines()[-1].endswith("1 run(s) are running in another process (busy, above); the table "
+                                                 "leaves them out: run the same command again once it has ended")
+    go.touch()
+    code, out, err = finish(first)
+    assert code == 0, err
+    for label in LABELS[1:]:
+        assert f"done: {label}, by another process" in out
+    assert results(tmp_path) == one_at_a_time
 
 
 @pytest.mark.slow

@@ -57,8 +57,8 @@ def test_a_one_epoch_one_step_run_says_1_epoch_and_1_step(tmp_path, capsys):
 
 
 def test_run_progress_says_1_epoch(tmp_path):
+    from launch import run_progress
     from metrics_logger import MetricsLogger
-    from rundir import run_progress
 
     with MetricsLogger(tmp_path / "run" / "metrics.jsonl") as log:
         log.log("config", epochs=1)

@@ -102,3 +102,9 @@ def test_the_quick_start_is_the_run_the_readme_describes(tmp_path, monkeypatch):
     assert f"DenseNet-BC (L={depth}, {units} units)" in paragraph
     assert f"for {['two', 'three', 'four', 'five'][epochs - 2]} epochs ({steps} steps)" in paragraph
     assert resolved["dataset"] == "synthetic" and resolved["num_classes"] == 10 and "10 classes" in paragraph
+
+
+def test_train_py_help_shows_the_readmes_quick_start():
+    import train
+    command = re.search(r"```sh\n(python train\.py [^\n]*)\n```", README[README.index("## Quick start"):]).group(1)
+    assert command in train.__doc__  # what `python train.py -h` lists as its example

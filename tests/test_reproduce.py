@@ -9,6 +9,7 @@ import pytest
 import checkpoint
 import figures
 import reproduce
+import results
 import train
 from conftest import POWERS, KeptFigures, closed_form_lr, tiny_argv
 from metrics_logger import MetricsLogger, read_records
@@ -98,17 +99,32 @@ def test_table_numbers_from_fabricated_runs(tmp_path, monkeypatch):
                 "epochs": 2, "batch_size": 32, "seeds": [0, 1], "device": "cpu"}
     reproduce.write_markdown(rows, settings, out / "results.md")
     md = (out / "results.md").read_text()
-    assert "| cubic-scaled | 0.5 | 10.0% | 12.0% | 28.6% | 75.0 | 12.00 ± 1.41 | +1.00 | 12.00 ± 0.00 | +0.00 |" in md
+    assert "| cubic-scaled | 0.5 | 10.0% | 12.0% | 28.6% † | 75.0 | 12.00 ± 1.41 | +1.00 | 12.00 ± 0.00 | +0.00 |" in md
     assert md.count("\n| baseline |") == 1
+    # What the table cannot say is said in it: the setting, and the caveats that follow from it.
+    assert md.startswith("# FreezeOut: a small grid, not the paper's setting\n\nDenseNet-BC L=22 k=12 on synthetic "
+                         "(first 64 images of each split), 2 epochs, batch 32, 2 seeds (0, 1), device cpu.")
+    assert "- The synthetic set is not CIFAR: these errors say nothing of the paper's accuracy claims" in md
+    assert "- 2 epochs against the paper's 100" in md and "One seed" not in md
+    assert "† measured more than 10 points away from the FLOP estimate." in md
+    paper = {**settings, "dataset": "cifar10", "subset": None, "epochs": 100, "seeds": [0]}
+    reproduce.write_markdown(rows, paper, out / "paper.md")
+    md = (out / "paper.md").read_text()
+    assert md.startswith("# FreezeOut: the paper's grid\n") and "synthetic" not in md and "- One seed" in md
 
     kept = KeptFigures(figures.pyplot())
     monkeypatch.setattr(figures, "pyplot", lambda: kept)
+    about = results.setting_line(settings)
     for plot_fn, name in [(figures.plot_error_vs_speedup, "speed.png"), (figures.plot_error_vs_time, "time.png")]:
-        plot_fn(rows, out / name)
+        plot_fn(rows, out / name, about=about)
         assert is_png(out / name)
     figures.plot_lr_schedules(13, 0.5, out / "lr.png")
     assert is_png(out / "lr.png")
     speed, time, lr = kept.figures
+    # The figures name the grid they show: model, data, length, seeds.
+    assert about in speed._suptitle.get_text() and about in time.axes[0].get_title()
+    # Two seeds: the baseline's band is its spread over them.
+    assert "baseline ± std (2 seeds)" in speed.axes[0].get_legend_handles_labels()[1]
     # Error against speedup: the cubic strategy's point at its estimate and its measured speedup.
     estimated, measured = speed.axes[:2]
     points = {ax: [(list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata())) for c in ax.containers]
@@ -154,3 +170,20 @@ def test_bad_grid_flags_are_refused(tmp_path, capsys):
             reproduce.main([*argv, "--out", str(tmp_path / "x")])
         assert bad.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_speedup_figure_rings_busy_host_points_and_shows_one_seed_as_a_line(tmp_path, monkeypatch):
+    row = {"strategy": "cubic-scaled", "t_0": 0.8, "seeds": 1, "paper_speedup": 0.18, "flop_speedup": 0.243,
+           "measured_speedup": 0.525, "val_err": 30.0, "val_err_std": 0.0, "busy_host": True}
+    base = {**row, "strategy": "baseline", "t_0": 1.0, "paper_speedup": 0.0, "flop_speedup": 0.0,
+            "measured_speedup": 0.0, "val_err": 20.0, "busy_host": False}
+    kept = KeptFigures(figures.pyplot())
+    monkeypatch.setattr(figures, "pyplot", lambda: kept)
+    figures.plot_error_vs_speedup([base, row], tmp_path / "speed.png")
+    estimated, measured = kept.figures[0].axes[:2]
+    labels = measured.get_legend_handles_labels()[1]
+    assert figures.BUSY in labels and figures.BUSY not in estimated.get_legend_handles_labels()[1]
+    ring = next(line for line in measured.lines if line.get_label() == figures.BUSY)
+    assert list(ring.get_xdata()) == [pytest.approx(52.5)]  # the busy run's measured point, ringed
+    assert "baseline (1 seed)" in labels and not any("±" in label for label in labels)  # no band for one seed
+    assert not measured.patches  # no baseline band

@@ -391,3 +391,78 @@ def test_records_without_a_checkpoint_through_train_py(tmp_path, capsys):
         assert f"{run_dir} holds records of 2 epochs but no checkpoint.pt (removed?)" in line
         assert line.endswith("or start it under another --name")
     assert ": error: --resume: " in lines[0] and ": error: --resume" not in lines[1]
+
+
+# -- what --resume finds that is not the run's own -------------------------------------------------
+def stopped_after_epoch(monkeypatch, out: Path, name: str, argv: list, epoch: int) -> Path:
+    """A run stopped (as by Ctrl-C) right after epoch `epoch`'s checkpoint."""
+    real = checkpoint.save_checkpoint
+
+    def save_then_stop(path, training, config, done, step, *rest):
+        real(path, training, config, done, step, *rest)
+        if done == epoch and step:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "save_checkpoint", save_then_stop)
+        with pytest.raises(SystemExit):
+            train.main([*argv, "--out-dir", str(out), "--name", name])
+    return out / name
+
+
+def contents(run_dir: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
+
+
+@pytest.mark.slow  # three train.py runs
+def test_a_checkpoint_of_another_run_is_refused_in_one_line_naming_both_and_nothing_is_written(tmp_path, monkeypatch,
+                                                                                                capsys):
+    l10 = stopped_after_epoch(monkeypatch, tmp_path, "L10", TINY, 1)
+    l16 = stopped_after_epoch(monkeypatch, tmp_path, "L16", [*TINY, "-L", "16"], 1)
+    done = tmp_path / "done"
+    train.main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--name", "done"])
+    for run_dir in (l10, done):  # an interrupted run, and a finished one (not "nothing to resume")
+        (run_dir / "checkpoint.pt").write_bytes((l16 / "checkpoint.pt").read_bytes())
+        before = contents(run_dir)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as refused:
+            train.main(["--out-dir", str(tmp_path), "--name", run_dir.name, "--device", "cpu", "--resume"])
+        assert refused.value.code == 1
+        line = last_err_line(capsys)
+        epochs = ", epochs 3" if run_dir is done else ""
+        assert line.endswith(f"error: {run_dir / 'checkpoint.pt'} is another run's checkpoint: it says name 'L16', "
+                             f"depth 16{epochs}, where the run directory's config record ({run_dir / 'metrics.jsonl'}) "
+                             f"says name '{run_dir.name}', depth 10{', epochs 1' if epochs else ''}; nothing was "
+                             "changed: put this run's own checkpoint.pt back, or start the run again under another "
+                             "--name")
+        assert contents(run_dir) == before
+
+
+@pytest.mark.slow  # two train.py runs
+def test_an_epoch_record_cut_in_half_is_rebuilt_from_the_checkpoint_and_kept_aside(tmp_path, monkeypatch, capsys,
+                                                                                    whole):
+    """Outside damage (a copy cut short) to the last epoch record of a run stopped after that
+    epoch: the resume says so in one line each, keeps the damaged line aside, rebuilds the record
+    from what the checkpoint knows, and finishes as the uninterrupted run does."""
+    run_dir = stopped_after_epoch(monkeypatch, tmp_path, "torn", TINY, 2)
+    metrics = run_dir / "metrics.jsonl"
+    text = metrics.read_text()
+    last = text.splitlines()[-1]
+    assert '"epoch": 2' in last
+    metrics.write_text(text[:len(text) - len(last) // 2 - 1])  # epoch 2's line cut in half
+    capsys.readouterr()
+    train.main([*TINY, "--out-dir", str(tmp_path), "--name", "torn", "--resume"])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {metrics}: 1 line (3) held no whole record (a write cut short, or damage from outside): "
+                     "kept aside in metrics.jsonl.damaged-1",
+                     "note: epoch 2's record was not whole: rebuilt from the checkpoint (its step, training time, "
+                     "frozen units and learning rates; not its losses and errors)"]
+    assert (run_dir / "metrics.jsonl.damaged-1").read_text() == last[:len(last) - len(last) // 2] + "\n"
+    epochs, reference = read_records(metrics, "epoch"), read_records(whole / "metrics.jsonl", "epoch")
+    assert [e["epoch"] for e in epochs] == [1, 2, 3] and epochs[1]["rebuilt_from"] == "checkpoint.pt"
+    for key in ("step", "frozen_units", "active_units", "lr"):
+        assert epochs[1][key] == reference[1][key], key
+    assert "train_loss" not in epochs[1] and epochs[2]["train_loss"] == reference[2]["train_loss"]
+    assert same_state(final_state(run_dir), final_state(whole))
+    import plot
+    plot.main([str(run_dir)])  # its figures are drawn from the records as they are

@@ -50,7 +50,7 @@ def speed(run_dir: Path) -> dict:
            "images_per_s": images / seconds, "train_time_s": seconds,
            "captures": sum(e.get("captures", 0) for e in epochs),
            "capture_time_s": sum(e.get("capture_time_s", 0.0) for e in epochs),
-           "train_loss": [e["train_loss"] for e in epochs], "split": None}
+           "train_loss": [e.get("train_loss") for e in epochs], "split": None}
     split = summaries[-1].get("time_split") if summaries else None
     if split is not None:
         steps, parts, batch = split["steps"], split["parts"], config["batch_size"]
@@ -65,8 +65,9 @@ def speed(run_dir: Path) -> dict:
 def loss_difference(run: dict, reference: dict) -> float:
     """The largest relative difference between two runs' training losses, epoch by epoch
     (over the epochs both finished)."""
-    pairs = list(zip(run["train_loss"], reference["train_loss"], strict=False))
-    return max(abs(a - b) / abs(b) for a, b in pairs)
+    pairs = [(a, b) for a, b in zip(run["train_loss"], reference["train_loss"], strict=False)
+             if a is not None and b is not None]  # a record rebuilt from a checkpoint has no loss
+    return max((abs(a - b) / abs(b) for a, b in pairs), default=0.0)
 
 
 def line(r: dict, first: dict) -> str:
@@ -75,7 +76,7 @@ def line(r: dict, first: dict) -> str:
             f"{r['images_per_s']:.0f} "
             f"training images/s ({r['train_time_s']:.1f} s), {r['captures']} capture{'s' * (r['captures'] != 1)} in "
             f"{r['capture_time_s']:.2f} s, {r['images_per_s'] / first['images_per_s']:.2f}x {first['run']}, "
-            f"losses {', '.join(f'{x:.4f}' for x in r['train_loss'])} "
+            f"losses {', '.join('n/a' if x is None else f'{x:.4f}' for x in r['train_loss'])} "
             f"(largest difference from {first['run']}: {100 * loss_difference(r, first):.2f}%){done}")
 
 

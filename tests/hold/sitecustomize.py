@@ -6,7 +6,8 @@ variables below it does nothing (but run any sitecustomize it hides, as Python w
 - FREEZEOUT_TEST_HOLD_AT=STEP and FREEZEOUT_TEST_HOLD_DIR=DIR hold a train.py run at a known
   step: it writes DIR/<its pid> before its training step STEP (counted from 1) and waits there
   until a stop signal has reached its stop handler, as tests/train_paused.py does, so that the
-  test's signal lands at that step however loaded the machine is.
+  test's signal lands at that step however loaded the machine is; with
+  FREEZEOUT_TEST_HOLD_UNTIL=FILE, until FILE exists, then trains on.
 - FREEZEOUT_TEST_DDP_WATCH=DIR watches the gradient all-reduce of DistributedDataParallel: each
   DDP training forward pass is recorded (whether it syncs gradients, the parameters that require
   them at that moment) with the elements the all-reduce of its backward pass carried (counted by
@@ -39,8 +40,10 @@ if os.environ.get("FREEZEOUT_TEST_HOLD_AT"):
             calls.append(1)
             if len(calls) == at:
                 (marker / str(os.getpid())).write_text(str(at))
-                while getattr(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), "signum", None) is None:
-                    time.sleep(0.01)  # train.py's StopSignals has not heard of a signal yet
+                until = os.environ.get("FREEZEOUT_TEST_HOLD_UNTIL")
+                while not os.path.exists(until) if until else \
+                        getattr(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), "signum", None) is None:
+                    time.sleep(0.01)  # the file is not there yet, or train.py's StopSignals has heard no signal
             return real(*args)
 
         engine.train_step = step
