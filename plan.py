@@ -85,8 +85,8 @@ def steps(cfg: Config, splits, dist) -> int:
         raise RunError(str(e)) from None
 
 
-def make_plan(cfg: Config, training, splits, per_epoch: int, kind: str, started: Optional[dict]) -> Plan:
-    """The plan of the built run, whose step is of `kind` (`started`: the config record of the
+def make_plan(cfg: Config, training, splits, per_epoch: int, kind: str, saved: Optional[dict]) -> Plan:
+    """The plan of the built run, whose step is of `kind` (`saved`: the config record of the
     run it resumes, None for a run starting at step 0)."""
     scheduler, device = training.scheduler, training.device
     architecture = (cfg.model, cfg.depth, cfg.growth_rate, splits.num_classes, cfg.bottleneck, cfg.reduction,
@@ -94,7 +94,7 @@ def make_plan(cfg: Config, training, splits, per_epoch: int, kind: str, started:
     estimates = run_estimates(training.model, training.units, scheduler.t_i, scheduler.total_steps,
                               cfg.paper_speedup, architecture)
     # A resumed run keeps what its start found (a record of before they were kept has none).
-    kept = {k: started[k] for k in ("loader_used", "load_start", "cpu_count") if k in started} if started else {}
+    kept = {k: saved[k] for k in ("loader_used", "load_start", "cpu_count") if k in saved} if saved else {}
     return Plan(
         device=str(device), amp_effective=training.amp, training_step=kind,
         workers=cfg.workers if cfg.workers is not None else (0 if device.type == "cpu" else 4),
@@ -128,49 +128,49 @@ def host_info(device: torch.device) -> dict:
 
 
 # -- what the console shows ----------------------------------------------------------------------
-def header(config: dict, splits) -> str:
+def header(record: dict, splits) -> str:
     """The run's header: its config record in words."""
     sizes = f"{len(splits.train):,} train"
     if splits.eval is not None:
-        sizes += f" / {len(splits.eval):,} {'val' if config['eval_mode'] == 'val' else 'test'}"
-    paper = config["paper_speedup"]
-    arch = model_name(config["model"], config["depth"], config["growth_rate"], config["bottleneck"])
+        sizes += f" / {len(splits.eval):,} {'val' if record['eval_mode'] == 'val' else 'test'}"
+    paper = record["paper_speedup"]
+    arch = model_name(record["model"], record["depth"], record["growth_rate"], record["bottleneck"])
     return "\n".join([
-        f"{arch} on {config['dataset']} ({config['num_classes']} classes; {sizes}; "
+        f"{arch} on {record['dataset']} ({record['num_classes']} classes; {sizes}; "
         f"{len(splits.test):,} test at the end)",
-        f"  {config['params']:,} parameters in {plural(config['n_units'], 'FreezeOut unit')}; "
-        f"{plural(config['steps_per_epoch'], 'step')}/epoch x {plural(config['epochs'], 'epoch')} = "
-        f"{plural(config['total_steps'], 'step')}",
-        f"  {config['how_scale']}, {'scaled' if config['scale_lr'] else 'unscaled'}, t_0 = {config['t_0']:g}: "
-        + ("baseline: no unit freezes" if config["t_0"] >= 1 else
-           f"first unit freezes at {config['t_i'][0]:.1%} of the run" + too_short(config)),
+        f"  {record['params']:,} parameters in {plural(record['n_units'], 'FreezeOut unit')}; "
+        f"{plural(record['steps_per_epoch'], 'step')}/epoch x {plural(record['epochs'], 'epoch')} = "
+        f"{plural(record['total_steps'], 'step')}",
+        f"  {record['how_scale']}, {'scaled' if record['scale_lr'] else 'unscaled'}, t_0 = {record['t_0']:g}: "
+        + ("baseline: no unit freezes" if record["t_0"] >= 1 else
+           f"first unit freezes at {record['t_i'][0]:.1%} of the run" + too_short(record)),
         f"  estimated speedup: {'n/a' if paper is None else f'{paper:.1%}'} (paper), "
-        f"{config['flop_speedup']:.1%} (FLOPs)",
-        f"  device {config['device']}"
-        + (f" x {config['world_size']} processes" if config["world_size"] > 1 else "")
-        + f", amp {config['amp_effective']}, {config['training_step']} step"
-        + (" (compiled)" if config["compile"] and config["training_step"] == "graphed" else "")
-        + f", loader {config['loader_used']}, "
-        f"batch {config['batch_size']}, lr {config['lr']:g}, seed {config['seed']}; "
-        f"run directory {config['run_dir']}",
+        f"{record['flop_speedup']:.1%} (FLOPs)",
+        f"  device {record['device']}"
+        + (f" x {record['world_size']} processes" if record["world_size"] > 1 else "")
+        + f", amp {record['amp_effective']}, {record['training_step']} step"
+        + (" (compiled)" if record["compile"] and record["training_step"] == "graphed" else "")
+        + f", loader {record['loader_used']}, "
+        f"batch {record['batch_size']}, lr {record['lr']:g}, seed {record['seed']}; "
+        f"run directory {record['run_dir']}",
     ])
 
 
-def too_short(config: dict) -> str:
+def too_short(record: dict) -> str:
     """A warning for a run too short for any unit to freeze (it is the baseline, whatever the
     estimates say), else nothing."""
-    first = first_frozen_steps(config["t_i"][:1], config["total_steps"])[0]
-    if first < config["total_steps"]:
+    first = first_frozen_steps(record["t_i"][:1], record["total_steps"])[0]
+    if first < record["total_steps"]:
         return ""
-    return (f"; WARNING: in {plural(config['total_steps'], 'step')} no unit freezes (the first would at step "
-            f"{math.ceil(config['t_i'][0] * config['total_steps'])}): this run is the baseline, whatever "
+    return (f"; WARNING: in {plural(record['total_steps'], 'step')} no unit freezes (the first would at step "
+            f"{math.ceil(record['t_i'][0] * record['total_steps'])}): this run is the baseline, whatever "
             f"the estimates below say; train for more steps (--epochs, --subset, --batch_size)")
 
 
-def epoch_line(record: dict, config: dict) -> str:
-    line = f"epoch {record['epoch']:>3}/{config['epochs']}  loss {record['train_loss']:.4f}"
-    evaluated = evaluation(record, config["eval_mode"])
+def epoch_line(logged: dict, record: dict) -> str:
+    line = f"epoch {logged['epoch']:>3}/{record['epochs']}  loss {logged['train_loss']:.4f}"
+    evaluated = evaluation(logged, record["eval_mode"])
     if evaluated is not None:
         line += f"  {evaluated[0]} err {evaluated[2]:5.2f}%"
-    return line + (f"  frozen {record['frozen_units']}/{config['n_units']}"
-                   f"  {record['images_per_s']:.0f} img/s  {record['train_time_s']:.1f} s")
+    return line + (f"  frozen {logged['frozen_units']}/{record['n_units']}"
+                   f"  {logged['images_per_s']:.0f} img/s  {logged['train_time_s']:.1f} s")

@@ -56,7 +56,7 @@ class Opened:
     cfg: Optional[Config] = None        # the settings the run goes on with (a resumed run's: its own)
     argv: Optional[list] = None         # the command line that started it
     checkpoint: Optional[dict] = None   # the checkpoint to continue from
-    started: Optional[dict] = None      # the config record of the run continued from its checkpoint
+    saved: Optional[dict] = None        # the config record of the run continued from its checkpoint
     finished: Optional[dict] = None     # the summary of a run that has already finished
     notice: Optional[str] = None        # a line to print: the run starts again from step 0
     error: Optional[RunError] = None
@@ -121,7 +121,7 @@ class RunDir:
             raise RunError(f"{setting('resume')}: the run was trained by {saved_world} process(es); resume it with "
                            f"the same number (this is {self.dist.world_size})")
         summaries = read_records(self.path / "metrics.jsonl", "summary")
-        opened.started, opened.finished = saved, summaries[-1] if summaries else None
+        opened.saved, opened.finished = saved, summaries[-1] if summaries else None
         return opened
 
     # -- a run's life --------------------------------------------------------------------
@@ -130,31 +130,31 @@ class RunDir:
         """The config record: the settings' half (config.record) beside the plan's."""
         return {**record(cfg, argv), **dataclasses.asdict(plan)}
 
-    def begin(self, opened: Opened, config: dict, training) -> RunProgress:
+    def begin(self, opened: Opened, record: dict, training) -> RunProgress:
         """Start the run (a new one, or one started again from step 0) or resume it from its
         checkpoint; returns how far it had got."""
         if opened.checkpoint is None:
-            self.start(config, training)
+            self.start(record, training)
             return RunProgress()
         return self.resume(opened.checkpoint, training)
 
-    def start(self, config: dict, training) -> None:
+    def start(self, record: dict, training) -> None:
         """Make the directory, write the config record first, then the step-0 checkpoint: from
         then on the run can be continued with --resume whatever stops it."""
         if self.dist.is_main:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise RunError(f"{setting('out_dir')} {config['out_dir']}: cannot create {self.path} "
+                raise RunError(f"{setting('out_dir')} {record['out_dir']}: cannot create {self.path} "
                                f"({e.strerror or e})") from None
             # Replaces the file: a run started again (it stopped before its first checkpoint)
             # keeps none of the records of its first start.
             write_records(self.path / "metrics.jsonl",
-                          [{"event": "config", **config, "host": host_info(training.device)}])
+                          [{"event": "config", **record, "host": host_info(training.device)}])
         # The step-0 checkpoint (every rank: it gathers their RNG states), taken where the run's RNG
         # stream stands when training is about to start, which is where `restore` puts a resumed
         # run: a run continued from it equals one that never stopped.
-        self.save(training, config, 0, 0, 0.0)
+        self.save(training, record, 0, 0, 0.0)
 
     def resume(self, state: dict, training) -> RunProgress:
         """Restore every state of a checkpoint; drop the epoch records of work about to be redone.
@@ -177,8 +177,8 @@ class RunDir:
             print(f"resuming {self.path} in epoch {position.epoch} at batch {position.batch}")
         return RunProgress(done, state["train_time_s"], position)
 
-    def save(self, training, config: dict, epoch: int, step: int, train_time: float, position=None) -> None:
-        checkpoint.save_checkpoint(self.path / "checkpoint.pt", training, config, epoch, step, train_time, position)
+    def save(self, training, record: dict, epoch: int, step: int, train_time: float, position=None) -> None:
+        checkpoint.save_checkpoint(self.path / "checkpoint.pt", training, record, epoch, step, train_time, position)
 
     def records(self):
         """The metrics file to append records to: on rank 0; elsewhere a stand-in."""

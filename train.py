@@ -90,17 +90,17 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
                 weight_decay=cfg.weight_decay, t_0=cfg.t_0, how_scale=cfg.how_scale, scale_lr=cfg.scale_lr,
                 amp=kind[0], channels_last=cfg.channels_last, dist=dist, fused=True if kind[1] == "graphed" else None)
             make_step(cfg, training, kind[1], per_epoch)
-            plan = make_plan(cfg, training, splits, per_epoch, kind[1], opened.started)
-            config = run.config_record(cfg, opened.argv, plan)
+            plan = make_plan(cfg, training, splits, per_epoch, kind[1], opened.saved)
+            record = run.config_record(cfg, opened.argv, plan)
             # start or resume -> the epoch loop -> the test set -> summary
-            progress = run.begin(opened, config, training)
+            progress = run.begin(opened, record, training)
             loaders = make_loaders(splits, plan.loader_used, cfg.batch_size, device, augment=cfg.augment,
                                    eval_mode=cfg.eval_mode, workers=plan.workers, seed=cfg.seed, rank=dist.rank,
                                    world_size=dist.world_size)
             if dist.is_main:
-                print(header(config, splits), flush=True)
+                print(header(record, splits), flush=True)
             with run.records() as log:
-                train_time, last_eval = fit(run, training, config, loaders, progress, log, clock)
+                train_time, last_eval = fit(run, training, record, loaders, progress, log, clock)
                 test_loss, test_err = test(run, training, loaders[2], last_eval, clock)
                 summary = log.log(
                     "summary", epochs=cfg.epochs, steps=training.scheduler.total_steps, train_time_s=train_time,
@@ -117,12 +117,12 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def fit(run: RunDir, training, config: dict, loaders, progress, log, clock: TimeSplit) -> tuple[float, tuple]:
+def fit(run: RunDir, training, record: dict, loaders, progress, log, clock: TimeSplit) -> tuple[float, tuple]:
     """The epoch loop: train, evaluate, log and checkpoint every epoch; a stop signal writes a
     checkpoint (inside the epoch if need be) and raises Stopped. Returns the training time and
     the last evaluation (loss, error), (None, None) without one. `clock` is charged each part."""
     train_loader, eval_loader, _ = loaders
-    dist, scheduler, per_epoch, epochs = training.dist, training.scheduler, run.per_epoch, config["epochs"]
+    dist, scheduler, per_epoch, epochs = training.dist, training.scheduler, run.per_epoch, record["epochs"]
     last_eval, cuda = (None, None), training.device.type == "cuda"
     clock.training_starts()
     with StopSignals() as stop:
@@ -137,15 +137,15 @@ def fit(run: RunDir, training, config: dict, loaders, progress, log, clock: Time
             step = (epoch - 1) * per_epoch + position.batch
             if stopped:
                 with clock.part("checkpoint"):
-                    run.save(training, config, epoch - 1, step, train_time, position)
+                    run.save(training, record, epoch - 1, step, train_time, position)
                 raise run.stopped(stop.signum, f"in epoch {epoch} after step {step} of {scheduler.total_steps}")
             stats = position.stats()
             train_time += stats["train_time_s"]
-            record = {"epoch": epoch, "step": step, **stats, "training_step": config["training_step"],
+            logged = {"epoch": epoch, "step": step, **stats, "training_step": record["training_step"],
                       "captures": step_fn.captures - before[0], "capture_time_s": step_fn.capture_time_s - before[1],
                       "eager_steps": step_fn.eager_steps - before[2]}
             if cuda:  # the epoch's training peaks: what the frozen units no longer need is given back
-                record.update(cuda_max_allocated=torch.cuda.max_memory_allocated(training.device),
+                logged.update(cuda_max_allocated=torch.cuda.max_memory_allocated(training.device),
                               cuda_max_reserved=torch.cuda.max_memory_reserved(training.device))
             if not replicas_agree(training):
                 raise run.error("the processes' weights differ: the replicas fell out of step")
@@ -153,16 +153,16 @@ def fit(run: RunDir, training, config: dict, loaders, progress, log, clock: Time
                 started = time.perf_counter()
                 with clock.part("eval"):
                     last_eval = evaluate(training, eval_loader)
-                split = "val" if config["eval_mode"] == "val" else "test"  # the records name what they hold
-                record.update({f"{split}_loss": last_eval[0], f"{split}_err": last_eval[1],
+                split = "val" if record["eval_mode"] == "val" else "test"  # the records name what they hold
+                logged.update({f"{split}_loss": last_eval[0], f"{split}_err": last_eval[1],
                                "eval_time_s": time.perf_counter() - started})
-            record.update(frozen_units=scheduler.num_frozen, active_units=len(training.units) - scheduler.num_frozen,
+            logged.update(frozen_units=scheduler.num_frozen, active_units=len(training.units) - scheduler.num_frozen,
                           lr=[float(lr) for lr in scheduler.get_last_lr()])
             with clock.part("checkpoint"):  # the epoch's writes: its record, then its checkpoint
-                log.log("epoch", **record)
-                run.save(training, config, epoch, step, train_time, None)
+                log.log("epoch", **logged)
+                run.save(training, record, epoch, step, train_time, None)
             if dist.is_main:
-                tqdm.write(epoch_line(record, config))
+                tqdm.write(epoch_line(logged, record))
             position = EpochPosition(epoch + 1)
             if epoch < epochs and stop_or_diverged(torch.tensor(NO_STEP, device=training.device), stop, dist):
                 raise run.stopped(stop.signum, f"after epoch {epoch}")
