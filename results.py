@@ -178,10 +178,10 @@ def write_markdown(rows: list[dict], settings: dict, path: Path, missing: list =
             f"{'n/a' if r.get('host_load') is None else format(r['host_load'], '.1f')}"
             f"{' ⚠ busy host' if r.get('busy_host') else ''} |")
     if any(far_from_estimate(r) for r in rows):
-        lines += ["", f"† measured more than {FAR:g} points away from the FLOP estimate. A FLOP count leaves out "
-                      "element-wise work (batch norm, activations, concatenations), which frozen units also skip and "
-                      "which weighs more on a CPU; short runs timed once, and a busy host, move it further. Speedups "
-                      "worth quoting come from benchmark.py's alternating pairs."]
+        lines += ["", f"† measured more than {FAR:g} points away from the FLOP estimate, either way: a short run timed "
+                      "once on a shared or busy host varies that much, and a FLOP count leaves out element-wise work "
+                      "(batch norm, activations, concatenations), which frozen units skip as well. Speedups worth "
+                      "quoting come from benchmark.py's alternating pairs."]
     if any(r.get("busy_host") for r in rows):
         lines += ["", "⚠ busy host: the host's load average (the highest at the runs' starts and ends) "
                       f"exceeded its number of cores by more than {BUSY_MARGIN}, so other work shared "
