@@ -1,9 +1,8 @@
 """What this process decides for a run, at every start of it (a resumed run may run on another
-device, with other workers): the precision and the kind of training step (`choose_step`), then,
-once the run is built, the `Plan` (`make_plan`): device, precision, step, workers, loader, steps,
-estimates. The config record holds the plan beside the settings; a resumed run keeps the loader
-its position was made with, and the host's load and cores when it started. And what the console
-shows of a run: its header and a line an epoch.
+device, with other workers), in one function, `make_plan`: device, precision, the kind of
+training step, workers, loader, steps, estimates. The config record holds the plan beside the
+settings; a resumed run keeps the loader its position was made with, and the host's load and
+cores when it started. And what the console shows of a run: its header and a line an epoch.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from compiled_step import CompiledStep, compiled_forward
 from config import Config
 from data_sets import steps_per_epoch
 from engine import effective_amp
-from freezeout import first_frozen_steps
+from freezeout import first_frozen_steps, unit_times
 from graphs import GraphedStep, use_cuda_graphs
 from loaders import choose_loader
 from messages import RunError, plural, setting
@@ -65,12 +64,12 @@ def choose_step(cfg: Config, device: torch.device, dist) -> tuple[str, str]:
     return amp, "graphed" if graphed else "eager"
 
 
-def make_step(cfg: Config, training, kind: str, per_epoch: int) -> None:
-    """Give `training` the step of `kind` (eager is its own)."""
-    if kind == "graphed":
+def make_step(cfg: Config, training, plan: Plan) -> None:
+    """Give `training` the step the plan chose (eager is its own)."""
+    if plan.training_step == "graphed":
         forward = compiled_forward(training, backend=cfg.compile_backend) if cfg.compile else None
-        training.step = GraphedStep(training, cfg.batch_size, per_epoch, forward=forward)
-    elif kind == "compiled":
+        training.step = GraphedStep(training, cfg.batch_size, plan.steps_per_epoch, forward=forward)
+    elif plan.training_step == "compiled":
         training.step = CompiledStep(training, backend=cfg.compile_backend)
 
 
@@ -85,23 +84,27 @@ def steps(cfg: Config, splits, dist) -> int:
         raise RunError(str(e)) from None
 
 
-def make_plan(cfg: Config, training, splits, per_epoch: int, kind: str, saved: Optional[dict]) -> Plan:
-    """The plan of the built run, whose step is of `kind` (`saved`: the config record of the
-    run it resumes, None for a run starting at step 0)."""
-    scheduler, device = training.scheduler, training.device
+def make_plan(cfg: Config, model, splits, dist, device: torch.device, saved: Optional[dict]) -> Plan:
+    """Everything this process decides for the run, once: the precision and the training step
+    here, the steps, the workers and the loader, and the estimates for the model it trains
+    (`saved`: the config record of the run it resumes, None for a run starting at step 0).
+    ValueError for CUDA graphs asked for where they cannot run; RunError for a batch that the
+    processes cannot share or that is larger than the training set."""
+    amp, kind = choose_step(cfg, device, dist)
+    per_epoch = steps(cfg, splits, dist)
+    units = model.freeze_units()
+    t_i, total = unit_times(len(units), cfg.t_0, cfg.how_scale), cfg.epochs * per_epoch
     architecture = (cfg.model, cfg.depth, cfg.growth_rate, splits.num_classes, cfg.bottleneck, cfg.reduction,
                     cfg.dropout)
-    estimates = run_estimates(training.model, training.units, scheduler.t_i, scheduler.total_steps,
-                              cfg.paper_speedup, architecture)
+    estimates = run_estimates(model, units, t_i, total, cfg.paper_speedup, architecture)
     # A resumed run keeps what its start found (a record of before they were kept has none).
     kept = {k: saved[k] for k in ("loader_used", "load_start", "cpu_count") if k in saved} if saved else {}
     return Plan(
-        device=str(device), amp_effective=training.amp, training_step=kind,
+        device=str(device), amp_effective=amp, training_step=kind,
         workers=cfg.workers if cfg.workers is not None else (0 if device.type == "cpu" else 4),
-        params=sum(p.numel() for p in training.model.parameters()), n_units=len(training.units),
-        t_i=scheduler.t_i, steps_per_epoch=per_epoch, total_steps=scheduler.total_steps,
-        train_images=len(splits.train), world_size=training.dist.world_size,
-        per_rank_batch_size=cfg.batch_size // training.dist.world_size,
+        params=sum(p.numel() for p in model.parameters()), n_units=len(units), t_i=t_i,
+        steps_per_epoch=per_epoch, total_steps=total, train_images=len(splits.train), world_size=dist.world_size,
+        per_rank_batch_size=cfg.batch_size // dist.world_size,
         loader_used=kept["loader_used"] if "loader_used" in kept else choose_loader(cfg.loader, splits, device),
         load_start=kept["load_start"] if "load_start" in kept else load_average(),
         cpu_count=kept["cpu_count"] if "cpu_count" in kept else os.cpu_count(),

@@ -11,8 +11,8 @@ every epoch. SIGINT or SIGTERM stop it after the current step with a checkpoint 
 130 / 143); `--resume` continues it exactly where it stopped, whatever stopped it. `python
 train.py -h` lists the flags with their defaults.
 
-This file is the recipe: parse -> the run directory -> data -> model and training -> step -> plan
--> start or resume -> the epoch loop -> summary. The settings are config.py's, the run directory
+This file is the recipe: parse -> the run directory -> data -> model -> plan -> training and its
+step -> start or resume -> the epoch loop -> summary. The settings are config.py's, the run directory
 rundir.py's, the plan (what this process decides) plan.py's; the machinery lives in engine.py,
 graphs.py, checkpoint.py, loaders.py, data_sets.py and models.py.
 """
@@ -42,7 +42,7 @@ from engine import (
 )
 from loaders import load_data, make_loaders
 from models import build_model
-from plan import choose_step, epoch_line, header, make_plan, make_step, steps
+from plan import epoch_line, header, make_plan, make_step
 from rundir import RunDir
 from timing import TimeSplit, describe_split, load_average
 
@@ -68,29 +68,28 @@ def main(argv=None, *, resume_hint: bool = True) -> dict:
         with RunDir(cfg, dist) as run, run.failures(parser, resume_hint):
             opened = run.open(cfg, typed, argv)
             run.cfg = cfg = opened.cfg  # a resumed run goes on with its own settings
-            try:
-                kind = choose_step(cfg, device, dist)
-            except ValueError as e:
-                parser.error(str(e))
             if opened.finished is not None:
                 if dist.is_main:
                     print(f"{run.path} has already finished; nothing to resume")
                 return opened.finished
             if opened.notice is not None and dist.is_main:
                 print(opened.notice, flush=True)
-            # data -> model and training -> step -> plan
+            # data -> model -> plan -> training and its step
             seed_everything(cfg.seed)
             splits = load_data(dist, cfg.dataset, cfg.data_root, cfg.eval_mode, cfg.subset, cfg.synthetic_classes,
                                cfg.seed)
-            run.per_epoch = per_epoch = steps(cfg, splits, dist)
             model = build_model(cfg.model, cfg.depth, cfg.growth_rate, splits.num_classes, cfg.bottleneck,
                                 cfg.reduction, cfg.dropout)
+            try:
+                plan = make_plan(cfg, model, splits, dist, device, opened.saved)  # what this process decides
+            except ValueError as e:  # CUDA graphs asked for where they cannot run
+                parser.error(str(e))
+            run.per_epoch = plan.steps_per_epoch
             training = build_training(
-                model, device, cfg.epochs * per_epoch, lr=cfg.lr, momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay, t_0=cfg.t_0, how_scale=cfg.how_scale, scale_lr=cfg.scale_lr,
-                amp=kind[0], channels_last=cfg.channels_last, dist=dist, fused=True if kind[1] == "graphed" else None)
-            make_step(cfg, training, kind[1], per_epoch)
-            plan = make_plan(cfg, training, splits, per_epoch, kind[1], opened.saved)
+                model, device, plan.total_steps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                t_0=cfg.t_0, how_scale=cfg.how_scale, scale_lr=cfg.scale_lr, amp=plan.amp_effective,
+                channels_last=cfg.channels_last, dist=dist, fused=True if plan.training_step == "graphed" else None)
+            make_step(cfg, training, plan)
             record = run.config_record(cfg, opened.argv, plan)
             # start or resume -> the epoch loop -> the test set -> summary
             progress = run.begin(opened, record, training)
