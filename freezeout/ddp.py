@@ -140,24 +140,24 @@ class DDPFollower:
         first = next((m for unit in self.scheduler.units for m in unit_modules(unit)), None)
         if first is None:
             return
-        ddp_class, target, follower = _ddp_class(), weakref.ref(first), weakref.ref(self)
+        ddp_class, target, follower, handle = _ddp_class(), weakref.ref(first), weakref.ref(self), []
 
         def find(module, args):
-            me, unit_module = follower(), target()
-            if me is None or unit_module is None or not isinstance(module, ddp_class):
+            if torch.compiler.is_compiling():  # a hook is not for dynamo to trace; DDP's own forward is eager
                 return
-            if any(m is unit_module for m in module.module.modules()):
+            me, unit_module = follower(), target()
+            if me is None or unit_module is None:  # nothing left to follow: the hook goes
+                handle[0].remove()
+            elif isinstance(module, ddp_class) and any(m is unit_module for m in module.module.modules()):
                 me.attach(module)
 
         self._finder = torch.nn.modules.module.register_module_forward_pre_hook(find)
+        handle.append(self._finder)
 
     def _stop_finding(self) -> None:
         if self._finder is not None:
             self._finder.remove()
             self._finder = None
-
-    def __del__(self):
-        self._stop_finding()
 
 
 def follow_freezing(scheduler: FreezeOut, ddp: Optional[nn.Module] = None) -> DDPFollower:

@@ -74,9 +74,9 @@ def distributed_world() -> int:
 
 
 def follow_ddp(scheduler: FreezeOut, ddp: Optional[torch.nn.Module] = None):
-    """freezeout.ddp.follow_freezing where several processes train: a DDP module given, or the
-    first one found running the units; None in one process."""
-    if distributed_world() == 1:
+    """freezeout.ddp.follow_freezing on the DDP module given (a process group of one included),
+    or, where several processes train, on the first one found running the units; else None."""
+    if ddp is None and distributed_world() == 1:
         return None
     from .ddp import follow_freezing
     return follow_freezing(scheduler, ddp)
